@@ -23,6 +23,7 @@ from pathlib import Path
 from goodnet import load_dataset, load_model, split_clean
 from goodnet.backdoor import attack_from_card
 from goodnet.defenses import FinePruning, Prune, SparseFinePruning
+from goodnet.metrics import predict_all
 from goodnet.workflow import repair_and_measure
 from goodnet.zoo import CLEAN, collect
 
@@ -38,11 +39,12 @@ def run_model(path: Path, data: str, seed: int, cache: dict) -> list[dict]:
     clean, _ = split_clean(train, 0.01, seed=seed)
     loaded = load_model(path)
     attack = attack_from_card(loaded.card, loaded.extras, test)
+    baseline = predict_all({"original": loaded.model}, test, attack)["original"]
     records = []
     for defense in (Prune(), FinePruning(), SparseFinePruning()):
         start = time.perf_counter()
         report = repair_and_measure(loaded.model, defense, clean, test, attack, curve_limit=0,
-                                    goodnets=defense.name == "prune")
+                                    goodnets=defense.name == "prune", baseline=baseline)
         seconds = time.perf_counter() - start
         base = {"data": data, "attack": loaded.card.attack["name"], "seed": seed,
                 "defense": defense.name, "repair_seconds": report.result.seconds,

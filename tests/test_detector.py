@@ -6,9 +6,11 @@ import torch
 from torch import nn
 
 from goodnet.artifacts import ModelCard, load_model, save_model
+from goodnet.attacks import make_attack
+from goodnet.data.dataset import ImageData
 from goodnet.detector import GoodNet
 from goodnet.masking import MaskSet, masked
-from goodnet.metrics import evaluate
+from goodnet.metrics import detector_predictions, evaluate, predict_all, score
 from goodnet.models import ModelSpec, build_model
 from tests.conftest import Planted, corner_attack, halves
 
@@ -57,3 +59,21 @@ def test_goodnet_saves_and_loads_as_one_file(tmp_path):
     assert loaded.model.repaired.masks.pruned() == {"bn2": list(range(20))}
     x = torch.rand(8, 1, 28, 28)
     assert torch.equal(loaded.model(x).argmax(1), goodnet(x).argmax(1))
+
+
+def test_goodnet_metrics_from_predictions_equal_running_the_goodnet():
+    """The benchmark derives GoodNet figures from its two models' predictions: they must be
+    exactly what running the GoodNet gives, on random nets that disagree often."""
+    spec = ModelSpec("small_cnn", 10, 1, 28, 28, (0.5,), (0.25,))
+    original = build_model(spec, seed=0)
+    other = build_model(spec, seed=1)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (64, 1, 28, 28), dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, 10, (64,), generator=generator)
+    test = ImageData(images, labels, 10)
+    attack = make_attack("badnets", {}, (1, 28, 28), 10)
+    direct = evaluate(GoodNet(original, other), test, attack, reject_class=10)
+    predictions = predict_all({"a": original, "b": other}, test, attack)
+    derived = score(detector_predictions(predictions["a"], predictions["b"], 10), 10)
+    assert 0 < derived.false_alarm_rate < 1  # the two random nets do disagree sometimes
+    assert derived == direct

@@ -7,12 +7,17 @@ Conventions (BackdoorBench's):
   class "succeeds" without any backdoor;
 - robust accuracy (RA): the same poisoned inputs classified as their true class.
 
-The rates are pure functions of predictions; :func:`evaluate` streams a test set through a
-model once and computes all three.
+The rates are pure functions of predictions. :func:`predict_all` streams a test set once through
+one or several models (each poisoned batch is made once and shared between them) and keeps the
+top-1 predictions; :func:`score` turns them into :class:`Metrics`; :func:`evaluate` does both for
+one model. :func:`detector_predictions` derives the lab's GoodNet answers from its two models'
+predictions, so a GoodNet costs no extra forward pass to measure.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -77,7 +82,118 @@ class Metrics:
     false_alarm_rate: float = float("nan")
 
 
+@dataclass(frozen=True)
+class Predictions:
+    """Top-1 predictions of one model on a test set and on its poisoned versions.
+
+    Attributes:
+        labels: the clean inputs' true labels.
+        clean: the predictions on the clean inputs.
+        poisoned: per trigger (name → (predictions, true labels, attack targets)), over the
+            inputs that trigger is eligible for.
+    """
+
+    labels: torch.Tensor
+    clean: torch.Tensor
+    poisoned: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
 @torch.no_grad()
+def predict_all(
+    models: Mapping[str, nn.Module], test: BatchSource, attack: Attack | None = None,
+    batch_size: int = 512,
+) -> dict[str, Predictions]:
+    """Predictions of every model on ``test`` and on its eligible inputs poisoned by ``attack``.
+
+    One pass over ``test``; every batch, and each of its poisoned versions, is made once and
+    classified by each model in eval mode (modes are restored). The models must share a device.
+    """
+    components = attack.components() if attack is not None else []
+    modes = {name: model.training for name, model in models.items()}
+    labels: list[torch.Tensor] = []
+    clean: dict[str, list[torch.Tensor]] = {name: [] for name in models}
+    poisoned: dict[str, dict[str, list[list[torch.Tensor]]]] = {
+        name: {c.name: [[], [], []] for c in components} for name in models}
+    if not models:
+        return {}
+    device = model_device(next(iter(models.values())))
+    try:
+        for model in models.values():
+            model.eval()
+        with contextlib.ExitStack() as stack:
+            for model in models.values():
+                stack.enter_context(channels_last(model))
+            for x, y in batches(test, batch_size, device=device):
+                labels.append(y.cpu())
+                for name, model in models.items():
+                    clean[name].append(model(x).argmax(1).cpu())
+                for component in components:
+                    eligible = component.eligible(y)
+                    if not eligible.any():
+                        continue
+                    x_poisoned, y_true = component.trigger(x[eligible]), y[eligible]
+                    target = component.target(y_true)
+                    for name, model in models.items():
+                        parts = poisoned[name][component.name]
+                        parts[0].append(model(x_poisoned).argmax(1).cpu())
+                        parts[1].append(y_true.cpu())
+                        parts[2].append(target.cpu())
+    finally:
+        for name, model in models.items():
+            model.train(modes[name])
+    empty = torch.empty(0, dtype=torch.long)
+
+    def cat(parts: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat(parts) if parts else empty
+
+    all_labels = cat(labels)
+    return {name: Predictions(all_labels, cat(clean[name]),
+                              {trigger: (cat(p), cat(t), cat(g))
+                               for trigger, (p, t, g) in poisoned[name].items()})
+            for name in models}
+
+
+def detector_predictions(original: Predictions, repaired: Predictions,
+                         reject_class: int) -> Predictions:
+    """The GoodNet's answers from its two models' answers: the shared class where they agree,
+    ``reject_class`` where they do not (exactly :class:`goodnet.detector.GoodNet`'s argmax)."""
+
+    def combine(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+        return torch.where(first == second, second, torch.full_like(second, reject_class))
+
+    return Predictions(
+        original.labels, combine(original.clean, repaired.clean),
+        {name: (combine(first, repaired.poisoned[name][0]), truth, target)
+         for name, (first, truth, target) in original.poisoned.items()})
+
+
+def score(predictions: Predictions, reject_class: int | None = None) -> Metrics:
+    """CA, ASR, RA (and, with ``reject_class``, detection and false-alarm rates) of
+    ``predictions``. For several triggers, ASR and RA are the means over the triggers."""
+    nan = float("nan")
+    clean = predictions.clean
+    groups = [group for group in predictions.poisoned.values() if len(group[0])]
+    asr = [attack_success_rate(p, target) for p, _, target in groups]
+    ra = [robust_accuracy(p, truth) for p, truth, _ in groups]
+    n_poisoned = sum(len(p) for p, _, _ in groups)
+    detected = (sum(int((p == reject_class).sum()) for p, _, _ in groups)
+                if reject_class is not None else 0)
+    return Metrics(
+        clean_accuracy=clean_accuracy(clean, predictions.labels),
+        attack_success_rate=sum(asr) / len(asr) if asr else nan,
+        robust_accuracy=sum(ra) / len(ra) if ra else nan,
+        n_clean=len(clean),
+        n_poisoned=n_poisoned,
+        per_trigger=({name: attack_success_rate(p, target)
+                      for name, (p, _, target) in predictions.poisoned.items() if len(p)}
+                     if len(predictions.poisoned) > 1 else {}),
+        detection_rate=(detected / n_poisoned
+                        if reject_class is not None and n_poisoned else nan),
+        false_alarm_rate=(int((clean == reject_class).sum()) / len(clean)
+                          if reject_class is not None and len(clean) else nan),
+    )
+
+
 def evaluate(
     model: nn.Module, test: BatchSource, attack: Attack | None = None, batch_size: int = 512,
     reject_class: int | None = None,
@@ -89,48 +205,4 @@ def evaluate(
     With ``reject_class`` (a detector's "poisoned" answer), also the detection and false-alarm
     rates.
     """
-    components = attack.components() if attack is not None else []
-    was_training = model.training
-    model.eval()
-    clean_hits = n_clean = alarms = 0
-    detected = [0] * len(components)
-    success = [0] * len(components)
-    robust = [0] * len(components)
-    counted = [0] * len(components)
-    try:
-        with channels_last(model):
-            device = model_device(model)
-            for x, y in batches(test, batch_size, device=device):
-                clean_predictions = model(x).argmax(1)
-                clean_hits += int((clean_predictions == y).sum())
-                if reject_class is not None:
-                    alarms += int((clean_predictions == reject_class).sum())
-                n_clean += len(y)
-                for number, component in enumerate(components):
-                    eligible = component.eligible(y)
-                    if not eligible.any():
-                        continue
-                    x_poisoned, y_true = component.trigger(x[eligible]), y[eligible]
-                    predictions = model(x_poisoned).argmax(1)
-                    success[number] += int((predictions == component.target(y_true)).sum())
-                    robust[number] += int((predictions == y_true).sum())
-                    if reject_class is not None:
-                        detected[number] += int((predictions == reject_class).sum())
-                    counted[number] += len(y_true)
-    finally:
-        model.train(was_training)
-    nan = float("nan")
-    asr = [s / n if n else nan for s, n in zip(success, counted, strict=True)]
-    ra = [r / n if n else nan for r, n in zip(robust, counted, strict=True)]
-    return Metrics(
-        clean_accuracy=clean_hits / n_clean if n_clean else nan,
-        attack_success_rate=sum(asr) / len(asr) if asr else nan,
-        robust_accuracy=sum(ra) / len(ra) if ra else nan,
-        n_clean=n_clean,
-        n_poisoned=sum(counted),
-        per_trigger=({c.name: a for c, a in zip(components, asr, strict=True)}
-                     if len(components) > 1 else {}),
-        detection_rate=(sum(detected) / sum(counted)
-                        if reject_class is not None and sum(counted) else nan),
-        false_alarm_rate=alarms / n_clean if reject_class is not None and n_clean else nan,
-    )
+    return score(predict_all({"model": model}, test, attack, batch_size)["model"], reject_class)

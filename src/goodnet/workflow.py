@@ -26,7 +26,9 @@ from goodnet.attacks.base import Attack
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Defense, Evaluation, RepairResult
 from goodnet.detector import GoodNet
-from goodnet.metrics import Metrics, evaluate
+from goodnet.metrics import Metrics, Predictions, detector_predictions, predict_all, score
+
+_ORIGINAL = "__original__"
 
 
 @dataclass
@@ -67,8 +69,15 @@ def repair_and_measure(
     curve_limit: int = 2000,
     goodnets: bool = True,
     progress: bool = False,
+    baseline: Predictions | None = None,
 ) -> RepairReport:
     """Repair ``model`` with ``defense`` on ``clean``; measure everything on ``test``.
+
+    The original and every variant are measured in one pass over ``test`` (each poisoned batch
+    made once); each GoodNet's answers are derived from its two models' predictions, which is
+    exactly what running it would give. ``baseline``, the original's predictions on the same
+    ``test`` and ``attack`` (from :func:`goodnet.metrics.predict_all`), saves measuring the
+    original again when several defenses repair the same model.
 
     The per-step curve is measured on the first ``curve_limit`` test images (it is for
     plotting; 0 skips it and keeps only the clean-data accuracy per step); the final figures on
@@ -84,12 +93,17 @@ def repair_and_measure(
     if test is None:
         nan = float("nan")
         return RepairReport(result, Metrics(nan, nan, nan, 0, 0), reject_class=num_classes)
-    report = RepairReport(result, evaluate(model, test, attack), reject_class=num_classes)
-    for name, variant in result.variants.items():
-        report.variants[name] = evaluate(variant, test, attack)
+    models = {name: variant for name, variant in result.variants.items()}
+    if baseline is None:
+        models = {_ORIGINAL: model, **models}
+    predictions = predict_all(models, test, attack)
+    original = baseline if baseline is not None else predictions.pop(_ORIGINAL)
+    report = RepairReport(result, score(original), reject_class=num_classes)
+    for name in result.variants:
+        report.variants[name] = score(predictions[name])
         if goodnets:
-            report.goodnets[name] = evaluate(GoodNet(model, variant), test, attack,
-                                             reject_class=num_classes)
+            report.goodnets[name] = score(
+                detector_predictions(original, predictions[name], num_classes), num_classes)
     return report
 
 
