@@ -10,11 +10,13 @@ import torch
 
 from goodnet.defenses import (
     DEFENSES,
+    ANPConfig,
     Evaluation,
     FinePruning,
     FinePruningConfig,
     Prune,
     PruneConfig,
+    RNPConfig,
     SparseFinePruning,
     SparseFinePruningConfig,
 )
@@ -96,6 +98,9 @@ FAST = {
     "prune": None,
     "fine-pruning": FinePruningConfig(epochs=1),
     "sparse-fine-pruning": SparseFinePruningConfig(rounds=2, lr=1e-3),
+    "rnp": RNPConfig(unlearning_epochs=2, recovering_epochs=2, batch_size=64),
+    "anp": ANPConfig(iterations=20, batch_size=32),
+    "clp": None,
 }
 
 

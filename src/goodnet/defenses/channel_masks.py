@@ -1,0 +1,273 @@
+"""What the mask-learning defenses (RNP, ANP) share: learnable channel masks with optional
+adversarial noise, installed by hooks on a working copy, and the choice of a pruning threshold
+from the defender's clean data.
+
+Masks sit on the *mask points* of every convolution (:func:`goodnet.masking.mask_points`): the
+BatchNorm that normalises its output when there is one, else the convolution itself, so networks
+without BatchNorm (``deepid``) are covered the same way. With the references' ``"keep-bias"``
+semantics a mask scales the weight part of the output and keeps the shift: on a BatchNorm,
+``γ·m`` with β kept (exactly RNP's ``MaskBatchNorm2d`` and ANP's ``NoisyBatchNorm2d``); on a bare
+convolution, the kernel's output scaled and the bias kept (the no-BatchNorm reading the ANP
+author gave, csdongxian/ANP_backdoor#2). ANP's noise perturbs both parts multiplicatively,
+``(m + δ)·(y − b) + (1 + ξ)·b``.
+
+Choosing how much to prune, honestly: :func:`threshold_curve` prunes the *original* model at each
+threshold (every channel whose mask is at or below it) and measures the accuracy on held-out
+clean data the masks were not learned on; :func:`choose_threshold` takes the largest threshold
+such that every threshold up to it keeps that accuracy within ``tolerance`` of the unpruned
+model's. Test data, when given, only adds CA and ASR to the curve for reporting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from goodnet.data.dataset import ImageData
+from goodnet.defenses.base import Evaluation
+from goodnet.errors import GoodnetError
+from goodnet.masking import SEMANTICS, MaskSet, applied, channel_count, get_layer, mask_points
+from goodnet.metrics import clean_accuracy, predict
+
+SELECTIONS = ("clean", "threshold", "count")
+
+
+def all_mask_points(model: nn.Module, clean: ImageData, hidden_linear: bool = True) -> list[str]:
+    """The mask point of every convolution, in the order they run, then (with
+    ``hidden_linear``) every fully connected layer but the last, whose outputs are neurons."""
+    example, _ = clean.get(torch.arange(1))
+    points = list(dict.fromkeys(mask_points(model, example).values()))
+    if hidden_linear:
+        linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+        points += linear[:-1]
+    if not points:
+        raise GoodnetError("the model has no layer whose channels could be masked")
+    return points
+
+
+def _shape(vector: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    return vector.view(1, -1, *([1] * (output.ndim - 2)))
+
+
+class LearnableMasks:
+    """Per-channel masks (initialised to 1) and, with ``noise``, ANP's per-channel noise on the
+    weight part (δ) and the shift (ξ), as hooks on ``model`` while the ``with`` block lasts.
+
+    ``perturb`` switches the noise on and off between forward passes.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], semantics: str = "keep-bias",
+                 noise: bool = False) -> None:
+        if semantics not in SEMANTICS:
+            raise GoodnetError(f"mask semantics must be one of {SEMANTICS}, got {semantics!r}")
+        self.model = model
+        self.semantics = semantics
+        self.perturb = False
+        device = next(model.parameters()).device
+        self.layers = {name: get_layer(model, name) for name in layers}
+        self.masks = {name: nn.Parameter(torch.ones(channel_count(layer), device=device))
+                      for name, layer in self.layers.items()}
+        self.noise = {name: (nn.Parameter(torch.zeros(len(mask), device=device)),
+                             nn.Parameter(torch.zeros(len(mask), device=device)))
+                      for name, mask in self.masks.items()} if noise else {}
+        self._handles: list[Any] = []
+
+    def mask_parameters(self) -> list[nn.Parameter]:
+        return list(self.masks.values())
+
+    def noise_parameters(self) -> list[nn.Parameter]:
+        return [p for pair in self.noise.values() for p in pair]
+
+    @torch.no_grad()
+    def reset_noise(self, eps: float, generator: torch.Generator) -> None:
+        """Noise drawn uniformly from [-eps, eps] (ANP's random start)."""
+        for parameter in self.noise_parameters():
+            values = torch.rand(parameter.shape, generator=generator) * 2 * eps - eps
+            parameter.copy_(values.to(parameter.device))
+
+    @torch.no_grad()
+    def clip(self) -> None:
+        for mask in self.masks.values():
+            mask.clamp_(0, 1)
+
+    def values(self) -> dict[str, torch.Tensor]:
+        """The learned masks, detached, on the CPU."""
+        return {name: mask.detach().cpu().clone() for name, mask in self.masks.items()}
+
+    def _hook(self, name: str, layer: nn.Module):
+        def apply(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+            scale = self.masks[name]
+            shift_factor = None if self.semantics == "keep-bias" else scale
+            if self.perturb and name in self.noise:
+                delta, xi = self.noise[name]
+                scale = scale + delta
+                base = 1 if shift_factor is None else shift_factor
+                shift_factor = base * (1 + xi)
+            bias = layer.bias
+            if bias is None:
+                return output * _shape(scale, output)
+            bias = _shape(bias, output)
+            shifted = bias if shift_factor is None else bias * _shape(shift_factor, output)
+            return (output - bias) * _shape(scale, output) + shifted
+        return apply
+
+    def __enter__(self) -> LearnableMasks:
+        for name, layer in self.layers.items():
+            self._handles.append(layer.register_forward_hook(self._hook(name, layer)))
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+@contextlib.contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with every parameter's ``requires_grad`` off for the block (masks are learned,
+    weights are not)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
+def binary_masks(values: dict[str, torch.Tensor], threshold: float) -> dict[str, torch.Tensor]:
+    """1 where the learned mask is above ``threshold``, 0 (pruned) where it is at or below."""
+    return {name: (value > threshold).float() for name, value in values.items()}
+
+
+def lowest_masks(values: dict[str, torch.Tensor], count: int) -> dict[str, torch.Tensor]:
+    """Prune the ``count`` channels with the lowest learned masks, over all layers."""
+    flat = torch.cat(list(values.values()))
+    order = torch.argsort(flat, stable=True)[:count]
+    keep = torch.ones(len(flat))
+    keep[order] = 0
+    return dict(zip(values, keep.split([len(v) for v in values.values()]), strict=True))
+
+
+@dataclass(frozen=True)
+class Choice:
+    """How to turn learned masks into a pruning (the shared settings of RNP and ANP).
+
+    Attributes:
+        select: "clean" (the largest threshold keeping held-out clean accuracy within
+            ``tolerance``; goodnet's default), "threshold" (a fixed ``threshold``, the papers'),
+            or "count" (the ``count`` lowest masks; ANP's "prune by number").
+        threshold: the fixed threshold for ``select="threshold"``.
+        count: channels pruned for ``select="count"``: an int, or a fraction of all channels.
+        thresholds: the thresholds swept for the curve (and for ``select="clean"``).
+        tolerance: the held-out clean-accuracy loss allowed, absolute (0.02 = two points).
+        holdout: share of the clean data kept out of mask learning to choose on (only for
+            ``select="clean"``).
+    """
+
+    select: str
+    threshold: float
+    count: float
+    thresholds: tuple[float, ...]
+    tolerance: float
+    holdout: float
+
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            raise GoodnetError(f"select must be one of {SELECTIONS}, got {self.select!r}")
+        if not 0 <= self.threshold <= 1 or not 0 <= self.tolerance <= 1:
+            raise GoodnetError("threshold and tolerance must lie in [0, 1]")
+        if self.select == "clean" and not 0 < self.holdout < 1:
+            raise GoodnetError("holdout must lie in (0, 1)")
+        if self.count < 0:
+            raise GoodnetError("count must not be negative")
+
+
+def default_thresholds() -> tuple[float, ...]:
+    """0, 0.05, ..., 0.9: the references' sweep (pruning-max 0.90, step 0.05)."""
+    return tuple(round(0.05 * i, 2) for i in range(19))
+
+
+def split_for_choice(clean: ImageData, choice: Choice, seed: int) -> tuple[ImageData, ImageData]:
+    """(data to learn masks on, held-out data to choose on); both all of ``clean`` unless
+    ``select="clean"``."""
+    if choice.select != "clean":
+        return clean, clean
+    from goodnet.data.dataset import split_clean
+
+    held, learn = split_clean(clean, choice.holdout, seed=seed)
+    if len(learn) == 0 or len(held) == 0:
+        raise GoodnetError(f"{clean.name}: too little clean data to hold {choice.holdout:g} out")
+    return learn, held
+
+
+def _measure(model: nn.Module, masks: dict[str, torch.Tensor], semantics: str, held: ImageData,
+             evaluation: Evaluation | None) -> dict[str, Any]:
+    with applied(model, MaskSet(masks, semantics)):
+        record: dict[str, Any] = {
+            "pruned": int(sum(int((m == 0).sum()) for m in masks.values())),
+            "clean_data_accuracy": clean_accuracy(predict(model, held), held.labels),
+        }
+        if evaluation is not None:
+            metrics = evaluation.measure(model)
+            record["test_ca"] = metrics.clean_accuracy
+            record["test_asr"] = metrics.attack_success_rate
+    return record
+
+
+def threshold_curve(model: nn.Module, values: dict[str, torch.Tensor], choice: Choice,
+                    semantics: str, held: ImageData, evaluation: Evaluation | None = None
+                    ) -> list[dict[str, Any]]:
+    """The original model pruned at each threshold: channels pruned, held-out clean accuracy
+    and, with an evaluation, test CA and ASR. Record 0 is the unpruned model."""
+    work = copy.deepcopy(model)
+    ones = {name: torch.ones_like(v) for name, v in values.items()}
+    curve = [{"threshold": None, **_measure(work, ones, semantics, held, evaluation)}]
+    for threshold in choice.thresholds:
+        curve.append({"threshold": threshold, **_measure(
+            work, binary_masks(values, threshold), semantics, held, evaluation)})
+    return curve
+
+
+def choose_threshold(curve: list[dict[str, Any]], tolerance: float) -> float:
+    """The largest swept threshold such that it, and every smaller one, keeps the held-out clean
+    accuracy at least the unpruned accuracy minus ``tolerance``; 0 if even the first does not
+    (0 prunes only masks driven exactly to 0)."""
+    base = curve[0]["clean_data_accuracy"]
+    chosen = curve[1]["threshold"] if len(curve) > 1 else 0.0
+    for record in curve[1:]:
+        if base - record["clean_data_accuracy"] > tolerance + 1e-12:
+            break
+        chosen = record["threshold"]
+    return chosen
+
+
+def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choice,
+                 semantics: str, held: ImageData, evaluation: Evaluation | None
+                 ) -> tuple[str, MaskSet, list[dict[str, Any]], dict[str, Any]]:
+    """The pruning ``choice`` makes of learned ``values``: (variant name, masks, curve, notes)."""
+    curve = threshold_curve(model, values, choice, semantics, held, evaluation)
+    total = sum(len(v) for v in values.values())
+    if choice.select == "count":
+        count = round(choice.count * total) if choice.count < 1 else int(choice.count)
+        if count > total:
+            raise GoodnetError(f"cannot prune {count} channels: the masked layers have {total}")
+        binary, name = lowest_masks(values, count), f"count={count}"
+        notes: dict[str, Any] = {"count": count}
+    else:
+        threshold = (choose_threshold(curve, choice.tolerance) if choice.select == "clean"
+                     else choice.threshold)
+        binary, name = binary_masks(values, threshold), f"t={threshold:.2f}"
+        notes = {"threshold": threshold}
+    notes["pruned_channels"] = {layer: torch.nonzero(m == 0).flatten().tolist()
+                       for layer, m in binary.items() if (m == 0).any()}
+    notes["mask_values"] = {layer: [round(float(v), 4) for v in value]
+                            for layer, value in values.items()}
+    return name, MaskSet(binary, semantics), curve, notes
