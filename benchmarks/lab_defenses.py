@@ -8,6 +8,13 @@ are skipped) and ``table.md`` (mean ± std over seeds) into ``--out`` and prints
 
     goodnet zoo build --root zoo --arch small_cnn --seeds 0 1 2
     python benchmarks/lab_defenses.py --zoo zoo --arch small_cnn --seeds 0 1 2 --out runs/lab
+
+``--defenses`` runs other defenses the same way, each ``name`` or ``label=name:key=value,...``
+(settings as ``goodnet repair -p``), for example the state-of-the-art pruning defenses with
+goodnet's defaults and the references' settings side by side:
+
+    python benchmarks/lab_defenses.py --zoo zoo --out runs/sota --defenses rnp anp clp \
+        rnp-reference=rnp:reference=true anp-t0.2=anp:select=threshold
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from pathlib import Path
 
 from goodnet import load_dataset, load_model, split_clean
 from goodnet.backdoor import attack_from_card
-from goodnet.defenses import FinePruning, Prune, SparseFinePruning
+from goodnet.cli import parse_settings
+from goodnet.defenses import DEFENSES, Defense
 from goodnet.metrics import predict_all
 from goodnet.workflow import repair_and_measure
 from goodnet.zoo import CLEAN, collect
@@ -32,7 +40,23 @@ def summarise(metrics) -> dict:
     return {k: v for k, v in dataclasses.asdict(metrics).items() if k != "per_trigger"}
 
 
-def run_model(path: Path, data: str, seed: int, cache: dict) -> list[dict]:
+LAB = ("prune", "fine-pruning", "sparse-fine-pruning")
+
+
+def parse_defense(text: str) -> tuple[str, Defense]:
+    """``name`` or ``label=name:key=value,...`` → (label, defense)."""
+    head = text.split(":", 1)[0]
+    label, _, rest = text.partition("=") if "=" in head else ("", "", text)
+    name, _, pairs = rest.partition(":")
+    if name not in DEFENSES:
+        raise SystemExit(f"unknown defense {name!r}; choose from {sorted(DEFENSES)}")
+    cls = DEFENSES[name]
+    settings = parse_settings(cls.Config, [p for p in pairs.split(",") if p], name)
+    return label or name, cls(cls.Config(**settings))
+
+
+def run_model(path: Path, data: str, seed: int, cache: dict,
+              defenses: list[tuple[str, Defense]]) -> list[dict]:
     if data not in cache:
         cache[data] = (load_dataset(data, "train"), load_dataset(data, "test"))
     train, test = cache[data]
@@ -41,18 +65,22 @@ def run_model(path: Path, data: str, seed: int, cache: dict) -> list[dict]:
     attack = attack_from_card(loaded.card, loaded.extras, test)
     baseline = predict_all({"original": loaded.model}, test, attack)["original"]
     records = []
-    for defense in (Prune(), FinePruning(), SparseFinePruning()):
+    for label, defense in defenses:
         start = time.perf_counter()
         report = repair_and_measure(loaded.model, defense, clean, test, attack, curve_limit=0,
                                     goodnets=defense.name == "prune", baseline=baseline)
         seconds = time.perf_counter() - start
         base = {"data": data, "attack": loaded.card.attack["name"], "seed": seed,
-                "defense": defense.name, "repair_seconds": report.result.seconds,
+                "defense": label, "repair_seconds": report.result.seconds,
                 "measure_seconds": seconds - report.result.seconds}
         records.append({**base, "variant": "before", **summarise(report.original)})
+        notes = report.result.notes
         for name, metrics in report.variants.items():
-            records.append({**base, "variant": name, **summarise(metrics),
-                            "pruned": (report.result.notes.get("pruned") or {}).get(name)})
+            pruned = (notes.get("pruned") or {}).get(name) if label in LAB else sum(
+                len(v) for v in (notes.get("pruned_channels") or {}).values())
+            records.append({**base, "variant": name if label in LAB else "chosen",
+                            "variant_name": name, **summarise(metrics), "pruned": pruned,
+                            "curve": report.result.curve if label not in LAB else None})
         for name, metrics in report.goodnets.items():
             records.append({**base, "variant": f"GoodNet {name}", **summarise(metrics)})
     return records
@@ -70,14 +98,17 @@ def spread(values: list[float]) -> str:
 def table(records: list[dict]) -> str:
     keys = []
     for r in records:
-        key = (r["data"], r["attack"], r["defense"], r["variant"])
-        if key not in keys and not (r["variant"] == "before" and r["defense"] != "prune"):
+        key = (r["data"], r["attack"], "" if r["variant"] == "before" else r["defense"],
+               r["variant"])
+        if key not in keys:
             keys.append(key)
     lines = ["| data | attack | model | CA % | ASR % | detected % | false alarm % | s |",
              "|---|---|---|---|---|---|---|---|"]
     for data, attack, defense, variant in keys:
-        rows = [r for r in records if (r["data"], r["attack"], r["defense"], r["variant"])
-                == (data, attack, defense, variant)]
+        rows = [r for r in records if (r["data"], r["attack"], r["variant"]) == (
+            data, attack, variant) and (variant == "before" or r["defense"] == defense)]
+        if variant == "before":  # one per model, whichever defense recorded it
+            rows = list({(r["seed"]): r for r in rows}.values())
         label = "backdoored" if variant == "before" else (
             f"{defense} {variant}" if not variant.startswith("GoodNet") else variant)
         seconds = ""
@@ -99,20 +130,25 @@ def main() -> None:
     parser.add_argument("--attacks", nargs="+", default=None)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/lab_defenses"))
+    parser.add_argument("--defenses", nargs="+", default=list(LAB))
     args = parser.parse_args()
+    defenses = [parse_defense(text) for text in args.defenses]
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     records = [json.loads(line) for line in results.read_text().splitlines()] \
         if results.exists() else []
-    done = {(r["data"], r["attack"], r["seed"]) for r in records}
+    done = {(r["data"], r["attack"], r["seed"], r["defense"]) for r in records}
     cache: dict = {}
     for cell, _card in collect(args.zoo):
         if (cell.arch != args.arch or cell.attack == CLEAN or cell.data not in args.data
                 or cell.seed not in args.seeds
                 or (args.attacks and cell.attack not in args.attacks)
-                or (cell.data, cell.attack, cell.seed) in done):
+                or all((cell.data, cell.attack, cell.seed, label) in done
+                       for label, _ in defenses)):
             continue
-        new = run_model(cell.path(args.zoo), cell.data, cell.seed, cache)
+        todo = [(label, d) for label, d in defenses
+                if (cell.data, cell.attack, cell.seed, label) not in done]
+        new = run_model(cell.path(args.zoo), cell.data, cell.seed, cache, todo)
         with results.open("a") as handle:
             handle.writelines(json.dumps(r) + "\n" for r in new)
         records += new

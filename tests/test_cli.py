@@ -132,6 +132,25 @@ def test_repair_writes_models_goodnets_curve_and_plot(trained, npz_pair, tmp_pat
     assert report["detection_rate"] == summary["goodnets"]["0.2"]["detection_rate"]
 
 
+@pytest.mark.parametrize(("defense", "settings", "variant"), [
+    ("clp", ["-p", "u=2.5"], "u=2.5"),
+    ("rnp", ["-p", "unlearning_epochs=2", "-p", "recovering_epochs=2", "-p", "clip_norm=5",
+             "-p", "select=threshold", "-p", "thresholds=0.1,0.2"], "t=0.20"),
+    ("anp", ["-p", "iterations=10", "-p", "select=count", "-p", "count=3"], "count=3"),
+])
+def test_repair_with_the_mask_defenses(trained, npz_pair, tmp_path, capsys, defense, settings,
+                                       variant):
+    out = tmp_path / defense
+    assert main(["--no-progress", "repair", str(trained), "--defense", defense, *settings,
+                 "--clean", str(npz_pair[0]), "--clean-amount", "200",
+                 "--test", str(npz_pair[1]), "--out", str(out)]) == 0
+    summary = json.loads((out / "repair.json").read_text())
+    assert summary["defense"] == defense and summary["chosen"] == variant
+    assert (out / f"repaired-{variant}.safetensors").exists()
+    assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "GoodNet" in capsys.readouterr().out
+
+
 def test_repair_refuses_an_unknown_layer_before_writing(trained, npz_pair, tmp_path, capsys):
     out = tmp_path / "nothing"
     assert main(["repair", str(trained), "--clean", str(npz_pair[0]), "--layer", "conv9",

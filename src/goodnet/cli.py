@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import sys
+import types
 import typing
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,6 +66,11 @@ def parse_settings(cls: type, pairs: Sequence[str], what: str) -> dict[str, Any]
 
 def _convert(raw: str, kind: Any, what: str) -> Any:
     origin = typing.get_origin(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [k for k in typing.get_args(kind) if k is not type(None)]
+        if raw.lower() == "none" and len(options) < len(typing.get_args(kind)):
+            return None
+        return _convert(raw, options[0], what)
     try:
         if kind is bool:
             if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
