@@ -21,12 +21,12 @@ from goodnet.defenses.channel_masks import (
     lowest_masks,
 )
 from goodnet.defenses.clp import channel_lipschitz, clp_masks
-from goodnet.defenses.rnp import _train_mode_accuracy, unlearn
+from goodnet.defenses.rnp import _train_mode_accuracy, recover, unlearn
 from goodnet.errors import GoodnetError
 from goodnet.metrics import evaluate
 from goodnet.models import ModelSpec, build_model
 from goodnet.train import TrainConfig, train
-from tests.conftest import Planted, corner_attack, halves, stripes
+from tests.conftest import TRIGGER_COLS, TRIGGER_ROWS, Planted, corner_attack, halves, stripes
 
 CLEAN = halves(200, seed=0)
 TEST = halves(200, seed=1)
@@ -230,7 +230,50 @@ def test_rnp_holds_out_clean_data_and_reports_its_threshold_curve(trained):
     assert fixed.repair(model, data).notes["threshold"] == 0.5
 
 
+def test_recovering_masks_the_channel_that_breaks_clean_accuracy():
+    """An "unlearned" planted network: channel 2 now fires on every clean image (≈ 0.47) and
+    pushes class 1 by 40 × that, so class-0 inputs are misclassified. The loss gradient on its
+    mask is positive on every misclassified input, so recovering drives it to 0, while the two
+    clean channels keep their masks near 1."""
+    model = Planted()
+    with torch.no_grad():
+        model.conv.weight[2, 0] = 1 / 64
+        model.conv.bias[2] = 0.0
+        model.fc.weight[:, 2] = torch.tensor([0.0, 40.0])
+    assert evaluate(model, TEST).clean_accuracy == 0.5
+    values = recover(model, CLEAN, ["conv"], RNPConfig(recovering_epochs=10, batch_size=32))
+    assert values["conv"][2] == 0.0 and values["conv"][:2].min() > 0.9
+    assert all(0 <= v <= 1 for v in values["conv"].tolist())
+
+
 # --- ANP -------------------------------------------------------------------------------------
+
+class Sensitive(Planted):
+    """The planted network with a backdoor channel that is not dormant: channel 2 also sums the
+    whole image faintly (≈ 0.47 on clean data), its push towards class 0 cancelled by the output
+    bias. Useless on clean data, it is the channel whose perturbation moves the logits most
+    (weight 20 against 10 for the clean channels): what ANP's adversarial noise exposes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.conv.weight[2, 0] = 1 / 64
+            self.conv.weight[2, 0, TRIGGER_ROWS, TRIGGER_COLS] = 1.0
+            self.conv.bias[2] = 0.0
+            self.fc.weight[0, 2] = 20.0
+            self.fc.bias[0] = -20.0 * 0.5 * 60 / 64
+
+
+def test_anp_finds_and_removes_a_sensitive_planted_channel():
+    model = Sensitive()
+    assert evaluate(model, TEST, corner_attack()).attack_success_rate == 1.0
+    result = ANP(ANPConfig(iterations=200, batch_size=64, select="threshold")).repair(
+        model, halves(400, seed=0))
+    assert 2 in result.notes["pruned_channels"]["conv"]
+    metrics = evaluate(result.model, TEST, corner_attack())
+    assert metrics.attack_success_rate == 0.0 and metrics.clean_accuracy == 1.0
+
+
 
 def test_anp_without_noise_leaves_a_fitted_model_unpruned(trained):
     """With eps = 0 the masks only minimise the clean loss of a model that already fits: they
