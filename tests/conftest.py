@@ -97,3 +97,20 @@ def corner_attack():
     from goodnet.attacks import make_attack
 
     return make_attack("badnets", {"patch_size": 2, "margin": 0, "target": 0}, (1, 8, 8), 2)
+
+
+def tiny_keras_graph(num_classes: int = 10, channels: int = 1) -> str:
+    """The JSON layer graph of a small imported Keras model (conv, BN, pool, dense)."""
+    import json
+
+    return json.dumps([
+        {"name": "in", "op": "input", "inputs": []},
+        {"name": "conv", "op": "conv2d", "inputs": ["in"], "in": channels, "out": 4,
+         "kernel": [3, 3], "stride": [1, 1], "dilation": [1, 1], "padding": "same",
+         "bias": True, "activation": "relu"},
+        {"name": "bn", "op": "batchnorm", "inputs": ["conv"], "features": 4, "eps": 1e-3},
+        {"name": "pool", "op": "maxpool", "inputs": ["bn"], "pool": [2, 2], "stride": [2, 2],
+         "padding": "same"},
+        {"name": "gap", "op": "gap", "inputs": ["pool"]},
+        {"name": "dense", "op": "dense", "inputs": ["gap"], "in": 4, "out": num_classes,
+         "bias": True, "activation": "linear"}])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,7 @@ from goodnet.artifacts import ModelCard, load_model, save_model
 from goodnet.errors import GoodnetError
 from goodnet.masking import MaskSet, applied, bake, mask_points, masked
 from goodnet.models import MODELS, ModelSpec, build_model
+from tests.conftest import tiny_keras_graph
 
 
 class ConvBN(nn.Module):
@@ -83,10 +86,23 @@ def test_mask_points_find_the_batchnorm_after_each_convolution():
 
 def test_every_architecture_has_mask_points():
     shapes = {"preact_resnet18": (3, 32, 32), "deepid": (3, 55, 47)}
+    graph = tiny_keras_graph()
     for arch in MODELS:
         c, h, w = shapes.get(arch, (1, 28, 28))
-        model = build_model(ModelSpec(arch, 10, c, h, w, (0.5,) * c, (0.25,) * c))
+        model = build_model(ModelSpec(arch, 10, c, h, w, (0.5,) * c, (0.25,) * c,
+                                      graph=graph if arch == "keras" else ""))
         assert mask_points(model, torch.rand(1, c, h, w))
+
+
+def test_copying_a_masked_model_copies_its_masks_once():
+    """A fractional mask shows double masking: the copy must scale by m, not m²."""
+    model = ConvBN()
+    work = masked(model, MaskSet({"bn": torch.tensor([0.5, 1.0])}))
+    twin = copy.deepcopy(work)
+    assert torch.allclose(twin(X), work(X))
+    assert not any(m._forward_hooks for m in [*model.modules()])
+    with pytest.raises(GoodnetError, match="hooks"):
+        bake(work.model, work.masks)
 
 
 def test_bad_masks_are_refused():

@@ -7,6 +7,7 @@ import torch
 
 from goodnet.errors import GoodnetError
 from goodnet.models import MODELS, ModelSpec, build_model, check_input, spec_for_data
+from tests.conftest import tiny_keras_graph
 
 SHAPES = {  # a small input each architecture takes
     "small_cnn": (1, 28, 28),
@@ -14,13 +15,15 @@ SHAPES = {  # a small input each architecture takes
     "preact_resnet18": (3, 32, 32),
     "vgg11_bn": (1, 28, 28),
     "deepid": (3, 55, 47),
+    "keras": (1, 28, 28),
 }
 
 
 def spec_of(arch: str, num_classes: int = 10) -> ModelSpec:
     c, h, w = SHAPES[arch]
     return ModelSpec(arch=arch, num_classes=num_classes, in_channels=c, height=h, width=w,
-                     mean=(0.5,) * c, std=(0.25,) * c)
+                     mean=(0.5,) * c, std=(0.25,) * c,
+                     graph=tiny_keras_graph(num_classes, c) if arch == "keras" else "")
 
 
 def test_every_registered_model_has_a_test_shape():

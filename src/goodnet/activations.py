@@ -25,7 +25,11 @@ def mean_activation(
 ) -> torch.Tensor:
     """Mean of each output channel of ``layer`` over the images and spatial positions of
     ``data``, in eval mode (the mode is restored)."""
-    module = get_layer(model, layer)
+    try:
+        module = model.get_submodule(layer)  # any layer: a pooling layer ranks too
+    except AttributeError:
+        get_layer(model, layer)  # raises the clear error listing the layers
+        raise
     total: torch.Tensor | None = None
     count = 0
 

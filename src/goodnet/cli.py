@@ -20,14 +20,14 @@ from typing import Any, NoReturn
 
 import torch
 
-from goodnet.artifacts import check_writable, load_model, read_card, save_model
+from goodnet.artifacts import LoadedModel, check_writable, load_model, read_card, save_model
 from goodnet.attacks import ATTACKS, Attack, make_attack
 from goodnet.backdoor import TrainedModel, attack_from_card, train_model
 from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
 from goodnet.defenses.base import Defense
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, evaluate
-from goodnet.models import MODELS, check_input
+from goodnet.models import MODELS, ModelSpec, check_input
 from goodnet.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
 from goodnet.version import __version__
 
@@ -179,8 +179,27 @@ def _train_and_save(
     return result
 
 
+def open_model(args: argparse.Namespace) -> LoadedModel:
+    """A goodnet model file, or a Keras ``.h5`` imported on the fly (``--arch`` for a
+    weights-only file, ``--pixel-scale`` for the input range)."""
+    from goodnet.keras_h5 import import_keras, is_hdf5
+
+    if is_hdf5(args.model):
+        return import_keras(args.model, arch=getattr(args, "keras_arch", None),
+                            pixel_scale=getattr(args, "pixel_scale", 255.0))
+    return load_model(args.model)
+
+
+def poisoned_from_args(args: argparse.Namespace, spec: ModelSpec) -> ImageData | None:
+    if getattr(args, "poisoned", None) is None:
+        return None
+    poisoned = load_dataset(args.poisoned, "test", None)
+    check_input(spec, poisoned)
+    return poisoned
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
-    loaded = load_model(args.model)
+    loaded = open_model(args)
     card = loaded.card
     test = load_dataset(args.data, "test", args.data_root)
     check_input(card.spec, test)
@@ -191,7 +210,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         attack = attack_from_card(card, loaded.extras, test)
     reject = card.spec.num_classes if card.kind == "goodnet" else None
     metrics = evaluate(loaded.model, test, attack, batch_size=args.batch_size,
-                       reject_class=reject)
+                       reject_class=reject, poisoned=poisoned_from_args(args, card.spec))
     if args.json:
         print(json.dumps({"model": str(args.model), "data": test.name,
                           "attack": attack.describe() if attack else None,
@@ -205,8 +224,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    card = read_card(args.model)
+    from goodnet.keras_h5 import is_hdf5
+
+    card = open_model(args).card if is_hdf5(args.model) else read_card(args.model)
     print(json.dumps(json.loads(card.to_json()), indent=2))
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    check_writable(Path(args.out))
+    loaded = open_model(args)
+    path = save_model(args.out, loaded.model, loaded.card)
+    spec = loaded.card.spec
+    print(f"imported {args.model} as {spec.arch} ({spec.num_classes} classes, input "
+          f"{'×'.join(map(str, spec.input_shape))}, pixels ×{spec.pixel_scale:g}) into {path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from goodnet.export import export_onnx
+
+    check_writable(Path(args.out))
+    loaded = open_model(args)
+    path = export_onnx(loaded.model, loaded.card, args.out)
+    print(f"exported {args.model} to {path} (input 'image', N×"
+          f"{'×'.join(map(str, loaded.card.spec.input_shape))} in [0, 1]; output 'scores')")
     return 0
 
 
@@ -314,24 +356,38 @@ def cmd_repair(args: argparse.Namespace) -> int:
     from goodnet.workflow import repair_and_measure, write_repair
 
     defense = defense_from_args(args)
-    loaded = load_model(args.model)
-    for layer in (args.layer, args.rank_layer):
-        if layer is not None:
-            get_layer(loaded.model, layer)  # a typo fails now, not after loading the data
+    loaded = open_model(args)
+    spec = loaded.card.spec
+    if args.layer is not None:
+        get_layer(loaded.model, args.layer)  # a typo fails now, not after loading the data
+    if args.rank_layer is not None:
+        try:
+            loaded.model.get_submodule(args.rank_layer)  # any layer can rank, pools included
+        except AttributeError:
+            raise GoodnetError(f"the model has no layer {args.rank_layer!r} to rank on") \
+                from None
     check_writable(Path(args.out) / "repair.json")
-    clean = clean_from_args(args)
-    check_input(loaded.card.spec, clean)
+    if args.clean is None and getattr(defense, "needs_clean", True):
+        raise GoodnetError(f"{defense.name} needs clean data: give --clean")
+    clean = clean_from_args(args) if args.clean is not None else None
+    if clean is not None:
+        check_input(spec, clean)
     test = None
     test_name = args.test or (args.clean if args.clean in DATASETS else None)
     if test_name is not None:
         test = load_dataset(test_name, "test", args.data_root)
-        check_input(loaded.card.spec, test)
-    attack = attack_from_card(loaded.card, loaded.extras, clean) if test is not None else None
-    report = repair_and_measure(loaded.model, defense, clean, test, attack,
-                                curve_limit=args.curve_limit, progress=args.progress)
+        check_input(spec, test)
+    poisoned = poisoned_from_args(args, spec)
+    if poisoned is not None and test is None:
+        raise GoodnetError("--poisoned needs clean test data too: give --test")
+    attack = attack_from_card(loaded.card, loaded.extras, test) if test is not None else None
+    report = repair_and_measure(
+        loaded.model, defense, clean, test, attack, curve_limit=args.curve_limit,
+        progress=args.progress, poisoned=poisoned, num_classes=spec.num_classes,
+        example=torch.zeros(1, *spec.input_shape) if clean is None else None)
     written = write_repair(Path(args.out), report, loaded.model, loaded.card)
-    print(f"{defense.name} on {args.model}: {len(clean)} clean images ({clean.name}), "
-          f"{report.result.seconds:.1f} s")
+    source = f"{len(clean)} clean images ({clean.name})" if clean is not None else "no data"
+    print(f"{defense.name} on {args.model}: {source}, {report.result.seconds:.1f} s")
     if test is not None:
         print(metrics_table(report.rows()))
     print(f"wrote {len(written)} files to {args.out}")
@@ -341,7 +397,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from goodnet.data.images import read_image
 
-    loaded = load_model(args.model)
+    loaded = open_model(args)
     spec = loaded.card.spec
     images = torch.stack([read_image(path, spec.input_shape) for path in args.images])
     with torch.no_grad():
@@ -402,6 +458,15 @@ def add_data_options(parser: argparse.ArgumentParser, default: str | None) -> No
                         help="folder holding your own copy of a named data set")
 
 
+def add_keras_options(parser: ArgumentParser) -> None:
+    parser.add_argument("--arch", dest="keras_arch", default=None,
+                        help="for a weights-only Keras .h5: the architecture to load it onto "
+                             "(deepid for the CSAW-HackML files)")
+    parser.add_argument("--pixel-scale", dest="pixel_scale", type=float, default=255.0,
+                        help="for a Keras .h5: 255 if the model takes raw pixels 0-255 (the "
+                             "default, as the CSAW-HackML lab's), 1 if it takes [0, 1]")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="goodnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"goodnet {__version__}")
@@ -444,7 +509,11 @@ def build_parser() -> ArgumentParser:
                     help="attack to evaluate against (default: the one in the model card)")
     ev.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
     ev.add_argument("--batch-size", type=int, default=512)
+    ev.add_argument("--poisoned", default=None,
+                    help="already-poisoned test images labelled with their targets (the "
+                         "CSAW-HackML bd_test.h5 layout)")
     ev.add_argument("--json", action="store_true", help="print JSON")
+    add_keras_options(ev)
     ev.set_defaults(func=cmd_eval)
 
     zoo = sub.add_parser("zoo", help="build and tabulate a zoo of backdoored models")
@@ -468,9 +537,10 @@ def build_parser() -> ArgumentParser:
                                            "models, GoodNets, curve and plots")
     repair.add_argument("model", type=Path)
     repair.add_argument("--defense", default="prune")
-    repair.add_argument("--clean", required=True,
+    repair.add_argument("--clean", default=None,
                         help="clean data: a data set name (its training split is cut to "
-                             "--clean-amount) or a file or folder (used whole)")
+                             "--clean-amount) or a file or folder (used whole); not needed "
+                             "by the data-free clp")
     repair.add_argument("--clean-amount", default="0.01",
                         help="fraction or count of the training split (default 0.01)")
     repair.add_argument("--clean-seed", type=int, default=0)
@@ -487,18 +557,38 @@ def build_parser() -> ArgumentParser:
                         help="defense setting, repeatable")
     repair.add_argument("--curve-limit", type=int, default=2000,
                         help="test images measured at each step of the curve")
+    repair.add_argument("--poisoned", default=None,
+                        help="already-poisoned test images labelled with their targets (the "
+                             "CSAW-HackML bd_test.h5 layout), for the figures")
     repair.add_argument("--out", required=True, help="output folder")
+    add_keras_options(repair)
     repair.set_defaults(func=cmd_repair)
 
     predict = sub.add_parser("predict", help="classify image files (a GoodNet answers N for "
                                              "inputs it judges poisoned)")
     predict.add_argument("model", type=Path)
     predict.add_argument("images", nargs="+", type=Path)
+    add_keras_options(predict)
     predict.set_defaults(func=cmd_predict)
 
     info = sub.add_parser("info", help="print a saved model's card")
     info.add_argument("model", type=Path)
+    add_keras_options(info)
     info.set_defaults(func=cmd_info)
+
+    imp = sub.add_parser("import", help="convert a Keras .h5 model (read as data, never run) "
+                                        "into a goodnet model file")
+    imp.add_argument("model", type=Path)
+    imp.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    add_keras_options(imp)
+    imp.set_defaults(func=cmd_import)
+
+    export = sub.add_parser("export", help="export a model, repaired model or GoodNet to ONNX "
+                                           "(masks folded into the weights)")
+    export.add_argument("model", type=Path)
+    export.add_argument("--out", required=True, help="ONNX file to write")
+    add_keras_options(export)
+    export.set_defaults(func=cmd_export)
 
     listing = sub.add_parser("list", help="data sets, architectures and attacks on offer")
     listing.set_defaults(func=cmd_list)

@@ -159,7 +159,8 @@ class Masked(nn.Module):
         return self.model(x)
 
     def __deepcopy__(self, memo: dict) -> Masked:
-        return Masked(self.model, self.masks)
+        with self.unmasked() as bare:  # copy the weights, not the installed hooks
+            return Masked(bare, self.masks)
 
 
 def masked(model: nn.Module, masks: MaskSet) -> Masked:
@@ -170,7 +171,12 @@ def masked(model: nn.Module, masks: MaskSet) -> Masked:
 @torch.no_grad()
 def bake(model: nn.Module, masks: MaskSet) -> nn.Module:
     """A copy of ``model`` with ``masks`` folded into its weights (for export); exact for both
-    semantics: "channel" scales the layer's weight and bias, "keep-bias" its weight only."""
+    semantics: "channel" scales the layer's weight and bias, "keep-bias" its weight only.
+
+    ``model`` must be a plain network, not one with masks installed (for a :class:`Masked`, bake
+    ``masked.model`` inside ``masked.unmasked()``); a model with forward hooks is refused."""
+    if any(m._forward_hooks for m in model.modules()):
+        raise GoodnetError("bake a plain model: this one has hooks (masks?) installed")
     baked = copy.deepcopy(model)
     for name, mask in masks.masks.items():
         layer = get_layer(baked, name)

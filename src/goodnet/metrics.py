@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from goodnet.attacks.base import Attack
-from goodnet.data.dataset import BatchSource, batches
+from goodnet.data.dataset import BatchSource, ImageData, batches
 from goodnet.models import channels_last, model_device
 
 
@@ -82,6 +82,9 @@ class Metrics:
     false_alarm_rate: float = float("nan")
 
 
+POISONED_DATA = "poisoned data"
+
+
 @dataclass(frozen=True)
 class Predictions:
     """Top-1 predictions of one model on a test set and on its poisoned versions.
@@ -101,21 +104,28 @@ class Predictions:
 @torch.no_grad()
 def predict_all(
     models: Mapping[str, nn.Module], test: BatchSource, attack: Attack | None = None,
-    batch_size: int = 512,
+    batch_size: int = 512, poisoned: ImageData | None = None,
 ) -> dict[str, Predictions]:
     """Predictions of every model on ``test`` and on its eligible inputs poisoned by ``attack``.
 
     One pass over ``test``; every batch, and each of its poisoned versions, is made once and
     classified by each model in eval mode (modes are restored). The models must share a device.
+    ``poisoned``, a set of already-triggered images whose labels are the attack's targets (the
+    CSAW-HackML ``bd_test.h5`` layout), is classified too, as the trigger ``"poisoned data"``;
+    their true classes are unknown, so it adds nothing to robust accuracy.
     """
     components = attack.components() if attack is not None else []
     modes = {name: model.training for name, model in models.items()}
     labels: list[torch.Tensor] = []
     clean: dict[str, list[torch.Tensor]] = {name: [] for name in models}
-    poisoned: dict[str, dict[str, list[list[torch.Tensor]]]] = {
+    by_trigger: dict[str, dict[str, list[list[torch.Tensor]]]] = {
         name: {c.name: [[], [], []] for c in components} for name in models}
     if not models:
         return {}
+    poisoned_parts: dict[str, list[list[torch.Tensor]]] = {}
+    if poisoned is not None:
+        for name in models:
+            poisoned_parts[name] = by_trigger[name][POISONED_DATA] = [[], [], []]
     device = model_device(next(iter(models.values())))
     try:
         for model in models.values():
@@ -134,9 +144,17 @@ def predict_all(
                     x_poisoned, y_true = component.trigger(x[eligible]), y[eligible]
                     target = component.target(y_true)
                     for name, model in models.items():
-                        parts = poisoned[name][component.name]
+                        parts = by_trigger[name][component.name]
                         parts[0].append(model(x_poisoned).argmax(1).cpu())
                         parts[1].append(y_true.cpu())
+                        parts[2].append(target.cpu())
+            if poisoned is not None:
+                for x, target in batches(poisoned, batch_size, device=device):
+                    unknown = torch.full_like(target, -1).cpu()
+                    for name, model in models.items():
+                        parts = poisoned_parts[name]
+                        parts[0].append(model(x).argmax(1).cpu())
+                        parts[1].append(unknown)
                         parts[2].append(target.cpu())
     finally:
         for name, model in models.items():
@@ -149,7 +167,7 @@ def predict_all(
     all_labels = cat(labels)
     return {name: Predictions(all_labels, cat(clean[name]),
                               {trigger: (cat(p), cat(t), cat(g))
-                               for trigger, (p, t, g) in poisoned[name].items()})
+                               for trigger, (p, t, g) in by_trigger[name].items()})
             for name in models}
 
 
@@ -174,7 +192,7 @@ def score(predictions: Predictions, reject_class: int | None = None) -> Metrics:
     clean = predictions.clean
     groups = [group for group in predictions.poisoned.values() if len(group[0])]
     asr = [attack_success_rate(p, target) for p, _, target in groups]
-    ra = [robust_accuracy(p, truth) for p, truth, _ in groups]
+    ra = [robust_accuracy(p, truth) for p, truth, _ in groups if (truth >= 0).any()]
     n_poisoned = sum(len(p) for p, _, _ in groups)
     detected = (sum(int((p == reject_class).sum()) for p, _, _ in groups)
                 if reject_class is not None else 0)
@@ -196,13 +214,15 @@ def score(predictions: Predictions, reject_class: int | None = None) -> Metrics:
 
 def evaluate(
     model: nn.Module, test: BatchSource, attack: Attack | None = None, batch_size: int = 512,
-    reject_class: int | None = None,
+    reject_class: int | None = None, poisoned: ImageData | None = None,
 ) -> Metrics:
-    """CA on ``test``, and ASR and RA on its eligible inputs poisoned by ``attack``.
+    """CA on ``test``, and ASR and RA on its eligible inputs poisoned by ``attack`` (and ASR on
+    ``poisoned``, already-triggered images labelled with their targets).
 
     One pass over ``test``; each batch is classified clean and, for each of the attack's
     triggers, its eligible rows poisoned and classified. Without an attack, ASR and RA are NaN.
     With ``reject_class`` (a detector's "poisoned" answer), also the detection and false-alarm
     rates.
     """
-    return score(predict_all({"model": model}, test, attack, batch_size)["model"], reject_class)
+    predictions = predict_all({"model": model}, test, attack, batch_size, poisoned)
+    return score(predictions["model"], reject_class)

@@ -62,7 +62,7 @@ class RepairReport:
 def repair_and_measure(
     model: nn.Module,
     defense: Defense,
-    clean: ImageData,
+    clean: ImageData | None,
     test: ImageData | None = None,
     attack: Attack | None = None,
     *,
@@ -70,6 +70,9 @@ def repair_and_measure(
     goodnets: bool = True,
     progress: bool = False,
     baseline: Predictions | None = None,
+    poisoned: ImageData | None = None,
+    num_classes: int | None = None,
+    example: torch.Tensor | None = None,
 ) -> RepairReport:
     """Repair ``model`` with ``defense`` on ``clean``; measure everything on ``test``.
 
@@ -77,7 +80,10 @@ def repair_and_measure(
     made once); each GoodNet's answers are derived from its two models' predictions, which is
     exactly what running it would give. ``baseline``, the original's predictions on the same
     ``test`` and ``attack`` (from :func:`goodnet.metrics.predict_all`), saves measuring the
-    original again when several defenses repair the same model.
+    original again when several defenses repair the same model. ``poisoned`` adds a set of
+    already-triggered images labelled with their targets (CSAW-HackML's ``bd_test.h5``).
+    ``clean`` may be None for a data-free defense (CLP), given ``num_classes`` and ``example``
+    (one input, for the layer order).
 
     The per-step curve is measured on the first ``curve_limit`` test images (it is for
     plotting; 0 skips it and keeps only the clean-data accuracy per step); the final figures on
@@ -87,16 +93,22 @@ def repair_and_measure(
     if test is not None and curve_limit > 0:
         subset = test.subset(torch.arange(min(curve_limit, len(test)))) \
             if len(test) > curve_limit else test
-        evaluation = Evaluation(subset, attack)
-    result = defense.repair(model, clean, evaluation=evaluation, progress=progress)
-    num_classes = clean.num_classes
+        bad = poisoned.subset(torch.arange(min(curve_limit, len(poisoned)))) \
+            if poisoned is not None and len(poisoned) > curve_limit else poisoned
+        evaluation = Evaluation(subset, attack, poisoned=bad)
+    result = defense.repair(model, clean, evaluation=evaluation, progress=progress,
+                            **({"example": example} if example is not None else {}))
+    if evaluation is not None:  # the repair time is the defense's, not the reporting's
+        result.seconds = max(0.0, result.seconds - evaluation.seconds)
+    if num_classes is None:
+        num_classes = clean.num_classes
     if test is None:
         nan = float("nan")
         return RepairReport(result, Metrics(nan, nan, nan, 0, 0), reject_class=num_classes)
     models = {name: variant for name, variant in result.variants.items()}
     if baseline is None:
         models = {_ORIGINAL: model, **models}
-    predictions = predict_all(models, test, attack)
+    predictions = predict_all(models, test, attack, poisoned=poisoned)
     original = baseline if baseline is not None else predictions.pop(_ORIGINAL)
     report = RepairReport(result, score(original), reject_class=num_classes)
     for name in result.variants:
@@ -170,11 +182,19 @@ def plot_curve(path: Path, result: RepairResult) -> Path:
     for name, count in (result.notes.get("pruned") or {}).items():
         axes.axvline(count, color="grey", alpha=0.4, linewidth=0.8)
         axes.text(count, 2, f"X={name}", rotation=90, fontsize=7, color="grey")
+    for key in ("threshold", "u"):  # the point a mask defense chose on its sweep
+        value = result.settings.get(key) if key == "u" else result.notes.get(key)
+        chosen = [r["pruned"] for r in steps if key in r and r[key] == value]
+        if value is not None and chosen:
+            axes.axvline(chosen[0], color="black", alpha=0.6, linewidth=0.8)
+            axes.text(chosen[0], 2, f"chosen {result.chosen}", rotation=90, fontsize=7)
     axes.set_xlabel("channels pruned" if x_key == "pruned" else "round")
     axes.set_ylabel("%")
     axes.set_ylim(0, 101)
-    axes.set_title(f"{result.defense} on {result.notes.get('layer', '')}")
-    axes.legend(loc="center left", fontsize=8)
+    where = result.notes.get("layer") or f"{len(result.notes.get('layers', []))} layers"
+    axes.set_title(f"{result.defense} on {where}")
+    if axes.get_legend_handles_labels()[0]:
+        axes.legend(loc="center left", fontsize=8)
     figure.tight_layout()
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png")

@@ -12,6 +12,7 @@ nothing.
 from __future__ import annotations
 
 import dataclasses
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -32,9 +33,21 @@ class Evaluation:
     test: ImageData
     attack: Attack | None = None
     batch_size: int = 512
+    poisoned: ImageData | None = None
+    spent: list[float] = field(default_factory=lambda: [0.0], compare=False, repr=False)
 
     def measure(self, model: nn.Module) -> Metrics:
-        return evaluate(model, self.test, self.attack, batch_size=self.batch_size)
+        start = time.perf_counter()
+        try:
+            return evaluate(model, self.test, self.attack, batch_size=self.batch_size,
+                            poisoned=self.poisoned)
+        finally:
+            self.spent[0] += time.perf_counter() - start
+
+    @property
+    def seconds(self) -> float:
+        """Time spent measuring so far (the workflow takes it out of the repair time)."""
+        return self.spent[0]
 
 
 @dataclass

@@ -15,7 +15,8 @@ Choosing how much to prune, honestly: :func:`threshold_curve` prunes the *origin
 threshold (every channel whose mask is at or below it) and measures the accuracy on held-out
 clean data the masks were not learned on; :func:`choose_threshold` takes the largest threshold
 such that every threshold up to it keeps that accuracy within ``tolerance`` of the unpruned
-model's. Test data, when given, only adds CA and ASR to the curve for reporting.
+model's, or prunes nothing if even the smallest threshold costs more than that. Test data, when
+given, only adds CA and ASR to the curve for reporting.
 """
 
 from __future__ import annotations
@@ -236,12 +237,12 @@ def threshold_curve(model: nn.Module, values: dict[str, torch.Tensor], choice: C
     return curve
 
 
-def choose_threshold(curve: list[dict[str, Any]], tolerance: float) -> float:
+def choose_threshold(curve: list[dict[str, Any]], tolerance: float) -> float | None:
     """The largest swept threshold such that it, and every smaller one, keeps the held-out clean
-    accuracy at least the unpruned accuracy minus ``tolerance``; 0 if even the first does not
-    (0 prunes only masks driven exactly to 0)."""
+    accuracy at least the unpruned accuracy minus ``tolerance``; None (prune nothing) if even
+    the smallest does not."""
     base = curve[0]["clean_data_accuracy"]
-    chosen = curve[1]["threshold"] if len(curve) > 1 else 0.0
+    chosen = None
     for record in curve[1:]:
         if base - record["clean_data_accuracy"] > tolerance + 1e-12:
             break
@@ -264,7 +265,10 @@ def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choi
     else:
         threshold = (choose_threshold(curve, choice.tolerance) if choice.select == "clean"
                      else choice.threshold)
-        binary, name = binary_masks(values, threshold), f"t={threshold:.2f}"
+        if threshold is None:  # every threshold costs too much clean accuracy: prune nothing
+            binary, name = {k: torch.ones_like(v) for k, v in values.items()}, "none"
+        else:
+            binary, name = binary_masks(values, threshold), f"t={threshold:.2f}"
         notes = {"threshold": threshold}
     notes["pruned_channels"] = {layer: torch.nonzero(m == 0).flatten().tolist()
                        for layer, m in binary.items() if (m == 0).any()}

@@ -22,10 +22,11 @@ Departures, documented:
   alone and masked on its own output (its bias then masked too), which is how CLP works on
   ``deepid`` and other networks without BatchNorm.
 - ``σ_k = sqrt(running_var + eps)``, what BatchNorm divides by; the reference omits eps.
-- Clean data, when given, is used only to find the layer order (one image) and, as for every
-  defense, to report accuracy; ``u`` is fixed. The curve holds, for each u in ``sweep``, the
-  channels pruned and (with an evaluation) test CA and ASR, for reporting only, as
-  BackdoorBench's CLP logs.
+- No data is needed: ``goodnet repair --defense clp`` runs without ``--clean`` (one blank
+  input of the model's shape finds the layer order). Clean data, when given, is used only for
+  that and, as for every defense, to report accuracy; ``u`` is fixed. The curve holds, for each
+  u in ``sweep``, the channels pruned and (with an evaluation) test CA and ASR, for reporting
+  only, as BackdoorBench's CLP logs.
 """
 
 from __future__ import annotations
@@ -107,11 +108,17 @@ class CLP(Defense):
     Config = CLPConfig
     needs_clean = False
 
-    def repair(self, model: nn.Module, clean: ImageData, *, evaluation: Evaluation | None = None,
-               progress: bool = False) -> RepairResult:
+    def repair(self, model: nn.Module, clean: ImageData | None, *,
+               evaluation: Evaluation | None = None, progress: bool = False,
+               example: torch.Tensor | None = None) -> RepairResult:
+        """Data-free: ``clean`` may be None if ``example`` (one input) is given."""
         start = time.perf_counter()
         cfg = self.config
-        example, _ = clean.get(torch.arange(1))
+        if example is None:
+            if clean is None:
+                raise GoodnetError("clp needs one input to find the layer order: give clean "
+                                   "data or an example")
+            example, _ = clean.get(torch.arange(1))
         scores = lipschitz_scores(model, example)
         masks = MaskSet(clp_masks(scores, cfg.u), "channel")
         curve = self._curve(model, scores, clean, evaluation)
@@ -126,17 +133,18 @@ class CLP(Defense):
                    "layers": list(scores)},
         )
 
-    def _curve(self, model: nn.Module, scores: dict[str, torch.Tensor], clean: ImageData,
-               evaluation: Evaluation | None) -> list[dict[str, Any]]:
+    def _curve(self, model: nn.Module, scores: dict[str, torch.Tensor],
+               clean: ImageData | None, evaluation: Evaluation | None) -> list[dict[str, Any]]:
         work = copy.deepcopy(model)
         curve = []
         for u in sorted(set(self.config.sweep) | {self.config.u}, reverse=True):
             masks = clp_masks(scores, u)
             with applied(work, MaskSet(masks, "channel")):
                 record: dict[str, Any] = {
-                    "u": u, "pruned": int(sum(int((m == 0).sum()) for m in masks.values())),
-                    "clean_data_accuracy": clean_accuracy(predict(work, clean), clean.labels),
-                }
+                    "u": u, "pruned": int(sum(int((m == 0).sum()) for m in masks.values()))}
+                if clean is not None:
+                    record["clean_data_accuracy"] = clean_accuracy(predict(work, clean),
+                                                                   clean.labels)
                 if evaluation is not None:
                     metrics = evaluation.measure(work)
                     record["test_ca"] = metrics.clean_accuracy

@@ -15,6 +15,7 @@ from torch import nn
 from goodnet.data.dataset import ImageData, to_float
 from goodnet.errors import GoodnetError
 from goodnet.models.deepid import DeepID
+from goodnet.models.keras_graph import KerasGraph
 from goodnet.models.preact_resnet import PreActResNet18
 from goodnet.models.resnet import ResNet20
 from goodnet.models.small_cnn import SmallCNN
@@ -27,6 +28,7 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "preact_resnet18": PreActResNet18,
     "vgg11_bn": VGG11BN,
     "deepid": DeepID,
+    "keras": KerasGraph,
 }
 
 __all__ = ["MODELS", "ModelSpec", "Normalize", "build_model", "channels_last", "check_input",

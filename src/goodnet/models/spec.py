@@ -32,6 +32,8 @@ class ModelSpec:
         mean: per-channel mean subtracted after scaling (one value per channel).
         std: per-channel standard deviation divided by after scaling.
         pixel_scale: factor applied to [0, 1] inputs before standardising.
+        graph: for ``arch="keras"``, the imported layer graph as JSON (see
+            :mod:`goodnet.models.keras_graph`); empty for built-in architectures.
     """
 
     arch: str
@@ -42,6 +44,7 @@ class ModelSpec:
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
     pixel_scale: float = 1.0
+    graph: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
