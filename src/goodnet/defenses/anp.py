@@ -57,7 +57,7 @@ from goodnet.defenses.channel_masks import (
 )
 from goodnet.errors import GoodnetError
 from goodnet.masking import masked
-from goodnet.models import model_device
+from goodnet.models import channels_last, model_device
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,8 @@ def learn_masks(model: nn.Module, data: ImageData, layers: list[str], cfg: ANPCo
     work = copy.deepcopy(model).train()
     device = model_device(work)
     generator = torch.Generator().manual_seed(cfg.seed)
-    with frozen(work), LearnableMasks(work, layers, cfg.semantics, noise=True) as masks:
+    with frozen(work), channels_last(work), \
+            LearnableMasks(work, layers, cfg.semantics, noise=True) as masks:
         mask_optimizer = torch.optim.SGD(masks.mask_parameters(), lr=cfg.lr, momentum=0.9)
         noise_optimizer = torch.optim.SGD(masks.noise_parameters(), lr=cfg.eps / cfg.steps)
         for _ in tqdm(range(cfg.iterations), disable=not progress, desc="anp", leave=False):

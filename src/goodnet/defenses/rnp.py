@@ -74,7 +74,7 @@ from goodnet.defenses.channel_masks import (
 )
 from goodnet.errors import GoodnetError
 from goodnet.masking import masked
-from goodnet.models import model_device
+from goodnet.models import channels_last, model_device
 
 STOPS = ("step", "epoch")
 
@@ -173,7 +173,7 @@ def _train_mode_accuracy(model: nn.Module, data: ImageData, batch_size: int) -> 
 def unlearn(model: nn.Module, data: ImageData, cfg: RNPConfig) -> tuple[nn.Module, dict]:
     """A copy of ``model`` trained by gradient ascent on ``data`` until its clean accuracy is at
     or below ``cfg.clean_threshold``; returns it and a log of the ascent."""
-    work = copy.deepcopy(model).train()
+    work = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
     device = model_device(work)
     optimizer = torch.optim.SGD(work.parameters(), lr=cfg.unlearning_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
@@ -219,15 +219,15 @@ def unlearn(model: nn.Module, data: ImageData, cfg: RNPConfig) -> tuple[nn.Modul
             log["accuracy"].append(round(accuracy, 4))
             if accuracy <= cfg.clean_threshold:
                 log["reached"] = True
-                return work, log
+                return work.to(memory_format=torch.contiguous_format), log
         if cfg.stop == "epoch":
             accuracy = hits / max(seen, 1)
             log["accuracy"].append(round(accuracy, 4))
             if accuracy <= cfg.clean_threshold:
                 log["reached"] = True
-                return work, log
+                return work.to(memory_format=torch.contiguous_format), log
         schedule.step()
-    return work, log
+    return work.to(memory_format=torch.contiguous_format), log
 
 
 def recover(unlearned: nn.Module, data: ImageData, layers: list[str], cfg: RNPConfig
@@ -236,7 +236,7 @@ def recover(unlearned: nn.Module, data: ImageData, layers: list[str], cfg: RNPCo
     work = copy.deepcopy(unlearned).train()
     device = model_device(work)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
-    with frozen(work), LearnableMasks(work, layers, cfg.semantics) as masks:
+    with frozen(work), channels_last(work), LearnableMasks(work, layers, cfg.semantics) as masks:
         optimizer = torch.optim.SGD(masks.mask_parameters(), lr=cfg.recovering_lr, momentum=0.9)
         for _epoch in range(cfg.recovering_epochs):
             for x, y in batches(data, cfg.batch_size, shuffle=True, generator=generator,
