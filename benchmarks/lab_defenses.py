@@ -124,6 +124,44 @@ def table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cell(rows: list[dict], keys: tuple[str, ...]) -> str:
+    if not rows:
+        return "–"
+    return " / ".join(spread([r[k] for r in rows]) for k in keys)
+
+
+def compact(records: list[dict]) -> str:
+    """One row per (data, attack): the backdoored model and each defense's main result, CA / ASR
+    (mean ± std over seeds); the GoodNet at X = 4 % with its detection and false-alarm rates;
+    each other defense at its chosen variant."""
+    labels = list(dict.fromkeys(r["defense"] for r in records))
+    columns: list[tuple[str, str, str, tuple[str, ...]]] = [
+        ("backdoored", "", "before", ("clean_accuracy", "attack_success_rate"))]
+    for label in labels:
+        if label == "prune":
+            columns += [(f"prune X={x}", "prune", v, ("clean_accuracy", "attack_success_rate"))
+                        for x, v in (("2%", "0.02"), ("4%", "0.04"), ("10%", "0.1"))]
+            columns.append(("GoodNet X=4%: CA / ASR / detected / false alarm", "prune",
+                            "GoodNet 0.04", ("clean_accuracy", "attack_success_rate",
+                                             "detection_rate", "false_alarm_rate")))
+        else:
+            variant = {"fine-pruning": "fine-tuned", "sparse-fine-pruning": "final"}.get(
+                label, "chosen")
+            columns.append((label, label, variant, ("clean_accuracy", "attack_success_rate")))
+    lines = ["| data | attack | " + " | ".join(c[0] for c in columns) + " |",
+             "|" + "---|" * (2 + len(columns))]
+    for data, attack in sorted({(r["data"], r["attack"]) for r in records}):
+        cells = []
+        for _, label, variant, keys in columns:
+            rows = [r for r in records if (r["data"], r["attack"], r["variant"]) == (
+                data, attack, variant) and (variant == "before" or r["defense"] == label)]
+            if variant == "before":
+                rows = list({r["seed"]: r for r in rows}.values())
+            cells.append(_cell(rows, keys))
+        lines.append(f"| {data} | {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=Path("zoo"))
@@ -157,7 +195,9 @@ def main() -> None:
         print(f"{cell.data} {cell.attack} seed {cell.seed}: done", flush=True)
     text = table(records)
     (args.out / "table.md").write_text(text + "\n")
-    print(text)
+    summary = compact(records)
+    (args.out / "compact.md").write_text(summary + "\n")
+    print(summary)
 
 
 if __name__ == "__main__":
