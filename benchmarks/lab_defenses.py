@@ -55,14 +55,20 @@ def parse_defense(text: str) -> tuple[str, Defense]:
     return label or name, cls(cls.Config(**settings))
 
 
-def run_model(path: Path, data: str, seed: int, cache: dict,
-              defenses: list[tuple[str, Defense]]) -> list[dict]:
+def zoo_model(path: Path, data: str, seed: int, cache: dict) -> tuple:
+    """(loaded model, the defender's clean data, test set, attack) for one zoo model: 1 % of the
+    training set, split with the model's seed; data sets cached across models."""
     if data not in cache:
         cache[data] = (load_dataset(data, "train"), load_dataset(data, "test"))
     train, test = cache[data]
     clean, _ = split_clean(train, 0.01, seed=seed)
     loaded = load_model(path)
-    attack = attack_from_card(loaded.card, loaded.extras, test)
+    return loaded, clean, test, attack_from_card(loaded.card, loaded.extras, test)
+
+
+def run_model(path: Path, data: str, seed: int, cache: dict,
+              defenses: list[tuple[str, Defense]]) -> list[dict]:
+    loaded, clean, test, attack = zoo_model(path, data, seed, cache)
     baseline = predict_all({"original": loaded.model}, test, attack)["original"]
     records = []
     for label, defense in defenses:

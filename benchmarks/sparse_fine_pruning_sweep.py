@@ -24,9 +24,8 @@ import statistics
 from pathlib import Path
 
 import torch
+from lab_defenses import zoo_model  # the same defender's data, next to this script
 
-from goodnet import load_dataset, load_model, split_clean
-from goodnet.backdoor import attack_from_card
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
 from goodnet.workflow import repair_and_measure
 from goodnet.zoo import collect
@@ -34,12 +33,7 @@ from goodnet.zoo import collect
 
 def run(path: Path, data: str, seed: int, fractions: list[float], rounds: int, score: str,
         curve_limit: int, cache: dict) -> list[dict]:
-    if data not in cache:
-        cache[data] = (load_dataset(data, "train"), load_dataset(data, "test"))
-    train, test = cache[data]
-    clean, _ = split_clean(train, 0.01, seed=seed)
-    loaded = load_model(path)
-    attack = attack_from_card(loaded.card, loaded.extras, test)
+    loaded, clean, test, attack = zoo_model(path, data, seed, cache)
     records = []
     for fraction in fractions:
         defense = SparseFinePruning(SparseFinePruningConfig(fraction=fraction, rounds=rounds,

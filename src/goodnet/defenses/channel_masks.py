@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,9 +32,17 @@ import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Evaluation
+from goodnet.defenses.base import Evaluation, RepairResult, check_clean
 from goodnet.errors import GoodnetError
-from goodnet.masking import SEMANTICS, MaskSet, applied, channel_count, get_layer, mask_points
+from goodnet.masking import (
+    SEMANTICS,
+    MaskSet,
+    applied,
+    channel_count,
+    get_layer,
+    mask_points,
+    masked,
+)
 from goodnet.metrics import clean_accuracy, predict
 
 SELECTIONS = ("clean", "threshold", "count")
@@ -275,3 +284,24 @@ def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choi
     notes["mask_values"] = {layer: [round(float(v), 4) for v in value]
                             for layer, value in values.items()}
     return name, MaskSet(binary, semantics), curve, notes
+
+
+def mask_repair(defense: Any, model: nn.Module, clean: ImageData, learn_values: Any,
+                evaluation: Evaluation | None, start: float) -> RepairResult:
+    """What RNP and ANP share around their mask learning: find the mask points, hold out the
+    clean data to choose on, call ``learn_values(learn, layers)`` for the masks (and a dict of
+    notes), choose the pruning, and return the masked copy of ``model``."""
+    check_clean(clean)
+    cfg = defense.config
+    layers = all_mask_points(model, clean, cfg.hidden_linear)
+    learn, held = split_for_choice(clean, cfg.choice(), cfg.seed)
+    values, learned_notes = learn_values(learn, layers)
+    name, masks, curve, notes = choose_masks(model, values, cfg.choice(), cfg.semantics, held,
+                                             evaluation)
+    repaired = masked(model, masks)
+    return RepairResult(
+        defense=defense.name, settings=defense.settings(), model=repaired, masks=masks,
+        variants={name: repaired}, variant_masks={name: masks}, chosen=name, curve=curve,
+        seconds=time.perf_counter() - start,
+        notes={"layers": layers, "held_out": len(held), **learned_notes, **notes},
+    )

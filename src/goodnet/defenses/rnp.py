@@ -62,18 +62,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from goodnet.data.dataset import ImageData, batches
-from goodnet.defenses.base import Defense, Evaluation, RepairResult, check_clean
+from goodnet.defenses.base import Defense, Evaluation, RepairResult
 from goodnet.defenses.channel_masks import (
     Choice,
     LearnableMasks,
-    all_mask_points,
-    choose_masks,
     default_thresholds,
     frozen,
-    split_for_choice,
+    mask_repair,
 )
 from goodnet.errors import GoodnetError
-from goodnet.masking import masked
 from goodnet.models import channels_last, model_device
 
 STOPS = ("step", "epoch")
@@ -258,21 +255,12 @@ class RNP(Defense):
     def repair(self, model: nn.Module, clean: ImageData, *, evaluation: Evaluation | None = None,
                progress: bool = False) -> RepairResult:
         start = time.perf_counter()
-        check_clean(clean)
-        cfg = self.config
-        layers = all_mask_points(model, clean, cfg.hidden_linear)
-        learn, held = split_for_choice(clean, cfg.choice(), cfg.seed)
-        unlearned, log = unlearn(model, learn, cfg)
-        values = recover(unlearned, learn, layers, cfg)
-        name, masks, curve, notes = choose_masks(model, values, cfg.choice(), cfg.semantics,
-                                                 held, evaluation)
-        repaired = masked(model, masks)
-        return RepairResult(
-            defense=self.name, settings=self.settings(), model=repaired, masks=masks,
-            variants={name: repaired}, variant_masks={name: masks}, chosen=name, curve=curve,
-            seconds=time.perf_counter() - start,
-            notes={"layers": layers, "unlearning": log, "held_out": len(held), **notes},
-        )
+
+        def learn_values(learn: ImageData, layers: list[str]) -> tuple[dict, dict]:
+            unlearned, log = unlearn(model, learn, self.config)
+            return recover(unlearned, learn, layers, self.config), {"unlearning": log}
+
+        return mask_repair(self, model, clean, learn_values, evaluation, start)
 
 
 __all__ = ["RNP", "RNPConfig", "recover", "unlearn"]
