@@ -388,6 +388,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
     written = write_repair(Path(args.out), report, loaded.model, loaded.card)
     source = f"{len(clean)} clean images ({clean.name})" if clean is not None else "no data"
     print(f"{defense.name} on {args.model}: {source}, {report.result.seconds:.1f} s")
+    if report.result.chosen == "none":
+        tolerance = report.result.settings.get("tolerance", 0)
+        print(f"{defense.name} pruned nothing: even its smallest threshold cost more than "
+              f"{100 * tolerance:g} points of held-out clean accuracy (see curve.png; "
+              "-p tolerance= to allow more)")
     if test is not None:
         print(metrics_table(report.rows()))
     print(f"wrote {len(written)} files to {args.out}")
