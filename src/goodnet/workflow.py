@@ -172,6 +172,8 @@ def plot_curve(path: Path, result: RepairResult) -> Path:
     from matplotlib import pyplot as plt
 
     steps = [r for r in result.curve if not r.get("fine_tuned")]
+    if "u" in steps[0] and "clean_data_accuracy" not in steps[0]:
+        return _plot_sweep(path, result, steps, plt)  # data-free: nothing but counts to show
     x_key = "round" if "round" in steps[0] else "pruned"
     xs = [r[x_key] for r in steps]
     figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
@@ -195,6 +197,23 @@ def plot_curve(path: Path, result: RepairResult) -> Path:
     axes.set_title(f"{result.defense} on {where}")
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="center left", fontsize=8)
+    figure.tight_layout()
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png")
+    plt.close(figure)
+    return path
+
+
+def _plot_sweep(path: Path, result: RepairResult, steps: list[dict[str, Any]], plt: Any) -> Path:
+    """Channels pruned at each value of a data-free defense's parameter (CLP's u)."""
+    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    ordered = sorted(steps, key=lambda r: r["u"])
+    axes.plot([r["u"] for r in ordered], [r["pruned"] for r in ordered], "o-")
+    axes.axvline(result.settings["u"], color="black", alpha=0.6, linewidth=0.8)
+    axes.text(result.settings["u"], 0, f" chosen {result.chosen}", fontsize=7)
+    axes.set_xlabel("u (prune channels above mean + u·std of their layer)")
+    axes.set_ylabel("channels pruned")
+    axes.set_title(f"{result.defense}, data-free, on {len(result.notes.get('layers', []))} layers")
     figure.tight_layout()
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png")
