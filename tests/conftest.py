@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,6 +37,27 @@ def stripes_train() -> ImageData:
 @pytest.fixture(scope="session")
 def stripes_test() -> ImageData:
     return stripes(200, seed=1)
+
+
+_IDX_CODES = {"u1": 0x08, "i1": 0x09, "i2": 0x0B, "i4": 0x0C, "f4": 0x0D, "f8": 0x0E}
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """``array`` in the IDX format: magic, big-endian sizes, big-endian values."""
+    code = _IDX_CODES[array.dtype.str[1:]]
+    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def write_idx_dataset(folder: Path, train: ImageData, test: ImageData) -> Path:
+    """``train`` and ``test`` as an MNIST-style IDX folder (greyscale uint8 images)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, data in (("train", train), ("t10k", test)):
+        images = data.images[:, 0].numpy().astype(np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(images))
+        labels = data.labels.numpy().astype(np.uint8)
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    return folder
 
 
 def requires_shared(*parts: str) -> Path:

@@ -19,6 +19,7 @@ from goodnet.defenses.channel_masks import (
     choose_threshold,
     default_thresholds,
     lowest_masks,
+    threshold_curve,
 )
 from goodnet.defenses.clp import channel_lipschitz, clp_masks
 from goodnet.defenses.rnp import _train_mode_accuracy, recover, unlearn
@@ -299,3 +300,22 @@ def test_anp_noise_lowers_masks_and_projection_is_a_setting(trained):
     assert mean["noisy"] < mean["quiet"]
     projected = ANP(ANPConfig(eps=0.4, project=True, **settings)).repair(model, data)
     assert projected.notes["mask_values"] != noisy.notes["mask_values"]
+
+
+def test_thresholds_that_prune_alike_are_measured_once():
+    """Masks of 0 and 1 prune the same channels at every threshold below 1: the curve has a
+    record per threshold, but the model is measured only unpruned and pruned."""
+    calls = []
+
+    class Counting(Evaluation):
+        def measure(self, model):
+            calls.append(1)
+            return super().measure(model)
+
+    values = {"conv": torch.tensor([1.0, 1.0, 0.0])}
+    choice = Choice("threshold", 0.2, 0.05, default_thresholds(), 0.02, 0.2)
+    curve = threshold_curve(Planted(), values, choice, "channel", CLEAN,
+                            Counting(TEST, corner_attack()))
+    assert len(curve) == 1 + len(default_thresholds()) and len(calls) == 2
+    assert all(r["pruned"] == 1 and r["test_asr"] == curve[1]["test_asr"] for r in curve[1:])
+    assert curve[0]["pruned"] == 0 and curve[1]["test_asr"] == 0.0

@@ -440,6 +440,35 @@ def cmd_zoo_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from goodnet.bench import load_grid, make_executor, run_grid, write_report
+
+    grid = load_grid(args.grid)
+    out = args.out or Path("runs") / grid.name
+    executor = make_executor(args.executor, args.workers, args.address, grid.threads)
+    summary = run_grid(grid, out, executor, progress=args.progress)
+    print(f"{grid.name}: {summary.cells} cells: {summary.done} run, {summary.skipped} already "
+          f"done, {summary.failed} failed; {summary.models_built} models built; "
+          f"{summary.seconds / 60:.1f} min")
+    for failure in summary.failures:
+        print(f"  failed: {failure}")
+    print(f"results: {out / 'results.jsonl'}")
+    if not args.no_report:
+        written = write_report(out / "results.jsonl", out / "report", title=grid.name)
+        print(f"report: {written[-1]}")
+    return 1 if summary.failed else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from goodnet.bench import write_report
+
+    results = Path(args.results)
+    out = args.out or (results if results.is_dir() else results.parent) / "report"
+    for path in write_report(results, out, tolerance=args.tolerance / 100, title=args.title):
+        print(path)
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -537,6 +566,26 @@ def build_parser() -> ArgumentParser:
     table = zoo_sub.add_parser("table", help="the zoo as a Markdown table")
     table.add_argument("--root", type=Path, default=Path("zoo"))
     table.set_defaults(func=cmd_zoo_table)
+
+    bench = sub.add_parser("bench", help="run a benchmark grid (attacks × defenses × data × "
+                                         "architectures × seeds), resumably, and report it")
+    bench.add_argument("grid", type=Path, help="grid file (YAML), e.g. benchmarks/smoke.yaml")
+    bench.add_argument("--out", type=Path, default=None,
+                       help="results folder (default: runs/<grid name>)")
+    bench.add_argument("--executor", default="local", choices=["local", "ray"])
+    bench.add_argument("--workers", type=int, default=0,
+                       help="local: processes (0: run in this process); ray: CPUs of the local "
+                            "instance started when no --address is given")
+    bench.add_argument("--address", default=None, help="ray: address of a running cluster")
+    bench.add_argument("--no-report", action="store_true", help="skip writing the report")
+    bench.set_defaults(func=cmd_bench)
+    rep = sub.add_parser("report", help="tables, CSV, plots and an HTML page from bench results")
+    rep.add_argument("results", type=Path, help="results.jsonl, or the folder holding it")
+    rep.add_argument("--out", type=Path, default=None, help="default: report/ beside results")
+    rep.add_argument("--tolerance", type=float, default=2.0,
+                     help="CA points a defense may lose and still be marked best (default 2)")
+    rep.add_argument("--title", default=None)
+    rep.set_defaults(func=cmd_report)
 
     repair = sub.add_parser("repair", help="repair a backdoored model; write the repaired "
                                            "models, GoodNets, curve and plots")

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_IDX_CODES = {"u1": 0x08, "i1": 0x09, "i2": 0x0B, "i4": 0x0C, "f4": 0x0D, "f8": 0x0E}
+from tests.conftest import idx_bytes
 
 
 @pytest.fixture(autouse=True)
@@ -22,19 +22,12 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return folder
 
 
-def _idx_bytes(array: np.ndarray) -> bytes:
-    """``array`` in the IDX format: magic, big-endian sizes, big-endian values."""
-    code = _IDX_CODES[array.dtype.str[1:]]
-    header = bytes([0, 0, code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
-
-
 @pytest.fixture
 def write_idx() -> Callable[[Path, np.ndarray], Path]:
     """Writes an array as an IDX file, gzipped when the name ends in ``.gz``."""
 
     def write(path: Path, array: np.ndarray) -> Path:
-        content = _idx_bytes(array)
+        content = idx_bytes(array)
         path.write_bytes(gzip.compress(content) if path.suffix == ".gz" else content)
         return path
 

@@ -232,6 +232,11 @@ def _measure(model: nn.Module, masks: dict[str, torch.Tensor], semantics: str, h
     return record
 
 
+def masks_key(masks: dict[str, torch.Tensor]) -> tuple:
+    """A hashable identity of a set of masks: equal keys, equal masked models."""
+    return tuple((name, tuple(m.tolist())) for name, m in sorted(masks.items()))
+
+
 def threshold_curve(model: nn.Module, values: dict[str, torch.Tensor], choice: Choice,
                     semantics: str, held: ImageData, evaluation: Evaluation | None = None
                     ) -> list[dict[str, Any]]:
@@ -239,10 +244,18 @@ def threshold_curve(model: nn.Module, values: dict[str, torch.Tensor], choice: C
     and, with an evaluation, test CA and ASR. Record 0 is the unpruned model."""
     work = copy.deepcopy(model)
     ones = {name: torch.ones_like(v) for name, v in values.items()}
-    curve = [{"threshold": None, **_measure(work, ones, semantics, held, evaluation)}]
+    # Thresholds that prune the same channels give the same model: measure each model once.
+    seen: dict[tuple, dict[str, Any]] = {}
+
+    def measure(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+        key = masks_key(masks)
+        if key not in seen:
+            seen[key] = _measure(work, masks, semantics, held, evaluation)
+        return dict(seen[key])
+
+    curve = [{"threshold": None, **measure(ones)}]
     for threshold in choice.thresholds:
-        curve.append({"threshold": threshold, **_measure(
-            work, binary_masks(values, threshold), semantics, held, evaluation)})
+        curve.append({"threshold": threshold, **measure(binary_masks(values, threshold))})
     return curve
 
 

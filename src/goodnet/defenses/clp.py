@@ -41,6 +41,7 @@ from torch import nn
 
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Defense, Evaluation, RepairResult
+from goodnet.defenses.channel_masks import masks_key
 from goodnet.errors import GoodnetError
 from goodnet.masking import MaskSet, applied, get_layer, mask_points, masked
 from goodnet.metrics import clean_accuracy, predict
@@ -137,17 +138,21 @@ class CLP(Defense):
                clean: ImageData | None, evaluation: Evaluation | None) -> list[dict[str, Any]]:
         work = copy.deepcopy(model)
         curve = []
+        seen: dict[tuple, dict[str, Any]] = {}  # values of u that prune alike: measured once
         for u in sorted(set(self.config.sweep) | {self.config.u}, reverse=True):
             masks = clp_masks(scores, u)
-            with applied(work, MaskSet(masks, "channel")):
-                record: dict[str, Any] = {
-                    "u": u, "pruned": int(sum(int((m == 0).sum()) for m in masks.values()))}
-                if clean is not None:
-                    record["clean_data_accuracy"] = clean_accuracy(predict(work, clean),
-                                                                   clean.labels)
-                if evaluation is not None:
-                    metrics = evaluation.measure(work)
-                    record["test_ca"] = metrics.clean_accuracy
-                    record["test_asr"] = metrics.attack_success_rate
-            curve.append(record)
+            key = masks_key(masks)
+            if key not in seen:
+                with applied(work, MaskSet(masks, "channel")):
+                    record: dict[str, Any] = {
+                        "pruned": int(sum(int((m == 0).sum()) for m in masks.values()))}
+                    if clean is not None:
+                        record["clean_data_accuracy"] = clean_accuracy(predict(work, clean),
+                                                                       clean.labels)
+                    if evaluation is not None:
+                        metrics = evaluation.measure(work)
+                        record["test_ca"] = metrics.clean_accuracy
+                        record["test_asr"] = metrics.attack_success_rate
+                seen[key] = record
+            curve.append({"u": u, **seen[key]})
         return curve

@@ -1,0 +1,206 @@
+"""The work of a benchmark: build a backdoored model, and run one defense on it and measure.
+
+Both functions take plain frozen settings and return plain records, so any executor (this
+process, a process pool, Ray) can run them; neither raises: a failure comes back as a record
+with ``status: "failed"`` and the error, and the grid goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import platform
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from goodnet.artifacts import load_model, save_model
+from goodnet.attacks import ATTACKS, make_attack
+from goodnet.backdoor import attack_from_card, train_model
+from goodnet.bench.grid import Cell, ModelJob
+from goodnet.data import load_dataset, split_clean
+from goodnet.data.dataset import ImageData
+from goodnet.defenses import DEFENSES
+from goodnet.errors import GoodnetError
+from goodnet.metrics import Metrics, predict_all
+from goodnet.version import __version__
+from goodnet.workflow import repair_and_measure
+
+
+def versions() -> dict[str, str]:
+    import numpy
+
+    return {"goodnet": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "python": platform.python_version()}
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """The largest resident set size of this process while the block runs (sampled every 20 ms,
+    plus at both ends), in MiB: per cell, whichever executor runs it."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes())
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = _rss_bytes()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def mib(self) -> float:
+        return self.peak / 2**20
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run with ``n`` PyTorch threads, and put the caller's setting back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _data(name: str, split: str, limit: int | None) -> ImageData:
+    data = load_dataset(name, split)
+    if limit is not None and limit < len(data):
+        data = data.subset(torch.arange(limit), f"{data.name}[:{limit}]")
+    return data
+
+
+def _failure(error: BaseException) -> dict[str, Any]:
+    message = str(error) if isinstance(error, GoodnetError) else \
+        f"{type(error).__name__}: {error}"
+    record = {"status": "failed", "error": message.splitlines()[0] if message else message}
+    if not isinstance(error, GoodnetError):
+        record["traceback"] = traceback.format_exc(limit=-8)
+    return record
+
+
+def check_model(job: ModelJob, card_training: dict[str, Any], card_attack: Any) -> None:
+    """Refuse a cached model built with other settings than ``job`` asks for."""
+    wanted = job.train_config_dict()
+    found = card_training.get("config", {})
+    attack = (card_attack or {}).get("config")
+    expected_attack = job.attack.resolved(ATTACKS, "attack")
+    if _normal(found) != _normal(wanted) or _normal(attack) != _normal(expected_attack):
+        raise GoodnetError(f"{job.path()}: this cached model was built with other training or "
+                           f"attack settings than the grid asks for; move it away to rebuild")
+
+
+def _normal(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_normal(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def build_model(job: ModelJob, threads: int = 1) -> dict[str, Any]:
+    """Train and save ``job``'s model unless a valid one is cached; a record of what happened."""
+    path = job.path()
+    record: dict[str, Any] = {"path": str(path), "status": "ok", "built": False}
+    try:
+        with torch_threads(threads):
+            if path.exists():
+                loaded = load_model(path)
+                check_model(job, loaded.card.training, loaded.card.attack)
+                return record
+            train = _data(job.data, "train", job.train_limit)
+            test = _data(job.data, "test", job.test_limit)
+            attack = None
+            if job.attack.name != "clean":
+                attack = make_attack(job.attack.name, dict(job.attack.settings),
+                                     train.image_shape, train.num_classes)
+            start = time.perf_counter()
+            result = train_model(job.arch, train, test, job.train_config(), attack)
+            save_model(path, result.model, result.card, extras=result.extras)
+            record.update(built=True, seconds=time.perf_counter() - start)
+    except Exception as error:  # recorded, and the grid goes on
+        record.update(_failure(error))
+    return record
+
+
+def _metrics(metrics: Metrics | None) -> dict[str, Any] | None:
+    if metrics is None:
+        return None
+    return {k: v for k, v in dataclasses.asdict(metrics).items()}
+
+
+def run_cell(cell: Cell) -> dict[str, Any]:
+    """Run ``cell``'s defense on its (already built) model and measure it: one result record."""
+    job = cell.model
+    record: dict[str, Any] = {
+        "key": cell.key, "status": "ok", "data": job.data, "arch": job.arch,
+        "attack": job.attack.label, "defense": cell.defense.label, "seed": job.seed,
+        "config": cell.configuration(), "versions": versions(), "host": platform.node(),
+    }
+    start = time.perf_counter()
+    try:
+        with torch_threads(cell.threads), PeakMemory() as memory:
+            loaded = load_model(job.path())
+            check_model(job, loaded.card.training, loaded.card.attack)
+            train = _data(job.data, "train", job.train_limit)
+            test = _data(job.data, "test", job.test_limit)
+            clean, _ = split_clean(train, cell.clean, seed=job.seed)
+            attack = attack_from_card(loaded.card, loaded.extras, test)
+            baseline = predict_all({"original": loaded.model}, test, attack)["original"]
+            defense = DEFENSES[cell.defense.name](cell.defense.config(DEFENSES, "defense"))
+            report = repair_and_measure(
+                loaded.model, defense, clean, test, attack, curve_limit=cell.curve_limit,
+                goodnets=True, baseline=baseline)
+        result = report.result
+        chosen = result.chosen if result.chosen in report.variants else next(
+            iter(report.variants), None)
+        pruned = result.notes.get("pruned_channels")
+        record.update({
+            "before": _metrics(report.original),
+            "after": _metrics(report.variants.get(chosen)) if chosen else None,
+            "goodnet": _metrics(report.goodnets.get(chosen)) if chosen else None,
+            "chosen": chosen,
+            "variants": {k: _metrics(v) for k, v in report.variants.items()},
+            "pruned": sum(len(v) for v in pruned.values()) if isinstance(pruned, dict)
+            else (result.notes.get("pruned") or {}).get(chosen),
+            "curve": result.curve,
+            "repair_seconds": result.seconds,
+            "measure_seconds": time.perf_counter() - start - result.seconds,
+            "peak_memory_mib": memory.mib,
+            "model_card": {"clean_accuracy": loaded.card.metrics.get("clean_accuracy"),
+                           "attack_success_rate": loaded.card.metrics.get(
+                               "attack_success_rate"),
+                           "train_seconds": loaded.card.training.get("seconds")},
+        })
+    except Exception as error:  # recorded, and the grid goes on
+        record.update(_failure(error))
+        record["seconds"] = time.perf_counter() - start
+    return record

@@ -1,0 +1,344 @@
+"""The report of a benchmark: tables, CSV, plots and one self-contained HTML page.
+
+From a results file (the last record of each cell; failed cells listed apart), :func:`write_report`
+writes into a folder:
+
+- ``report.md``: per data set, architecture and attack, the backdoored model's CA / ASR and each
+  defense's, mean ± std over seeds (n seeds in brackets when they differ). The best defense per
+  attack is marked ★: the lowest mean ASR among the defenses that keep mean CA within
+  ``tolerance`` (2 points by default) of the backdoored model's; none is marked when none does.
+- ``summary.csv`` (one row per data set, architecture, attack and defense: means, standard
+  deviations and counts) and ``cells.csv`` (one row per cell).
+- ``scatter.png``: CA against ASR, one panel per defense, one point per cell.
+- ``curves-<defense>.png``: test CA and ASR along each defense's pruning curve (first seed).
+- ``report.html``: all of the above in one file, images inlined, nothing fetched.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from goodnet.artifacts import atomic_path, write_text_atomic
+from goodnet.bench.results import latest, read_records
+from goodnet.errors import GoodnetError
+
+METRICS = (("clean_accuracy", "CA"), ("attack_success_rate", "ASR"),
+           ("robust_accuracy", "RA"))
+
+
+def _values(rows: list[dict], part: str, key: str) -> list[float]:
+    out = []
+    for row in rows:
+        value = (row.get(part) or {}).get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            out.append(float(value))
+    return out
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    if len(values) == 1:
+        return values[0], 0.0
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def _fmt(values: list[float], n: int | None = None) -> str:
+    if not values:
+        return "–"
+    mean, std = _mean_std(values)
+    text = f"{100 * mean:.1f}" if len(values) == 1 else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    return text + (f" (n={len(values)})" if n is not None and len(values) != n else "")
+
+
+class Report:
+    """The successful records of a results file, grouped for tabulation."""
+
+    def __init__(self, records: list[dict[str, Any]], tolerance: float = 0.02) -> None:
+        kept = list(latest(records).values())
+        self.ok = [r for r in kept if r.get("status") == "ok"]
+        self.failed = [r for r in kept if r.get("status") != "ok"]
+        self.tolerance = tolerance
+        self.defenses = list(dict.fromkeys(r["defense"] for r in self.ok))
+        self.seeds = sorted({r["seed"] for r in self.ok})
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for r in self.ok:
+            groups[(r["data"], r["arch"], r["attack"], r["defense"])].append(r)
+        self.groups = groups
+        self.rows = sorted({k[:3] for k in groups})
+
+    def backdoored(self, row: tuple) -> list[dict]:
+        """One record per seed of the model before repair (any defense's copy of it)."""
+        per_seed = {}
+        for defense in self.defenses:
+            for r in self.groups.get((*row, defense), []):
+                per_seed.setdefault(r["seed"], r)
+        return list(per_seed.values())
+
+    def best(self, row: tuple) -> str | None:
+        base = _mean_std(_values(self.backdoored(row), "before", "clean_accuracy"))[0]
+        candidates = []
+        for defense in self.defenses:
+            rows = self.groups.get((*row, defense), [])
+            ca = _mean_std(_values(rows, "after", "clean_accuracy"))[0]
+            asr = _mean_std(_values(rows, "after", "attack_success_rate"))[0]
+            if rows and not math.isnan(ca) and not math.isnan(asr) and \
+                    ca >= base - self.tolerance - 1e-12:
+                candidates.append((asr, -ca, defense))
+        return min(candidates)[2] if candidates else None
+
+    def markdown(self) -> str:
+        n = len(self.seeds)
+        head = ["data", "arch", "attack", "backdoored", *self.defenses]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in self.rows:
+            before = self.backdoored(row)
+            cells = [f"{_fmt(_values(before, 'before', 'clean_accuracy'), n)} / "
+                     f"{_fmt(_values(before, 'before', 'attack_success_rate'), n)}"]
+            best = self.best(row)
+            for defense in self.defenses:
+                rows = self.groups.get((*row, defense), [])
+                if not rows:
+                    cells.append("–")
+                    continue
+                text = (f"{_fmt(_values(rows, 'after', 'clean_accuracy'), n)} / "
+                        f"{_fmt(_values(rows, 'after', 'attack_success_rate'), n)}")
+                cells.append(f"**{text}** ★" if defense == best else text)
+            lines.append("| " + " | ".join([*row, *cells]) + " |")
+        return "\n".join(lines)
+
+    def summary_rows(self) -> list[dict[str, Any]]:
+        out = []
+        for row in self.rows:
+            for defense in ["(backdoored)", *self.defenses]:
+                rows = self.backdoored(row) if defense == "(backdoored)" else \
+                    self.groups.get((*row, defense), [])
+                if not rows:
+                    continue
+                part = "before" if defense == "(backdoored)" else "after"
+                entry: dict[str, Any] = dict(zip(("data", "arch", "attack"), row, strict=True))
+                entry.update(defense=defense, seeds=len(rows))
+                for key, label in METRICS:
+                    mean, std = _mean_std(_values(rows, part, key))
+                    entry[f"{label}_mean"], entry[f"{label}_std"] = mean, std
+                seconds = [r["repair_seconds"] for r in rows if r.get("repair_seconds")]
+                entry["repair_seconds_median"] = statistics.median(seconds) if seconds and \
+                    part == "after" else math.nan
+                memory = [r["peak_memory_mib"] for r in rows if r.get("peak_memory_mib")]
+                entry["peak_memory_mib_max"] = max(memory) if memory and part == "after" \
+                    else math.nan
+                entry["best"] = defense == self.best(row)
+                out.append(entry)
+        return out
+
+    def cell_rows(self) -> list[dict[str, Any]]:
+        out = []
+        for r in sorted(self.ok + self.failed, key=lambda r: (
+                r["data"], r["arch"], r["attack"], r["defense"], r["seed"])):
+            entry = {k: r.get(k) for k in ("data", "arch", "attack", "defense", "seed",
+                                           "status", "chosen", "pruned", "repair_seconds",
+                                           "peak_memory_mib", "error", "key")}
+            for part in ("before", "after", "goodnet"):
+                for key, label in (*METRICS, ("detection_rate", "detected"),
+                                   ("false_alarm_rate", "false_alarm")):
+                    if part != "goodnet" and label in ("detected", "false_alarm"):
+                        continue
+                    entry[f"{part}_{label}"] = (r.get(part) or {}).get(key)
+            out.append(entry)
+        return out
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _save(figure: Any, path: Path, plt: Any) -> Path:
+    figure.tight_layout()
+    with atomic_path(path) as temp:
+        figure.savefig(temp, format="png")
+    plt.close(figure)
+    return path
+
+
+def plot_scatter(report: Report, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    k = max(1, len(report.defenses))
+    cols = min(3, k)
+    figure, axes = plt.subplots((k + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * (
+        (k + cols - 1) // cols)), dpi=100, squeeze=False, sharey=True)
+    lowest = min([100 * v for r in report.ok for part in ("before", "after")
+                  for v in _values([r], part, "clean_accuracy")], default=0.0)
+    attacks = sorted({r[2] for r in report.rows})
+    colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(attacks)}
+    for index, defense in enumerate(report.defenses):
+        ax = axes[index // cols][index % cols]
+        for row in report.rows:
+            rows = report.groups.get((*row, defense), [])
+            ca = [100 * v for v in _values(rows, "after", "clean_accuracy")]
+            asr = [100 * v for v in _values(rows, "after", "attack_success_rate")]
+            if ca and len(ca) == len(asr):
+                ax.scatter(asr, ca, s=14, color=colours[row[2]], label=row[2], alpha=0.8)
+            before = [r for r in rows if r.get("before")]
+            ax.scatter([100 * v for v in _values(before, "before", "attack_success_rate")],
+                       [100 * v for v in _values(before, "before", "clean_accuracy")],
+                       s=14, marker="x", color=colours[row[2]], alpha=0.5)
+        ax.set_title(f"{defense} (x: before repair)", fontsize=10)
+        ax.set_xlabel("ASR %")
+        ax.set_ylabel("CA %")
+        ax.set_xlim(-3, 103)
+        ax.set_ylim(max(0.0, lowest - 2), 100.5)
+        ax.grid(alpha=0.3)
+    for index in range(len(report.defenses), axes.size):
+        axes[index // cols][index % cols].axis("off")
+    handles = {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    if handles:
+        figure.legend(handles.values(), handles.keys(), loc="lower right", fontsize=7)
+    return _save(figure, path, plt)
+
+
+def plot_curves(report: Report, defense: str, path: Path) -> Path | None:
+    """Test CA and ASR along the defense's curve, one line per (data, arch, attack), first seed."""
+    lines = []
+    for row in report.rows:
+        rows = sorted(report.groups.get((*row, defense), []), key=lambda r: r["seed"])
+        curve = [p for p in (rows[0].get("curve") or []) if not p.get("fine_tuned")] \
+            if rows else []
+        curve = [p for p in curve if "test_ca" in p and "test_asr" in p]
+        if curve:
+            x_key = next((k for k in ("pruned", "round", "u") if k in curve[0]), None)
+            if x_key is not None:
+                lines.append((row, x_key, curve))
+    if not lines:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
+    for row, x_key, curve in lines:
+        xs = [p[x_key] for p in curve]
+        label = " ".join(row)
+        left.plot(xs, [100 * p["test_ca"] for p in curve], label=label, linewidth=1)
+        right.plot(xs, [100 * p["test_asr"] for p in curve], label=label, linewidth=1)
+    x_name = {"pruned": "channels pruned", "round": "round", "u": "u"}[lines[0][1]]
+    for ax, name in ((left, "test CA %"), (right, "test ASR %")):
+        ax.set_xlabel(x_name)
+        ax.set_ylabel(name)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+    right.legend(fontsize=6, loc="best")
+    figure.suptitle(f"{defense}: along its curve (first seed; evaluation only)", fontsize=10)
+    return _save(figure, path, plt)
+
+
+def _html_table(markdown: str) -> str:
+    rows = [line.strip().strip("|").split("|") for line in markdown.splitlines()
+            if not line.startswith("|---")]
+    out = ["<table>"]
+    for i, cells in enumerate(rows):
+        tag = "th" if i == 0 else "td"
+        parts = []
+        for cell in cells:
+            text = cell.strip()
+            best = text.startswith("**")
+            text = html.escape(text.replace("**", ""))
+            attribute = ' class="best"' if best else ""
+            parts.append(f"<{tag}{attribute}>{text}</{tag}>")
+        out.append("<tr>" + "".join(parts) + "</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.02,
+                 title: str | None = None, note: str = "") -> list[Path]:
+    """Write the report of ``results`` into ``out``; returns the paths written."""
+    results, out = Path(results), Path(out)
+    if results.is_dir():
+        results = results / "results.jsonl"
+    if not results.exists():
+        raise GoodnetError(f"{results}: no such results file")
+    report = Report(read_records(results), tolerance)
+    if not report.ok and not report.failed:
+        raise GoodnetError(f"{results}: no result records in it")
+    title = title or f"goodnet benchmark: {results.parent.name}"
+    markdown = report.markdown()
+    seconds = sum((r.get("repair_seconds") or 0) + (r.get("measure_seconds") or 0)
+                  for r in report.ok)
+    hosts = sorted({r.get("host", "?") for r in report.ok})
+    version = sorted({(r.get("versions") or {}).get("goodnet", "?") for r in report.ok})
+    facts = (f"{len(report.ok)} cells ({len(report.failed)} failed), seeds "
+             f"{', '.join(map(str, report.seeds))}; cell time {seconds / 60:.1f} min (repair "
+             f"and measurement, summed); host {', '.join(hosts)}; goodnet {', '.join(version)}. "
+             f"CA / ASR in %, mean ± std over seeds; ★ the lowest ASR within "
+             f"{100 * tolerance:g} points of the backdoored model's CA.")
+    failures = [f"- {r['data']} {r['arch']} {r['attack']} seed {r['seed']}, {r['defense']}: "
+                f"{r.get('error')}" for r in report.failed]
+    text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown,
+                                     "Failed cells:\n" + "\n".join(failures)
+                                     if failures else ""])) + "\n"
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "report.md", text)
+    write_text_atomic(out / "summary.csv", _csv(report.summary_rows()))
+    write_text_atomic(out / "cells.csv", _csv(report.cell_rows()))
+    written += [out / "report.md", out / "summary.csv", out / "cells.csv"]
+    images = []
+    if report.ok:
+        images.append(("CA against ASR, per defense", plot_scatter(report, out / "scatter.png")))
+        for defense in report.defenses:
+            safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in defense)
+            curve = plot_curves(report, defense, out / f"curves-{safe}.png")
+            if curve is not None:
+                images.append((f"{defense}: pruning curve", curve))
+    written += [path for _, path in images]
+    figures = "\n".join(
+        f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(caption)}'
+        f"</figcaption></figure>" for caption, path in images)
+    note_html = f"<p>{html.escape(note)}</p>" if note else ""
+    failed_html = ("<h2>Failed cells</h2><ul>" + "".join(
+        f"<li>{html.escape(f[2:])}</li>" for f in failures) + "</ul>") if failures else ""
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; font-size: 0.85em; }}
+th, td {{ border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: left; }}
+th {{ background: #f0f0f0; }}
+td.best {{ background: #e3f4e3; font-weight: bold; }}
+figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+{note_html}
+<p>{html.escape(facts)}</p>
+{_html_table(markdown)}
+{failed_html}
+{figures}
+</body></html>
+"""
+    write_text_atomic(out / "report.html", page)
+    written.append(out / "report.html")
+    return written

@@ -1,0 +1,115 @@
+"""Run a grid: build the backdoored models it needs, then every cell not yet done.
+
+Cells already in the results file with ``status: ok`` are skipped (matched by key, a hash of
+their whole configuration), so a rerun or a resumed run does only what is missing; failed cells
+are tried again. Models are built first, each once, however many defenses share it, into the
+zoo folder (atomically, so a kill leaves no half-written model); then the cells run on the
+executor and each record is appended to ``results.jsonl`` as it finishes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from goodnet.bench.cell import build_model, run_cell, versions
+from goodnet.bench.executors import LocalExecutor, RayExecutor
+from goodnet.bench.grid import Cell, Grid
+from goodnet.bench.results import ResultsFile, latest, read_records
+
+RESULTS = "results.jsonl"
+
+
+@dataclass
+class RunSummary:
+    """What a run did."""
+
+    cells: int = 0
+    skipped: int = 0
+    done: int = 0
+    failed: int = 0
+    models_built: int = 0
+    seconds: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+
+def pending_cells(grid: Grid, results: Path) -> tuple[list[Cell], int]:
+    """The grid's cells without a successful record in ``results``, and how many have one."""
+    finished = {key for key, record in latest(read_records(results)).items()
+                if record.get("status") == "ok"}
+    cells = grid.cells()
+    todo = [cell for cell in cells if cell.key not in finished]
+    return todo, len(cells) - len(todo)
+
+
+def run_grid(grid: Grid, out: str | Path, executor: LocalExecutor | RayExecutor | None = None,
+             *, progress: bool = True) -> RunSummary:
+    """Run every missing cell of ``grid``, appending to ``out/results.jsonl``."""
+    executor = executor or LocalExecutor()
+    start = time.perf_counter()
+    results = Path(out) / RESULTS
+    todo, skipped = pending_cells(grid, results)
+    summary = RunSummary(cells=len(todo) + skipped, skipped=skipped)
+    if not todo:
+        return summary
+    jobs = list({cell.model.path(): cell.model for cell in todo}.values())
+    running = [0]
+    bar = tqdm(total=len(jobs) + len(todo), disable=not progress, unit="task",
+               desc=grid.name, dynamic_ncols=True)
+
+    def show() -> None:
+        bar.set_postfix_str(f"done {summary.done}, running {running[0]}, failed "
+                            f"{summary.failed}, skipped {skipped}", refresh=True)
+
+    broken: dict[Path, str] = {}
+    with ResultsFile(results) as sink, executor.session():
+        bar.set_description(f"{grid.name}: models")
+        for index, built in executor.run(build_model, [(job, grid.threads) for job in jobs],
+                                         running=running):
+            if isinstance(built, BaseException):
+                built = {"status": "failed", "error": f"worker died: {built!r}"}
+            if built.get("status") != "ok":
+                broken[jobs[index].path()] = built.get("error", "unknown error")
+            summary.models_built += bool(built.get("built"))
+            bar.update()
+            show()
+        runnable = []
+        for cell in todo:
+            error = broken.get(cell.model.path())
+            if error is None:
+                runnable.append(cell)
+                continue
+            record = _failed(cell, f"building the model failed: {error}")
+            sink.append(record)
+            summary.failed += 1
+            summary.failures.append(f"{cell.describe()}: {record['error']}")
+            bar.update()
+        bar.set_description(f"{grid.name}: cells")
+        show()
+        for index, record in executor.run(run_cell, [(cell,) for cell in runnable],
+                                          running=running):
+            cell = runnable[index]
+            if isinstance(record, BaseException):
+                record = _failed(cell, f"worker died: {record!r}")
+            sink.append(record)
+            if record["status"] == "ok":
+                summary.done += 1
+            else:
+                summary.failed += 1
+                summary.failures.append(f"{cell.describe()}: {record.get('error')}")
+            bar.update()
+            show()
+    bar.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _failed(cell: Cell, error: str) -> dict[str, Any]:
+    m = cell.model
+    return {"key": cell.key, "status": "failed", "error": error, "data": m.data, "arch": m.arch,
+            "attack": m.attack.label, "defense": cell.defense.label, "seed": m.seed,
+            "config": cell.configuration(), "versions": versions()}

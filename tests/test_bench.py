@@ -1,0 +1,326 @@
+"""The benchmark runner: grid files, cache keys, resume after SIGKILL, failing cells, executors,
+and the report (tables, CSV, plots, HTML rendered by a real browser)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from goodnet.bench import (
+    LocalExecutor,
+    ResultsFile,
+    load_grid,
+    parse_grid,
+    read_records,
+    run_grid,
+    write_report,
+)
+from goodnet.bench.results import latest
+from goodnet.cli import main
+from goodnet.errors import GoodnetError
+from tests.conftest import stripes, write_idx_dataset
+
+
+@pytest.fixture(scope="module")
+def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MNIST-style data set (16×16 stripes, 4 classes) as IDX files."""
+    folder = tmp_path_factory.mktemp("stripes")
+    return write_idx_dataset(folder, stripes(400, seed=0), stripes(160, seed=1))
+
+
+def tiny(data_folder: Path, zoo: Path, **changes) -> dict:
+    """A grid of 2 models × 2 defenses that runs in seconds."""
+    raw = {"name": "tiny", "zoo": str(zoo), "data": str(data_folder), "archs": "small_cnn",
+           "attacks": ["badnets"], "defenses": ["prune", "clp"], "seeds": [0, 1],
+           "clean": 40, "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+           "curve_limit": 40, "threads": 1}
+    raw.update(changes)
+    return raw
+
+
+def metrics_by_key(path: Path) -> dict[str, tuple]:
+    return {key: (r["status"], r.get("before"), r.get("after"), r.get("chosen"), r.get("pruned"))
+            for key, r in latest(read_records(path)).items()}
+
+
+# ---------------------------------------------------------------- grid files
+
+
+def test_grid_keys_hash_the_resolved_configuration(data_folder, tmp_path):
+    base = parse_grid(tiny(data_folder, tmp_path))
+    assert len(base.cells()) == 4 and len(base.models()) == 2
+    keys = [cell.key for cell in base.cells()]
+    assert len(set(keys)) == 4
+    # Spelling out a default is the same cell; changing a setting is a new one.
+    same = parse_grid(tiny(data_folder, tmp_path, defenses=["prune", {"clp": {"u": 3.0}}]))
+    assert [c.key for c in same.cells()] == keys
+    other = parse_grid(tiny(data_folder, tmp_path, defenses=["prune", {"clp": {"u": 2.5}}]))
+    changed = [c.key for c in other.cells()]
+    assert changed[0] == keys[0] and changed[1] != keys[1]
+    longer = parse_grid(tiny(data_folder, tmp_path, train={"epochs": 3}))
+    assert not set(c.key for c in longer.cells()) & set(keys)
+    assert longer.models()[0].path() != base.models()[0].path()
+
+
+def test_standard_models_share_the_zoo_layout(tmp_path):
+    grid = parse_grid({"zoo": str(tmp_path), "attacks": "badnets", "defenses": "clp"})
+    assert grid.models()[0].path() == tmp_path / "mnist/small_cnn/badnets/seed0.safetensors"
+    tuned = parse_grid({"zoo": str(tmp_path), "attacks": {"badnets": {"target": 3}},
+                        "defenses": "clp"})
+    assert tuned.models()[0].path().name.startswith("seed0-")
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"colour": 1}, "unknown key 'colour'"),
+    ({"attacks": ["badnet"]}, "unknown attack 'badnet'"),
+    ({"defenses": [{"anp": {"iters": 3}}]}, "unknown setting 'iters'"),
+    ({"defenses": ["prune", "prune"]}, "share a label"),
+    ({"archs": ["vgg99"]}, "unknown architecture"),
+    ({"seeds": [-1]}, "seeds must be"),
+    ({"clean": 1.5}, "clean must be"),
+    ({"train": {"epochs": -1}}, "epochs must be"),
+    ({"test_limit": 0}, "test_limit must be"),
+])
+def test_bad_grids_are_refused_with_the_key_named(data_folder, tmp_path, change, message):
+    with pytest.raises(GoodnetError, match=message):
+        parse_grid(tiny(data_folder, tmp_path, **change), "grid.yaml")
+
+
+def test_grid_files_are_read_as_data(tmp_path):
+    path = tmp_path / "evil.yaml"
+    marker = tmp_path / "ran"
+    path.write_text(f"!!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(GoodnetError, match="not valid YAML"):
+        load_grid(path)
+    assert not marker.exists()
+    (tmp_path / "broken.yaml").write_text("defenses: [prune\n")
+    with pytest.raises(GoodnetError, match=r"broken.yaml: not valid YAML \(line"):
+        load_grid(tmp_path / "broken.yaml")
+
+
+def test_shipped_grids_parse():
+    root = Path(__file__).resolve().parents[1] / "benchmarks"
+    smoke, standard = load_grid(root / "smoke.yaml"), load_grid(root / "standard.yaml")
+    assert len(smoke.defenses) == len(standard.defenses) == 6
+    assert len(standard.attacks) == 10 and standard.seeds == (0, 1, 2)
+    assert set(standard.data) == {"mnist", "fashion-mnist"}
+
+
+# ---------------------------------------------------------------- running, caching, failing
+
+
+@pytest.fixture(scope="module")
+def finished(data_folder, tmp_path_factory):
+    """The tiny grid run once, uninterrupted, in this process: the reference results."""
+    out = tmp_path_factory.mktemp("finished")
+    summary = run_grid(parse_grid(tiny(data_folder, out / "zoo")), out, progress=False)
+    return out, summary
+
+
+def test_a_grid_runs_and_a_rerun_is_all_cache_hits(finished, data_folder):
+    out, summary = finished
+    assert (summary.cells, summary.done, summary.failed, summary.models_built) == (4, 4, 0, 2)
+    records = read_records(out / "results.jsonl")
+    assert len(records) == 4 and all(r["status"] == "ok" for r in records)
+    first = records[0]
+    for key in ("before", "after", "repair_seconds", "peak_memory_mib", "versions", "config"):
+        assert first[key], key
+    assert first["before"]["attack_success_rate"] > 0.5  # the tiny BadNet is backdoored
+    assert first["peak_memory_mib"] > 10
+    before = (out / "results.jsonl").read_bytes()
+    again = run_grid(parse_grid(tiny(data_folder, out / "zoo")), out, progress=False)
+    assert (again.skipped, again.done, again.models_built) == (4, 0, 0)
+    assert (out / "results.jsonl").read_bytes() == before
+
+
+def test_a_new_defense_reuses_the_cached_models(finished, data_folder, tmp_path):
+    out, _ = finished
+    shutil.copytree(out, tmp_path / "copy")
+    grid = parse_grid(tiny(data_folder, tmp_path / "copy" / "zoo",
+                           defenses=["prune", "clp", {"fine-pruning": {"epochs": 1}}]))
+    summary = run_grid(grid, tmp_path / "copy", progress=False)
+    assert (summary.skipped, summary.done, summary.models_built) == (4, 2, 0)
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(data_folder, tmp_path, capsys):
+    raw = tiny(data_folder, tmp_path / "zoo", seeds=[0],
+               defenses=["clp", {"label": "broken", "defense": "prune",
+                                 "settings": {"layer": "no_such_layer"}}])
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(raw))
+    code = main(["bench", str(grid_file), "--out", str(tmp_path / "out"), "--no-report"])
+    assert code == 1
+    records = {r["defense"]: r for r in read_records(tmp_path / "out" / "results.jsonl")}
+    assert records["clp"]["status"] == "ok"
+    assert records["broken"]["status"] == "failed"
+    assert "no_such_layer" in records["broken"]["error"]
+    assert "failed: " in capsys.readouterr().out
+    # A rerun tries the failed cell again (and only it).
+    assert main(["bench", str(grid_file), "--out", str(tmp_path / "out"), "--no-report"]) == 1
+    records = read_records(tmp_path / "out" / "results.jsonl")
+    assert [r["defense"] for r in records] == ["clp", "broken", "broken"]
+
+
+def test_a_torn_last_line_is_skipped_and_fenced_off(tmp_path):
+    path = tmp_path / "results.jsonl"
+    with ResultsFile(path) as sink:
+        sink.append({"key": "a", "status": "ok", "x": float("nan")})
+    with path.open("ab") as handle:
+        handle.write(b'{"key": "b", "status": "o')  # the kill landed mid-write
+    assert [r["key"] for r in read_records(path)] == ["a"]
+    assert read_records(path)[0]["x"] is None  # NaN is stored as null
+    with ResultsFile(path) as sink:
+        sink.append({"key": "c", "status": "ok"})
+    assert [r["key"] for r in read_records(path)] == ["a", "c"]
+
+
+def test_resume_after_sigkill_loses_and_duplicates_nothing(finished, data_folder, tmp_path):
+    """Kill the runner (SIGKILL) as soon as its first cell is written; run it again; the
+    results equal the uninterrupted run's, one ok record per cell."""
+    reference, _ = finished
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(tiny(data_folder, tmp_path / "zoo")))
+    out = tmp_path / "out"
+    results = out / "results.jsonl"
+    command = [sys.executable, "-m", "goodnet", "bench", str(grid_file), "--out", str(out),
+               "--no-report"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        if results.exists() and results.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    written = len(read_records(results))
+    assert 1 <= written < 4
+    finished_run = subprocess.run(command, env=env, capture_output=True, text=True,
+                                  timeout=240)
+    assert finished_run.returncode == 0, finished_run.stderr
+    records = read_records(results)
+    assert len(records) == 4 and len({r["key"] for r in records}) == 4
+    assert metrics_by_key(results) == metrics_by_key(reference / "results.jsonl")
+    assert not list((tmp_path / "zoo").rglob("*.tmp"))  # no half-written model left
+
+
+def test_a_process_pool_gives_the_same_results(finished, data_folder, tmp_path):
+    reference, _ = finished
+    grid = parse_grid(tiny(data_folder, tmp_path / "zoo"))
+    summary = run_grid(grid, tmp_path, LocalExecutor(workers=2), progress=False)
+    assert summary.done == 4
+    assert metrics_by_key(tmp_path / "results.jsonl") == \
+        metrics_by_key(reference / "results.jsonl")
+
+
+def test_ray_gives_the_same_results(finished, data_folder, tmp_path):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from goodnet.bench import RayExecutor
+
+    reference, _ = finished
+    grid = parse_grid(tiny(data_folder, tmp_path / "zoo"))
+    summary = run_grid(grid, tmp_path, RayExecutor(workers=2), progress=False)
+    assert summary.done == 4 and summary.failed == 0
+    assert metrics_by_key(tmp_path / "results.jsonl") == \
+        metrics_by_key(reference / "results.jsonl")
+
+
+# ---------------------------------------------------------------- the report
+
+
+def fixed_results(path: Path) -> Path:
+    """Two attacks × two defenses × two seeds, with known figures."""
+    rows = []
+    for attack, defense, seed, ca, asr in [
+            ("badnets", "prune", 0, 0.97, 0.10), ("badnets", "prune", 1, 0.95, 0.30),
+            ("badnets", "anp", 0, 0.90, 0.00), ("badnets", "anp", 1, 0.92, 0.00),
+            ("blend", "prune", 0, 0.98, 0.50), ("blend", "prune", 1, 0.98, 0.70),
+            ("blend", "anp", 0, 0.985, 0.20), ("blend", "anp", 1, 0.975, 0.40)]:
+        rows.append({
+            "key": f"{attack}-{defense}-{seed}", "status": "ok", "data": "mnist",
+            "arch": "small_cnn", "attack": attack, "defense": defense, "seed": seed,
+            "before": {"clean_accuracy": 0.98 if seed == 0 else 0.96,
+                       "attack_success_rate": 1.0, "robust_accuracy": 0.0},
+            "after": {"clean_accuracy": ca, "attack_success_rate": asr,
+                      "robust_accuracy": 1 - asr},
+            "curve": [{"pruned": p, "test_ca": ca, "test_asr": asr * p / 4} for p in range(5)],
+            "repair_seconds": 1.5 + seed, "measure_seconds": 1.0, "peak_memory_mib": 300.0,
+            "versions": {"goodnet": "0"}, "host": "ci"})
+    rows.append({"key": "blend-clp-0", "status": "failed", "data": "mnist", "arch": "small_cnn",
+                 "attack": "blend", "defense": "clp", "seed": 0, "error": "it broke"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_the_report_tabulates_means_spreads_and_marks_the_best(tmp_path):
+    results = fixed_results(tmp_path / "results.jsonl")
+    written = write_report(results, tmp_path / "report")
+    names = {p.name for p in written}
+    assert {"report.md", "summary.csv", "cells.csv", "scatter.png", "curves-prune.png",
+            "curves-anp.png", "report.html"} <= names
+    text = (tmp_path / "report" / "report.md").read_text()
+    badnets = next(line for line in text.splitlines() if "| badnets |" in line)
+    blend = next(line for line in text.splitlines() if "| blend |" in line)
+    # badnets: prune keeps CA (96.0 vs 97.0) with ASR 20; anp loses 6 points: prune is best.
+    assert "97.0 ± 1.4 / 100.0 ± 0.0" in badnets
+    assert "**96.0 ± 1.4 / 20.0 ± 14.1** ★" in badnets and "91.0 ± 1.4 / 0.0 ± 0.0" in badnets
+    # blend: both keep CA; anp has the lower ASR.
+    assert "**98.0 ± 0.7 / 30.0 ± 14.1** ★" in blend
+    assert "blend seed 0, clp: it broke" in text
+    summary = (tmp_path / "report" / "summary.csv").read_text().splitlines()
+    assert summary[0].startswith("data,arch,attack,defense,seeds,CA_mean,CA_std")
+    assert any(line.startswith("mnist,small_cnn,badnets,prune,2,0.96,") and
+               line.endswith(",True") for line in summary)
+    cells = (tmp_path / "report" / "cells.csv").read_text().splitlines()
+    assert len(cells) == 1 + 9
+
+
+def test_report_command_refuses_what_is_not_a_results_file(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
+    assert "no such results file" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("not json\n")
+    assert main(["report", str(tmp_path / "empty.jsonl")]) == 2
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(n)), None)
+
+
+def test_the_html_report_renders_in_headless_chromium(tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no Chromium here (Debian: apt-get install chromium)")
+    written = write_report(fixed_results(tmp_path / "results.jsonl"), tmp_path / "report")
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page  # self-contained
+    # Probe the page as the browser laid it out: every image decoded, the table has its rows.
+    probe = page.replace("</body>", """<script>
+window.addEventListener('load', () => {
+  const images = [...document.images];
+  const ok = images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0);
+  const rows = document.querySelectorAll('table tr').length;
+  const best = document.querySelectorAll('td.best').length;
+  const probe = `images=${images.length} ok=${ok} rows=${rows} best=${best}`;
+  document.body.setAttribute('data-probe', probe);
+});
+</script></body>""")
+    target = tmp_path / "probe.html"
+    target.write_text(probe)
+    result = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--virtual-time-budget=5000", "--dump-dom", target.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    assert 'data-probe="images=3 ok=true rows=3 best=2"' in result.stdout, result.stderr[-500:]
+    assert len([p for p in written if p.suffix == ".png"]) == 3
