@@ -78,3 +78,34 @@ def test_evaluate_restores_training_mode():
     model = Oracle().train()
     evaluate(model, labelled_images())
     assert model.training
+
+
+def test_an_evaluation_makes_its_poisoned_inputs_once():
+    """A curve measures many models on one test set: the triggers run on the first measurement
+    only, and every measurement equals a fresh ``evaluate``."""
+    from goodnet.defenses.base import Evaluation
+    from tests.conftest import Planted, corner_attack, halves
+
+    attack = corner_attack()
+    component = attack.components()[0]
+    calls = []
+    original = component.trigger
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(component, name)
+
+        def trigger(self, x):
+            calls.append(len(x))
+            return original(x)
+
+    attack.components = lambda: [Counting()]
+    test = halves(200, seed=1)
+    evaluation = Evaluation(test, attack, batch_size=64)
+    model = Planted()
+    first, second = evaluation.measure(model), evaluation.measure(model)
+    fresh = evaluate(model, test, corner_attack())
+    keys = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "n_clean", "n_poisoned")
+    assert [getattr(first, k) for k in keys] == [getattr(second, k) for k in keys] == [
+        getattr(fresh, k) for k in keys]
+    assert sum(calls) == first.n_poisoned  # every eligible input triggered exactly once

@@ -17,7 +17,7 @@ predictions, so a GoodNet costs no extra forward pass to measure.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -101,10 +101,38 @@ class Predictions:
     poisoned: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
+Batch = tuple[torch.Tensor, "torch.Tensor | None",
+              list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]]
+
+
+@torch.no_grad()
+def poisoned_batches(test: BatchSource, attack: Attack | None, batch_size: int = 512,
+                     device: torch.device | None = None, poisoned: ImageData | None = None
+                     ) -> Iterator[Batch]:
+    """``(x, y, [(trigger, x_poisoned, true labels, targets), ...])`` per batch of ``test``:
+    each trigger applied to the batch's eligible rows; then ``poisoned``'s already-triggered
+    images, as batches with ``y`` None under the trigger ``"poisoned data"`` (true labels -1)."""
+    components = attack.components() if attack is not None else []
+    for x, y in batches(test, batch_size, device=device):
+        triggered = []
+        for component in components:
+            eligible = component.eligible(y)
+            if not eligible.any():
+                continue
+            y_true = y[eligible]
+            triggered.append((component.name, component.trigger(x[eligible]), y_true,
+                              component.target(y_true)))
+        yield x, y, triggered
+    if poisoned is not None:
+        for x, target in batches(poisoned, batch_size, device=device):
+            yield x, None, [(POISONED_DATA, x, torch.full_like(target, -1), target)]
+
+
 @torch.no_grad()
 def predict_all(
     models: Mapping[str, nn.Module], test: BatchSource, attack: Attack | None = None,
     batch_size: int = 512, poisoned: ImageData | None = None,
+    prepared: list[Batch] | None = None,
 ) -> dict[str, Predictions]:
     """Predictions of every model on ``test`` and on its eligible inputs poisoned by ``attack``.
 
@@ -112,49 +140,42 @@ def predict_all(
     classified by each model in eval mode (modes are restored). The models must share a device.
     ``poisoned``, a set of already-triggered images whose labels are the attack's targets (the
     CSAW-HackML ``bd_test.h5`` layout), is classified too, as the trigger ``"poisoned data"``;
-    their true classes are unknown, so it adds nothing to robust accuracy.
+    their true classes are unknown, so it adds nothing to robust accuracy. ``prepared``, the
+    batches :func:`poisoned_batches` made once (``list(poisoned_batches(...))``), saves making
+    the poisoned inputs again when the same test set is measured many times.
     """
-    components = attack.components() if attack is not None else []
+    if not models:
+        return {}
+    names = [c.name for c in attack.components()] if attack is not None else []
     modes = {name: model.training for name, model in models.items()}
     labels: list[torch.Tensor] = []
     clean: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     by_trigger: dict[str, dict[str, list[list[torch.Tensor]]]] = {
-        name: {c.name: [[], [], []] for c in components} for name in models}
-    if not models:
-        return {}
-    poisoned_parts: dict[str, list[list[torch.Tensor]]] = {}
+        name: {trigger: [[], [], []] for trigger in names} for name in models}
     if poisoned is not None:
         for name in models:
-            poisoned_parts[name] = by_trigger[name][POISONED_DATA] = [[], [], []]
+            by_trigger[name][POISONED_DATA] = [[], [], []]
     device = model_device(next(iter(models.values())))
+    source = prepared if prepared is not None else poisoned_batches(
+        test, attack, batch_size, device, poisoned)
     try:
         for model in models.values():
             model.eval()
         with contextlib.ExitStack() as stack:
             for model in models.values():
                 stack.enter_context(channels_last(model))
-            for x, y in batches(test, batch_size, device=device):
-                labels.append(y.cpu())
-                for name, model in models.items():
-                    clean[name].append(model(x).argmax(1).cpu())
-                for component in components:
-                    eligible = component.eligible(y)
-                    if not eligible.any():
-                        continue
-                    x_poisoned, y_true = component.trigger(x[eligible]), y[eligible]
-                    target = component.target(y_true)
+            for x, y, triggered in source:
+                x = x.to(device)
+                if y is not None:
+                    labels.append(y.cpu())
                     for name, model in models.items():
-                        parts = by_trigger[name][component.name]
+                        clean[name].append(model(x).argmax(1).cpu())
+                for trigger, x_poisoned, y_true, target in triggered:
+                    x_poisoned = x_poisoned.to(device)
+                    for name, model in models.items():
+                        parts = by_trigger[name][trigger]
                         parts[0].append(model(x_poisoned).argmax(1).cpu())
                         parts[1].append(y_true.cpu())
-                        parts[2].append(target.cpu())
-            if poisoned is not None:
-                for x, target in batches(poisoned, batch_size, device=device):
-                    unknown = torch.full_like(target, -1).cpu()
-                    for name, model in models.items():
-                        parts = poisoned_parts[name]
-                        parts[0].append(model(x).argmax(1).cpu())
-                        parts[1].append(unknown)
                         parts[2].append(target.cpu())
     finally:
         for name, model in models.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import platform
 import threading
@@ -89,7 +90,10 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@functools.lru_cache(maxsize=4)
 def _data(name: str, split: str, limit: int | None) -> ImageData:
+    """A data set (its first ``limit`` images), memoised per worker process: the cells of a grid
+    read the same few data sets over and over, and nothing writes to them."""
     data = load_dataset(name, split)
     if limit is not None and limit < len(data):
         data = data.subset(torch.arange(limit), f"{data.name}[:{limit}]")

@@ -23,7 +23,8 @@ from goodnet.attacks.base import Attack
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
 from goodnet.masking import MaskSet
-from goodnet.metrics import Metrics, evaluate
+from goodnet.metrics import Metrics, poisoned_batches, predict_all, score
+from goodnet.models import model_device
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,20 @@ class Evaluation:
     batch_size: int = 512
     poisoned: ImageData | None = None
     spent: list[float] = field(default_factory=lambda: [0.0], compare=False, repr=False)
+    prepared: list = field(default_factory=list, compare=False, repr=False)
 
     def measure(self, model: nn.Module) -> Metrics:
+        """CA, ASR and RA of ``model``; the poisoned inputs are made on the first call and kept
+        (a curve measures many models on the same data)."""
         start = time.perf_counter()
         try:
-            return evaluate(model, self.test, self.attack, batch_size=self.batch_size,
-                            poisoned=self.poisoned)
+            if not self.prepared:
+                self.prepared.append(list(poisoned_batches(
+                    self.test, self.attack, self.batch_size, model_device(model),
+                    self.poisoned)))
+            predictions = predict_all({"model": model}, self.test, self.attack,
+                                      poisoned=self.poisoned, prepared=self.prepared[0])
+            return score(predictions["model"])
         finally:
             self.spent[0] += time.perf_counter() - start
 
