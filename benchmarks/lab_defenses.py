@@ -31,7 +31,7 @@ from goodnet import load_dataset, load_model, split_clean
 from goodnet.backdoor import attack_from_card
 from goodnet.cli import parse_settings
 from goodnet.defenses import DEFENSES, Defense
-from goodnet.metrics import predict_all
+from goodnet.metrics import poisoned_batches, predict_all
 from goodnet.workflow import repair_and_measure
 from goodnet.zoo import CLEAN, collect
 
@@ -69,14 +69,17 @@ def zoo_model(path: Path, data: str, seed: int, cache: dict) -> tuple:
 def run_model(path: Path, data: str, seed: int, cache: dict,
               defenses: list[tuple[str, Defense]]) -> list[dict]:
     loaded, clean, test, attack = zoo_model(path, data, seed, cache)
-    baseline = predict_all({"original": loaded.model}, test, attack)["original"]
+    prepared = list(poisoned_batches(test, attack))  # the poisoned test set, made once
+    baseline = predict_all({"original": loaded.model}, test, attack,
+                           prepared=prepared)["original"]
     records = []
     for label, defense in defenses:
         start = time.perf_counter()
         # The mask defenses' threshold curves get test CA and ASR (2000 images, reporting only).
         report = repair_and_measure(loaded.model, defense, clean, test, attack,
                                     curve_limit=0 if label in LAB else 2000,
-                                    goodnets=defense.name == "prune", baseline=baseline)
+                                    goodnets=defense.name == "prune", baseline=baseline,
+                                    prepared=prepared)
         seconds = time.perf_counter() - start
         base = {"data": data, "attack": loaded.card.attack["name"], "seed": seed,
                 "defense": label, "repair_seconds": report.result.seconds,

@@ -180,13 +180,23 @@ def _train_and_save(
 
 
 def open_model(args: argparse.Namespace) -> LoadedModel:
-    """A goodnet model file, or a Keras ``.h5`` imported on the fly (``--arch`` for a
-    weights-only file, ``--pixel-scale`` for the input range)."""
+    """A goodnet model file, or a Keras ``.h5`` or PyTorch checkpoint imported on the fly
+    (``--arch`` for a weights-only file, ``--pixel-scale`` and the input options)."""
     from goodnet.keras_h5 import import_keras, is_hdf5
+    from goodnet.torch_checkpoint import import_checkpoint, is_checkpoint
 
+    arch = getattr(args, "keras_arch", None)
+    scale = getattr(args, "pixel_scale", None)
     if is_hdf5(args.model):
-        return import_keras(args.model, arch=getattr(args, "keras_arch", None),
-                            pixel_scale=getattr(args, "pixel_scale", 255.0))
+        return import_keras(args.model, arch=arch, pixel_scale=255.0 if scale is None else scale)
+    if is_checkpoint(args.model):
+        if arch is None:
+            raise GoodnetError(f"{args.model}: a PyTorch checkpoint holds weights only; name "
+                               f"the architecture to load it onto with --arch "
+                               f"({', '.join(m for m in MODELS if m != 'keras')})")
+        return import_checkpoint(args.model, arch=arch, input_shape=args.input_shape,
+                                 mean=args.mean, std=args.std,
+                                 pixel_scale=1.0 if scale is None else scale)
     return load_model(args.model)
 
 
@@ -225,8 +235,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from goodnet.keras_h5 import is_hdf5
+    from goodnet.torch_checkpoint import is_checkpoint
 
-    card = open_model(args).card if is_hdf5(args.model) else read_card(args.model)
+    foreign = is_hdf5(args.model) or is_checkpoint(args.model)
+    card = open_model(args).card if foreign else read_card(args.model)
     print(json.dumps(json.loads(card.to_json()), indent=2))
     return 0
 
@@ -492,13 +504,31 @@ def add_data_options(parser: argparse.ArgumentParser, default: str | None) -> No
                         help="folder holding your own copy of a named data set")
 
 
+def _numbers(text: str, kind: type = float) -> tuple:
+    try:
+        return tuple(kind(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+            from None
+
+
 def add_keras_options(parser: ArgumentParser) -> None:
+    """Options for model files that are not goodnet's own: Keras .h5 and PyTorch checkpoints."""
     parser.add_argument("--arch", dest="keras_arch", default=None,
-                        help="for a weights-only Keras .h5: the architecture to load it onto "
-                             "(deepid for the CSAW-HackML files)")
-    parser.add_argument("--pixel-scale", dest="pixel_scale", type=float, default=255.0,
-                        help="for a Keras .h5: 255 if the model takes raw pixels 0-255 (the "
-                             "default, as the CSAW-HackML lab's), 1 if it takes [0, 1]")
+                        help="for a weights-only Keras .h5 or a PyTorch checkpoint: the "
+                             "architecture to load it onto (deepid for the CSAW-HackML files)")
+    parser.add_argument("--pixel-scale", dest="pixel_scale", type=float, default=None,
+                        help="255 if the model takes raw pixels 0-255 (the default for Keras "
+                             "files, as the CSAW-HackML lab's), 1 if it takes [0, 1] (the "
+                             "default for PyTorch checkpoints)")
+    parser.add_argument("--input-shape", type=lambda t: _numbers(t, int), default=None,
+                        help="for a PyTorch checkpoint: C,H,W of its input (default: its "
+                             "channels at 32x32, 28x28 for greyscale)")
+    parser.add_argument("--mean", type=_numbers, default=None,
+                        help="for a PyTorch checkpoint: per-channel input mean it was trained "
+                             "with, after --pixel-scale (default 0)")
+    parser.add_argument("--std", type=_numbers, default=None,
+                        help="for a PyTorch checkpoint: per-channel input std (default 1)")
 
 
 def build_parser() -> ArgumentParser:

@@ -73,6 +73,7 @@ def repair_and_measure(
     poisoned: ImageData | None = None,
     num_classes: int | None = None,
     example: torch.Tensor | None = None,
+    prepared: list | None = None,
 ) -> RepairReport:
     """Repair ``model`` with ``defense`` on ``clean``; measure everything on ``test``.
 
@@ -83,7 +84,9 @@ def repair_and_measure(
     original again when several defenses repair the same model. ``poisoned`` adds a set of
     already-triggered images labelled with their targets (CSAW-HackML's ``bd_test.h5``).
     ``clean`` may be None for a data-free defense (CLP), given ``num_classes`` and ``example``
-    (one input, for the layer order).
+    (one input, for the layer order). ``prepared``, ``list(poisoned_batches(test, attack,
+    poisoned=poisoned))`` made once, saves making the poisoned test inputs again when several
+    defenses are measured on the same test set.
 
     The per-step curve is measured on the first ``curve_limit`` test images (it is for
     plotting; 0 skips it and keeps only the clean-data accuracy per step); the final figures on
@@ -108,7 +111,7 @@ def repair_and_measure(
     models = {name: variant for name, variant in result.variants.items()}
     if baseline is None:
         models = {_ORIGINAL: model, **models}
-    predictions = predict_all(models, test, attack, poisoned=poisoned)
+    predictions = predict_all(models, test, attack, poisoned=poisoned, prepared=prepared)
     original = baseline if baseline is not None else predictions.pop(_ORIGINAL)
     report = RepairReport(result, score(original), reject_class=num_classes)
     for name in result.variants:

@@ -28,7 +28,7 @@ from goodnet.data import load_dataset, split_clean
 from goodnet.data.dataset import ImageData
 from goodnet.defenses import DEFENSES
 from goodnet.errors import GoodnetError
-from goodnet.metrics import Metrics, predict_all
+from goodnet.metrics import Metrics, poisoned_batches, predict_all
 from goodnet.version import __version__
 from goodnet.workflow import repair_and_measure
 
@@ -178,11 +178,13 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             test = _data(job.data, "test", job.test_limit)
             clean, _ = split_clean(train, cell.clean, seed=job.seed)
             attack = attack_from_card(loaded.card, loaded.extras, test)
-            baseline = predict_all({"original": loaded.model}, test, attack)["original"]
+            prepared = list(poisoned_batches(test, attack))  # made once, measured twice
+            baseline = predict_all({"original": loaded.model}, test, attack,
+                                   prepared=prepared)["original"]
             defense = DEFENSES[cell.defense.name](cell.defense.config(DEFENSES, "defense"))
             report = repair_and_measure(
                 loaded.model, defense, clean, test, attack, curve_limit=cell.curve_limit,
-                goodnets=True, baseline=baseline)
+                goodnets=True, baseline=baseline, prepared=prepared)
         result = report.result
         chosen = result.chosen if result.chosen in report.variants else next(
             iter(report.variants), None)
