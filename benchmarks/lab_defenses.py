@@ -143,7 +143,7 @@ def compact(records: list[dict]) -> str:
     """One row per (data, attack): the backdoored model and each defense's main result, CA / ASR
     (mean ± std over seeds); the GoodNet at X = 4 % with its detection and false-alarm rates;
     each other defense at its chosen variant."""
-    labels = list(dict.fromkeys(r["defense"] for r in records))
+    labels = list(dict.fromkeys(r["defense"] for r in records if r["variant"] != "before"))
     columns: list[tuple[str, str, str, tuple[str, ...]]] = [
         ("backdoored", "", "before", ("clean_accuracy", "attack_success_rate"))]
     for label in labels:
@@ -180,6 +180,12 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("runs/lab_defenses"))
     parser.add_argument("--defenses", nargs="+", default=list(LAB))
+    parser.add_argument("--also", nargs="+", type=Path, default=[],
+                        help="other results files whose records join the tables (e.g. the "
+                             "lab run's fine-pruning beside RNP, ANP and CLP)")
+    parser.add_argument("--show", nargs="+", default=None,
+                        help="defense labels in the compact table, in order (default: all)")
+    parser.add_argument("--table-only", action="store_true", help="run nothing; tabulate")
     args = parser.parse_args()
     defenses = [parse_defense(text) for text in args.defenses]
     args.out.mkdir(parents=True, exist_ok=True)
@@ -188,7 +194,7 @@ def main() -> None:
         if results.exists() else []
     done = {(r["data"], r["attack"], r["seed"], r["defense"]) for r in records}
     cache: dict = {}
-    for cell, _card in collect(args.zoo):
+    for cell, _card in ([] if args.table_only else collect(args.zoo)):
         if (cell.arch != args.arch or cell.attack == CLEAN or cell.data not in args.data
                 or cell.seed not in args.seeds
                 or (args.attacks and cell.attack not in args.attacks)
@@ -202,8 +208,18 @@ def main() -> None:
             handle.writelines(json.dumps(r) + "\n" for r in new)
         records += new
         print(f"{cell.data} {cell.attack} seed {cell.seed}: done", flush=True)
+    for extra in args.also:
+        mine = {r["defense"] for r in records}
+        records += [r for r in map(json.loads, extra.read_text().splitlines())
+                    if r["defense"] not in mine]
+    records = [r for r in records if r["data"] in args.data and r["seed"] in args.seeds
+               and (not args.attacks or r["attack"] in args.attacks)]
     text = table(records)
     (args.out / "table.md").write_text(text + "\n")
+    if args.show:
+        order = {label: i for i, label in enumerate(args.show)}
+        records = sorted((r for r in records if r["defense"] in order or r["variant"] ==
+                          "before"), key=lambda r: order.get(r["defense"], -1))
     summary = compact(records)
     (args.out / "compact.md").write_text(summary + "\n")
     print(summary)

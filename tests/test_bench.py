@@ -3,6 +3,7 @@ and the report (tables, CSV, plots, HTML rendered by a real browser)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from goodnet.bench import (
     LocalExecutor,
@@ -324,3 +327,22 @@ window.addEventListener('load', () => {
         capture_output=True, text=True, timeout=120)
     assert 'data-probe="images=3 ok=true rows=3 best=2"' in result.stdout, result.stderr[-500:]
     assert len([p for p in written if p.suffix == ".png"]) == 3
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=st.one_of(
+    st.text(max_size=200),
+    st.lists(st.sampled_from(["name: x", "data: mnist", "seeds: [0, 1]", "clean: .nan",
+                              "clean: 7", "defenses: [{anp: {iterations: abc}}]",
+                              "defenses: {5: 1}", "attacks: [[badnets]]", "train: [1]",
+                              "threads: 0", "archs: [resnet20]", "curve_limit: -1",
+                              "test_limit: 3.5", "zoo: [a]", "seeds: .inf", "- a",
+                              "attacks: {badnets: {target: x}}", "defenses: all"]),
+             max_size=6).map("\n".join)))
+def test_any_grid_text_is_a_grid_or_one_goodnet_error(tmp_path_factory, text):
+    path = tmp_path_factory.mktemp("grid") / "grid.yaml"
+    path.write_text(text)
+    with contextlib.suppress(GoodnetError):  # the one error a user may see
+        grid = load_grid(path)
+        assert grid.cells()  # a grid that parses has cells with keys
+        assert all(len(cell.key) == 16 for cell in grid.cells())

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -276,8 +277,8 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise GoodnetError(f"{source}: seeds must be a non-negative whole number or a list")
     clean = raw.get("clean", 0.01)
-    if isinstance(clean, bool) or not isinstance(clean, int | float) or clean <= 0 or (
-            isinstance(clean, float) and clean >= 1):
+    if isinstance(clean, bool) or not isinstance(clean, int | float) or not math.isfinite(
+            clean) or clean <= 0 or (isinstance(clean, float) and clean >= 1):
         raise GoodnetError(f"{source}: clean must be a fraction in (0, 1) or a count >= 1")
     train = _coerce(TrainConfig, raw.get("train") or {}, f"{source}: train")
     train.pop("seed", None)  # the cell's seed
@@ -285,7 +286,8 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
     curve_limit = raw.get("curve_limit", 2000)
     threads = raw.get("threads", 1)
     for key, value in (("curve_limit", curve_limit), ("threads", threads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (key == "threads"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (key == "threads") \
+                or value > 10**9:
             raise GoodnetError(f"{source}: {key} must be a whole number"
                                f"{' >= 1' if key == 'threads' else ' >= 0'}")
     return Grid(
@@ -312,6 +314,8 @@ def load_grid(path: str | Path) -> Grid:
             from None
     try:
         raw = yaml.safe_load(text)
+    except RecursionError:
+        raise GoodnetError(f"{path}: nested too deeply to be a grid") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""
