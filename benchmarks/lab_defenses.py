@@ -171,6 +171,36 @@ def compact(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def oracle_point(curve: list[dict], max_drop: float = 0.01) -> tuple[float, float] | None:
+    """The lowest test ASR on a mask defense's curve among the points within ``max_drop`` of the
+    unpruned test CA, as (CA, ASR): what a defender who could see the test set would pick.
+    For evaluation only: no defense in goodnet chooses this way."""
+    points = [p for p in curve or [] if "test_ca" in p and "test_asr" in p]
+    if not points:
+        return None
+    base = points[0]["test_ca"]
+    within = [p for p in points if p["test_ca"] >= base - max_drop - 1e-12]
+    best = min(within, key=lambda p: (p["test_asr"], -p["test_ca"]))
+    return best["test_ca"], best["test_asr"]
+
+
+def oracle_table(records: list[dict], labels: list[str], max_drop: float = 0.01) -> str:
+    """Per (data, attack): each mask defense's oracle point (mean ± std over seeds)."""
+    lines = ["| data | attack | " + " | ".join(f"{label}: oracle CA / ASR" for label in labels)
+             + " |", "|" + "---|" * (2 + len(labels))]
+    for data, attack in sorted({(r["data"], r["attack"]) for r in records}):
+        cells = []
+        for label in labels:
+            points = [oracle_point(r.get("curve"), max_drop) for r in records
+                      if (r["data"], r["attack"], r["defense"], r["variant"]) == (
+                          data, attack, label, "chosen")]
+            points = [p for p in points if p is not None]
+            cells.append(" / ".join(spread([p[i] for p in points]) for i in (0, 1))
+                         if points else "–")
+        lines.append(f"| {data} | {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=Path("zoo"))
@@ -223,6 +253,13 @@ def main() -> None:
     summary = compact(records)
     (args.out / "compact.md").write_text(summary + "\n")
     print(summary)
+    masked = [label for label in dict.fromkeys(r["defense"] for r in records)
+              if any(r["defense"] == label and r.get("curve") for r in records)]
+    if masked:
+        text = oracle_table(records, masked)
+        (args.out / "oracle.md").write_text(text + "\n")
+        print("\nOracle points (lowest test ASR within 1 point of test CA; evaluation only):")
+        print(text)
 
 
 if __name__ == "__main__":

@@ -346,3 +346,36 @@ def test_any_grid_text_is_a_grid_or_one_goodnet_error(tmp_path_factory, text):
         grid = load_grid(path)
         assert grid.cells()  # a grid that parses has cells with keys
         assert all(len(cell.key) == 16 for cell in grid.cells())
+
+
+def test_labels_and_duplicates(data_folder, tmp_path):
+    base = parse_grid(tiny(data_folder, tmp_path))
+    renamed = parse_grid(tiny(data_folder, tmp_path, attacks=[
+        {"label": "patch", "attack": "badnets"}]))
+    assert {c.key for c in base.cells()}.isdisjoint(c.key for c in renamed.cells())
+    for change in ({"seeds": [0, 0]},
+                   {"attacks": ["badnets", {"label": "b2", "attack": "badnets"}]},
+                   {"defenses": ["clp", {"label": "clp2", "defense": "clp"}]}):
+        with pytest.raises(GoodnetError, match="twice"):
+            parse_grid(tiny(data_folder, tmp_path, **change))
+    with pytest.raises(GoodnetError, match="must be a number"):
+        parse_grid(yaml.safe_load("defenses: [{prune: {layer: 2020-01-01}}]"))
+    with pytest.raises(GoodnetError, match="train:"):
+        parse_grid({"train": {"epochs": "abc"}})
+    spelled = parse_grid(tiny(data_folder, tmp_path, defenses=["prune", {"clp": {"u": 3}}]))
+    assert [c.key for c in spelled.cells()] == [c.key for c in base.cells()]  # 3 == 3.0
+
+
+def die_on(value: str) -> str:
+    """A task for the pool test: the worker running "die" is killed outright."""
+    if value == "die":
+        os._exit(9)
+    return value
+
+
+def test_a_dead_worker_fails_its_task_only(tmp_path):
+    running = [0]
+    tasks = [("a",), ("die",), ("b",), ("c",)]
+    results = dict(LocalExecutor(workers=2).run(die_on, tasks, running=running))
+    assert results[0] == "a" and results[2] == "b" and results[3] == "c"
+    assert isinstance(results[1], RuntimeError) and "died twice" in str(results[1])

@@ -269,7 +269,8 @@ while True:
 
 def test_a_kill_mid_write_leaves_the_previous_file_intact(tmp_path):
     """SIGKILL a process that keeps rewriting a model file, at several moments: the file always
-    loads, whole, as one of the two versions, and no temporary file is left to pile up."""
+    loads, whole, as one of the two versions; the only debris is the killed writer's temporary
+    file (at most one per kill), never a torn model."""
     path = tmp_path / "model.safetensors"
     spec = ModelSpec("resnet20", 10, 3, 32, 32, (0.0,) * 3, (1.0,) * 3)
     save_model(path, build_model(spec, seed=0), ModelCard(spec=spec))

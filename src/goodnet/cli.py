@@ -466,7 +466,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"  failed: {failure}")
     print(f"results: {out / 'results.jsonl'}")
     if not args.no_report:
-        written = write_report(out / "results.jsonl", out / "report", title=grid.name)
+        written = write_report(out / "results.jsonl", out / "report", title=grid.name,
+                               keys={cell.key for cell in grid.cells()})
         print(f"report: {written[-1]}")
     return 1 if summary.failed else 0
 
@@ -512,6 +513,13 @@ def _numbers(text: str, kind: type = float) -> tuple:
             from None
 
 
+def _shape(text: str) -> tuple[int, int, int]:
+    shape = _numbers(text, int)
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W (three positive numbers), got {text!r}")
+    return shape
+
+
 def add_keras_options(parser: ArgumentParser) -> None:
     """Options for model files that are not goodnet's own: Keras .h5 and PyTorch checkpoints."""
     parser.add_argument("--arch", dest="keras_arch", default=None,
@@ -521,7 +529,7 @@ def add_keras_options(parser: ArgumentParser) -> None:
                         help="255 if the model takes raw pixels 0-255 (the default for Keras "
                              "files, as the CSAW-HackML lab's), 1 if it takes [0, 1] (the "
                              "default for PyTorch checkpoints)")
-    parser.add_argument("--input-shape", type=lambda t: _numbers(t, int), default=None,
+    parser.add_argument("--input-shape", type=_shape, default=None,
                         help="for a PyTorch checkpoint: C,H,W of its input (default: its "
                              "channels at 32x32, 28x28 for greyscale)")
     parser.add_argument("--mean", type=_numbers, default=None,

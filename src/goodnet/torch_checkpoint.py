@@ -44,6 +44,8 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` looks like a PyTorch checkpoint (by name, or by its zip or pickle
     start)."""
     path = Path(path)
+    if path.suffix.lower() in (".safetensors", ".h5", ".hdf5", ".npz"):
+        return False
     if path.suffix.lower() in SUFFIXES:
         return True
     try:
@@ -51,7 +53,7 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
             head = handle.read(4)
     except OSError:
         return False
-    return head[:2] == b"\x80\x02" or (head == b"PK\x03\x04" and path.suffix != ".npz")
+    return head[:2] == b"\x80\x02" or head == b"PK\x03\x04"
 
 
 def _check_zip(path: Path) -> None:
@@ -65,13 +67,21 @@ def _check_zip(path: Path) -> None:
     if total > MAX_BYTES or total > 64 * size + 2**20:
         raise GoodnetError(f"{path}: its entries would unpack to {total:,} bytes from a "
                            f"{size:,}-byte file; refused before allocating")
-    if not any(entry.filename.endswith("data.pkl") for entry in entries):
+    names = [entry.filename for entry in entries]
+    if not any(name.endswith("data.pkl") for name in names):
         raise GoodnetError(f"{path}: a zip file, but not a PyTorch checkpoint (no data.pkl)")
+    if any(name.endswith("constants.pkl") or "/code/" in name for name in names):
+        raise GoodnetError(f"{path}: a TorchScript archive (it carries code); export the "
+                           "state dict with torch.save(model.state_dict(), ...) instead")
 
 
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """The state dict in a checkpoint, read with the weights-only unpickler (nothing run)."""
     path = Path(path)
+    if tuple(int(part) for part in re.findall(r"\d+", torch.__version__)[:2]) < (2, 10):
+        raise GoodnetError(f"{path}: reading PyTorch checkpoints needs torch >= 2.10 (older "
+                           "weights-only loaders have known bypasses); this is torch "
+                           f"{torch.__version__}")
     if not path.is_file():
         raise GoodnetError(f"{path}: no such file")
     with open(path, "rb") as handle:

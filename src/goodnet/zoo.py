@@ -116,6 +116,8 @@ def collect(root: Path) -> list[tuple[ZooCell, ModelCard]]:
     found = []
     for path in sorted(Path(root).glob("*/*/*/seed*.safetensors")):
         attack, arch, data = path.parent.name, path.parent.parent.name, path.parents[2].name
+        if not path.stem.removeprefix("seed").isdigit():
+            continue  # a benchmark's model with non-default settings (seed<k>-<hash>)
         seed = int(path.stem.removeprefix("seed"))
         found.append((ZooCell(data, arch, attack, seed), read_card(path)))
     return found

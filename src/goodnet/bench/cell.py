@@ -46,8 +46,10 @@ def _rss_bytes() -> int:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         import resource
+        import sys
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the peak so far, not now
+        return peak if sys.platform == "darwin" else peak * 1024
 
 
 class PeakMemory:
@@ -141,7 +143,7 @@ def build_model(job: ModelJob, threads: int = 1) -> dict[str, Any]:
                 check_model(job, loaded.card.training, loaded.card.attack)
                 return record
             train = _data(job.data, "train", job.train_limit)
-            test = _data(job.data, "test", job.test_limit)
+            test = _data(job.data, "test", None)  # the card's figures: the whole test set
             attack = None
             if job.attack.name != "clean":
                 attack = make_attack(job.attack.name, dict(job.attack.settings),
@@ -165,12 +167,13 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     """Run ``cell``'s defense on its (already built) model and measure it: one result record."""
     job = cell.model
     record: dict[str, Any] = {
-        "key": cell.key, "status": "ok", "data": job.data, "arch": job.arch,
+        "key": None, "status": "ok", "data": job.data, "arch": job.arch,
         "attack": job.attack.label, "defense": cell.defense.label, "seed": job.seed,
-        "config": cell.configuration(), "versions": versions(), "host": platform.node(),
+        "versions": versions(), "host": platform.node(),
     }
     start = time.perf_counter()
     try:
+        record.update(key=cell.key, config=cell.configuration())
         with torch_threads(cell.threads), PeakMemory() as memory:
             loaded = load_model(job.path())
             check_model(job, loaded.card.training, loaded.card.attack)
@@ -186,8 +189,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
                 loaded.model, defense, clean, test, attack, curve_limit=cell.curve_limit,
                 goodnets=True, baseline=baseline, prepared=prepared)
         result = report.result
-        chosen = result.chosen if result.chosen in report.variants else next(
-            iter(report.variants), None)
+        chosen = result.chosen if result.chosen in report.variants else None
         pruned = result.notes.get("pruned_channels")
         record.update({
             "before": _metrics(report.original),

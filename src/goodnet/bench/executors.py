@@ -3,7 +3,9 @@
 An executor takes a function and a list of tasks and yields ``(index, result)`` as each task
 finishes, in whatever order they finish. The functions it runs (:mod:`goodnet.bench.cell`)
 never raise; an executor yields an exception object instead of a result only when the worker
-itself died (killed, out of memory), and the runner records that as the cell's failure.
+itself died (killed, out of memory), and the runner records that as the cell's failure. A dead
+worker breaks a process pool for every task in it: the unfinished tasks get a fresh pool, and a
+task whose pool breaks twice is reported failed.
 
 - ``local`` with ``workers=0``: one task after another in this process.
 - ``local`` with ``workers=N``: a pool of N spawned processes (spawn, not fork: PyTorch's thread
@@ -19,6 +21,7 @@ import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,16 +50,35 @@ class LocalExecutor:
                 yield index, result
             return
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-            pending = {pool.submit(fn, *args): index for index, args in enumerate(tasks)}
-            while pending:
-                running[0] = min(self.workers, len(pending))
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    index = pending.pop(future)
-                    error = future.exception()
-                    yield index, error if error is not None else future.result()
-            running[0] = 0
+        todo = dict(enumerate(tasks))
+        deaths: dict[int, int] = {}
+        while todo:  # a dead worker breaks the whole pool: start a new one for what is left
+            pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            try:
+                pending = {pool.submit(fn, *args): index for index, args in todo.items()}
+                while pending:
+                    running[0] = min(self.workers, len(pending))
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    broken = False
+                    for future in done:
+                        index = pending.pop(future)
+                        error = future.exception()
+                        if isinstance(error, BrokenProcessPool):
+                            broken = True
+                            continue
+                        del todo[index]
+                        yield index, error if error is not None else future.result()
+                    if broken:
+                        break
+            finally:
+                pool.shutdown(wait=False, cancel_futures=True)
+            for index in list(todo):  # every unfinished task was in the broken pool
+                deaths[index] = deaths.get(index, 0) + 1
+                if deaths[index] >= 2:
+                    del todo[index]
+                    yield index, RuntimeError("its worker process died twice (killed or out "
+                                              "of memory)")
+        running[0] = 0
 
 
 @dataclass(frozen=True)
@@ -111,6 +133,8 @@ EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}
 
 def make_executor(name: str, workers: int = 0, address: str | None = None,
                   threads: int = 1) -> LocalExecutor | RayExecutor:
+    if workers < 0:
+        raise GoodnetError(f"--workers must be 0 or more, got {workers}")
     if name == "local":
         if address:
             raise GoodnetError("--address is for the ray executor")

@@ -21,9 +21,11 @@ Every list may be a single value; ``attacks: all`` and ``defenses: all`` take ev
 one. Unknown keys, attacks, defenses and settings are refused with the file and the key named.
 
 Each cell is keyed by a hash of its full configuration (the resolved settings of its attack,
-defense and training, not just their names), so a changed default is a new cell, never a stale
-cache hit. Relative paths (``zoo``, a data set path) are relative to the current folder, as on
-the command line.
+defense and training, not just their names), so a changed setting or default is a new cell. A
+change in goodnet's code is not: each record carries the versions that produced it, and a new
+results folder reruns everything. Relative paths (``zoo``, a data set path) are relative to
+the current folder, as on the command line, and made absolute (with Ray on a cluster, the zoo
+and the data must be on a file system every node shares).
 """
 
 from __future__ import annotations
@@ -66,12 +68,26 @@ def _coerce(cls: type, settings: dict[str, Any], what: str) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     out = {}
     for key, value in settings.items():
+        if not _plain(value):
+            raise GoodnetError(f"{what}: setting {key!r} must be a number, string, boolean, "
+                               f"null or a list of those, got {type(value).__name__}")
         if isinstance(value, list):
             value = tuple(value)
         if hints.get(key) is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         out[key] = value
     return out
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` is what JSON can hold (YAML's dates, sets and bytes are not)."""
+    if value is None or isinstance(value, bool | int | str):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list) and depth < 2:
+        return all(_plain(v, depth + 1) for v in value)
+    return False
 
 
 @dataclass(frozen=True)
@@ -102,8 +118,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def _normal(value: Any) -> Any:
+    """1 and 1.0 alike (a setting spelt either way is the same cell)."""
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_normal(v) for v in value]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 def digest(payload: Any, length: int = 16) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    text = json.dumps(_normal(payload), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 
@@ -156,6 +183,7 @@ class Cell:
 
     def configuration(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **self.model.configuration(), "seed": self.model.seed,
+                "attack_label": self.model.attack.label,
                 "defense": self.defense.name, "defense_label": self.defense.label,
                 "defense_settings": self.defense.resolved(DEFENSES, "defense"),
                 "clean": self.clean, "test_limit": self.model.test_limit,
@@ -232,6 +260,8 @@ def _entries(value: Any, registry: dict[str, Any], what: str, source: str) -> tu
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):
         raise GoodnetError(f"{source}: two {what}s share a label; give each a distinct 'label'")
+    if len({(e.name, e.settings) for e in entries}) != len(entries):
+        raise GoodnetError(f"{source}: the same {what} with the same settings is listed twice")
     return tuple(entries)
 
 
@@ -261,8 +291,8 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
                            f"{', '.join(sorted(_KEYS))})")
     base = base or Path(".")
 
-    def local(text: str) -> str:
-        return str(base / text) if not Path(text).is_absolute() else text
+    def local(text: str) -> str:  # absolute, so every worker (and Ray node) reads the same path
+        return str((base / text).resolve()) if not Path(text).is_absolute() else text
 
     data = tuple(d if d in DATASETS else local(d)
                  for d in _strings(raw.get("data", "mnist"), "data", source))
@@ -271,18 +301,26 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
         if arch not in MODELS:
             raise GoodnetError(f"{source}: unknown architecture {arch!r} (choose from "
                                f"{', '.join(MODELS)})")
+    for key, values in (("data", data), ("archs", archs)):
+        if len(set(values)) != len(values):
+            raise GoodnetError(f"{source}: {key} lists the same entry twice")
     seeds = raw.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) else seeds
     if (not isinstance(seeds, list) or not seeds
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise GoodnetError(f"{source}: seeds must be a non-negative whole number or a list")
+    if len(set(seeds)) != len(seeds):
+        raise GoodnetError(f"{source}: seeds lists the same seed twice")
     clean = raw.get("clean", 0.01)
     if isinstance(clean, bool) or not isinstance(clean, int | float) or not math.isfinite(
             clean) or clean <= 0 or (isinstance(clean, float) and clean >= 1):
         raise GoodnetError(f"{source}: clean must be a fraction in (0, 1) or a count >= 1")
     train = _coerce(TrainConfig, raw.get("train") or {}, f"{source}: train")
     train.pop("seed", None)  # the cell's seed
-    TrainConfig(**train)
+    try:
+        TrainConfig(**train)
+    except (TypeError, ValueError) as error:
+        raise GoodnetError(f"{source}: train: {error}") from None
     curve_limit = raw.get("curve_limit", 2000)
     threads = raw.get("threads", 1)
     for key, value in (("curve_limit", curve_limit), ("threads", threads)):

@@ -62,8 +62,15 @@ def _fmt(values: list[float], n: int | None = None) -> str:
 class Report:
     """The successful records of a results file, grouped for tabulation."""
 
-    def __init__(self, records: list[dict[str, Any]], tolerance: float = 0.02) -> None:
+    def __init__(self, records: list[dict[str, Any]], tolerance: float = 0.02,
+                 keys: set[str] | None = None) -> None:
         kept = list(latest(records).values())
+        if keys is not None:  # only the cells of the current grid
+            kept = [r for r in kept if r["key"] in keys]
+        # One record per data set, architecture, attack, defense and seed: the last one written
+        # (a grid edited between runs leaves its older settings' records behind).
+        kept = list({(r.get("data"), r.get("arch"), r.get("attack"), r.get("defense"),
+                      r.get("seed")): r for r in kept}.values())
         self.ok = [r for r in kept if r.get("status") == "ok"]
         self.failed = [r for r in kept if r.get("status") != "ok"]
         self.tolerance = tolerance
@@ -225,7 +232,8 @@ def plot_curves(report: Report, defense: str, path: Path) -> Path | None:
         rows = sorted(report.groups.get((*row, defense), []), key=lambda r: r["seed"])
         curve = [p for p in (rows[0].get("curve") or []) if not p.get("fine_tuned")] \
             if rows else []
-        curve = [p for p in curve if "test_ca" in p and "test_asr" in p]
+        curve = [p for p in curve if isinstance(p.get("test_ca"), int | float)
+                 and isinstance(p.get("test_asr"), int | float)]
         if curve:
             x_key = next((k for k in ("pruned", "round", "u") if k in curve[0]), None)
             if x_key is not None:
@@ -273,14 +281,16 @@ def _html_table(markdown: str) -> str:
 
 
 def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.02,
-                 title: str | None = None, note: str = "") -> list[Path]:
-    """Write the report of ``results`` into ``out``; returns the paths written."""
+                 title: str | None = None, note: str = "", keys: set[str] | None = None
+                 ) -> list[Path]:
+    """Write the report of ``results`` into ``out`` (only the cells in ``keys``, if given: a
+    grid's current cells); returns the paths written."""
     results, out = Path(results), Path(out)
     if results.is_dir():
         results = results / "results.jsonl"
     if not results.exists():
         raise GoodnetError(f"{results}: no such results file")
-    report = Report(read_records(results), tolerance)
+    report = Report(read_records(results), tolerance, keys)
     if not report.ok and not report.failed:
         raise GoodnetError(f"{results}: no result records in it")
     title = title or f"goodnet benchmark: {results.parent.name}"
@@ -300,7 +310,10 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
                                      "Failed cells:\n" + "\n".join(failures)
                                      if failures else ""])) + "\n"
     written = []
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise GoodnetError(f"cannot write {out}: {error.strerror or error}") from None
     write_text_atomic(out / "report.md", text)
     write_text_atomic(out / "summary.csv", _csv(report.summary_rows()))
     write_text_atomic(out / "cells.csv", _csv(report.cell_rows()))

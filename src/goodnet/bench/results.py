@@ -82,9 +82,12 @@ class ResultsFile:
     def append(self, record: dict[str, Any]) -> None:
         line = (json.dumps(finite(record), default=str, allow_nan=False) + "\n").encode()
         view = memoryview(line)
-        while view:  # a regular file takes it in one write; loop only on a short write
-            view = view[os.write(self._fd, view):]
-        os.fsync(self._fd)
+        try:
+            while view:  # a regular file takes it in one write; loop only on a short write
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+        except OSError as error:
+            raise GoodnetError(f"cannot write {self.path}: {error.strerror or error}") from None
 
     def close(self) -> None:
         if self._fd >= 0:
