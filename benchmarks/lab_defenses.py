@@ -201,6 +201,35 @@ def oracle_table(records: list[dict], labels: list[str], max_drop: float = 0.01)
     return "\n".join(lines)
 
 
+def reach(curve: list[dict], target: float = 0.02) -> float | None:
+    """The smallest test-CA loss (from the unpruned point) at which a mask defense's curve gets
+    ASR to ``target`` or below; inf if no point does. Evaluation only, like the oracle."""
+    points = [p for p in curve or [] if isinstance(p.get("test_ca"), int | float)
+              and isinstance(p.get("test_asr"), int | float)]
+    if not points:
+        return None
+    losses = [points[0]["test_ca"] - p["test_ca"] for p in points if p["test_asr"] <= target]
+    return min(losses) if losses else math.inf
+
+
+def reach_table(records: list[dict], labels: list[str], target: float = 0.02) -> str:
+    """Per (data, attack): each seed's CA loss for ASR <= target on each defense's curve."""
+    lines = ["| data | attack | " + " | ".join(f"{label}: CA points lost" for label in labels)
+             + " |", "|" + "---|" * (2 + len(labels))]
+    for data, attack in sorted({(r["data"], r["attack"]) for r in records}):
+        cells = []
+        for label in labels:
+            rows = sorted((r for r in records if (r["data"], r["attack"], r["defense"],
+                                                  r["variant"]) == (data, attack, label,
+                                                                    "chosen")),
+                          key=lambda r: r["seed"])
+            values = [reach(r.get("curve"), target) for r in rows]
+            cells.append(", ".join("never" if v == math.inf else f"{100 * v:.1f}"
+                                   for v in values if v is not None) or "–")
+        lines.append(f"| {data} | {attack} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--zoo", type=Path, default=Path("zoo"))
@@ -259,6 +288,10 @@ def main() -> None:
         text = oracle_table(records, masked)
         (args.out / "oracle.md").write_text(text + "\n")
         print("\nOracle points (lowest test ASR within 1 point of test CA; evaluation only):")
+        print(text)
+        text = reach_table(records, masked)
+        (args.out / "reach.md").write_text(text + "\n")
+        print("\nCA points each seed's curve loses before ASR <= 2 % (evaluation only):")
         print(text)
 
 

@@ -58,9 +58,10 @@ def main() -> None:
             for n in sizes:
                 clean = train.subset(order[:n]) if n else None
                 seconds = []
+                example = {"example": train.get(order[:1])[0]} if clean is None else {}
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    cls(config).repair(model, clean)
+                    cls(config).repair(model, clean, **example)
                     seconds.append(time.perf_counter() - start)
                 record = {"arch": arch, "parameters": params, "defense": name, "clean": n,
                           "seconds": statistics.median(seconds), "runs": seconds,
