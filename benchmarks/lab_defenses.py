@@ -171,11 +171,17 @@ def compact(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _curve_points(curve: list[dict] | None) -> list[dict]:
+    """The points of a curve that carry test CA and ASR (the first is the unpruned model)."""
+    return [p for p in curve or [] if isinstance(p.get("test_ca"), int | float)
+            and isinstance(p.get("test_asr"), int | float)]
+
+
 def oracle_point(curve: list[dict], max_drop: float = 0.01) -> tuple[float, float] | None:
     """The lowest test ASR on a mask defense's curve among the points within ``max_drop`` of the
     unpruned test CA, as (CA, ASR): what a defender who could see the test set would pick.
     For evaluation only: no defense in goodnet chooses this way."""
-    points = [p for p in curve or [] if "test_ca" in p and "test_asr" in p]
+    points = _curve_points(curve)
     if not points:
         return None
     base = points[0]["test_ca"]
@@ -184,37 +190,19 @@ def oracle_point(curve: list[dict], max_drop: float = 0.01) -> tuple[float, floa
     return best["test_ca"], best["test_asr"]
 
 
-def oracle_table(records: list[dict], labels: list[str], max_drop: float = 0.01) -> str:
-    """Per (data, attack): each mask defense's oracle point (mean ± std over seeds)."""
-    lines = ["| data | attack | " + " | ".join(f"{label}: oracle CA / ASR" for label in labels)
-             + " |", "|" + "---|" * (2 + len(labels))]
-    for data, attack in sorted({(r["data"], r["attack"]) for r in records}):
-        cells = []
-        for label in labels:
-            points = [oracle_point(r.get("curve"), max_drop) for r in records
-                      if (r["data"], r["attack"], r["defense"], r["variant"]) == (
-                          data, attack, label, "chosen")]
-            points = [p for p in points if p is not None]
-            cells.append(" / ".join(spread([p[i] for p in points]) for i in (0, 1))
-                         if points else "–")
-        lines.append(f"| {data} | {attack} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def reach(curve: list[dict], target: float = 0.02) -> float | None:
     """The smallest test-CA loss (from the unpruned point) at which a mask defense's curve gets
     ASR to ``target`` or below; inf if no point does. Evaluation only, like the oracle."""
-    points = [p for p in curve or [] if isinstance(p.get("test_ca"), int | float)
-              and isinstance(p.get("test_asr"), int | float)]
+    points = _curve_points(curve)
     if not points:
         return None
     losses = [points[0]["test_ca"] - p["test_ca"] for p in points if p["test_asr"] <= target]
     return min(losses) if losses else math.inf
 
 
-def reach_table(records: list[dict], labels: list[str], target: float = 0.02) -> str:
-    """Per (data, attack): each seed's CA loss for ASR <= target on each defense's curve."""
-    lines = ["| data | attack | " + " | ".join(f"{label}: CA points lost" for label in labels)
+def _curve_table(records: list[dict], labels: list[str], heading: str, cell) -> str:
+    """Per (data, attack): ``cell(rows)`` for each defense label, its chosen records by seed."""
+    lines = ["| data | attack | " + " | ".join(f"{label}: {heading}" for label in labels)
              + " |", "|" + "---|" * (2 + len(labels))]
     for data, attack in sorted({(r["data"], r["attack"]) for r in records}):
         cells = []
@@ -223,11 +211,30 @@ def reach_table(records: list[dict], labels: list[str], target: float = 0.02) ->
                                                   r["variant"]) == (data, attack, label,
                                                                     "chosen")),
                           key=lambda r: r["seed"])
-            values = [reach(r.get("curve"), target) for r in rows]
-            cells.append(", ".join("never" if v == math.inf else f"{100 * v:.1f}"
-                                   for v in values if v is not None) or "–")
+            cells.append(cell(rows))
         lines.append(f"| {data} | {attack} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def oracle_table(records: list[dict], labels: list[str], max_drop: float = 0.01) -> str:
+    """Per (data, attack): each mask defense's oracle point (mean ± std over seeds)."""
+
+    def cell(rows: list[dict]) -> str:
+        points = [p for p in (oracle_point(r.get("curve"), max_drop) for r in rows) if p]
+        return " / ".join(spread([p[i] for p in points]) for i in (0, 1)) if points else "–"
+
+    return _curve_table(records, labels, "oracle CA / ASR", cell)
+
+
+def reach_table(records: list[dict], labels: list[str], target: float = 0.02) -> str:
+    """Per (data, attack): each seed's CA loss for ASR <= target on each defense's curve."""
+
+    def cell(rows: list[dict]) -> str:
+        values = [reach(r.get("curve"), target) for r in rows]
+        return ", ".join("never" if v == math.inf else f"{100 * v:.1f}"
+                         for v in values if v is not None) or "–"
+
+    return _curve_table(records, labels, "CA points lost", cell)
 
 
 def main() -> None:

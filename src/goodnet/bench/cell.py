@@ -23,7 +23,7 @@ import torch
 from goodnet.artifacts import load_model, save_model
 from goodnet.attacks import ATTACKS, make_attack
 from goodnet.backdoor import attack_from_card, train_model
-from goodnet.bench.grid import Cell, ModelJob
+from goodnet.bench.grid import Cell, ModelJob, normal
 from goodnet.data import load_dataset, split_clean
 from goodnet.data.dataset import ImageData
 from goodnet.defenses import DEFENSES
@@ -117,19 +117,9 @@ def check_model(job: ModelJob, card_training: dict[str, Any], card_attack: Any) 
     found = card_training.get("config", {})
     attack = (card_attack or {}).get("config")
     expected_attack = job.attack.resolved(ATTACKS, "attack")
-    if _normal(found) != _normal(wanted) or _normal(attack) != _normal(expected_attack):
+    if normal(found) != normal(wanted) or normal(attack) != normal(expected_attack):
         raise GoodnetError(f"{job.path()}: this cached model was built with other training or "
                            f"attack settings than the grid asks for; move it away to rebuild")
-
-
-def _normal(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _normal(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_normal(v) for v in value]
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
 
 
 def build_model(job: ModelJob, threads: int = 1) -> dict[str, Any]:

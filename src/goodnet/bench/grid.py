@@ -118,19 +118,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def _normal(value: Any) -> Any:
+def normal(value: Any) -> Any:
     """1 and 1.0 alike (a setting spelt either way is the same cell)."""
     if isinstance(value, dict):
-        return {k: _normal(v) for k, v in value.items()}
+        return {k: normal(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_normal(v) for v in value]
+        return [normal(v) for v in value]
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
 
 
 def digest(payload: Any, length: int = 16) -> str:
-    text = json.dumps(_normal(payload), sort_keys=True, separators=(",", ":"))
+    text = json.dumps(normal(payload), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 

@@ -125,6 +125,7 @@ class Report:
     def summary_rows(self) -> list[dict[str, Any]]:
         out = []
         for row in self.rows:
+            best = self.best(row)
             for defense in ["(backdoored)", *self.defenses]:
                 rows = self.backdoored(row) if defense == "(backdoored)" else \
                     self.groups.get((*row, defense), [])
@@ -142,7 +143,7 @@ class Report:
                 memory = [r["peak_memory_mib"] for r in rows if r.get("peak_memory_mib")]
                 entry["peak_memory_mib_max"] = max(memory) if memory and part == "after" \
                     else math.nan
-                entry["best"] = defense == self.best(row)
+                entry["best"] = defense == best
                 out.append(entry)
         return out
 
