@@ -27,7 +27,7 @@ from goodnet.bench import (
     run_grid,
     write_report,
 )
-from goodnet.bench.results import latest
+from goodnet.bench.results import latest, read_runs
 from goodnet.cli import main
 from goodnet.errors import GoodnetError
 from tests.conftest import stripes, write_idx_dataset
@@ -143,6 +143,27 @@ def test_a_grid_runs_and_a_rerun_is_all_cache_hits(finished, data_folder):
     again = run_grid(parse_grid(tiny(data_folder, out / "zoo")), out, progress=False)
     assert (again.skipped, again.done, again.models_built) == (4, 0, 0)
     assert (out / "results.jsonl").read_bytes() == before
+    # Each sitting is logged with its wall time, counts and machine.
+    runs = read_runs(out / "runs.jsonl")
+    assert [(r["outcome"], r["run"], r["skipped"], r["models_built"]) for r in runs] == \
+        [("finished", 4, 0, 2), ("finished", 0, 4, 0)]
+    assert runs[0]["seconds"] == pytest.approx(summary.seconds)
+    assert runs[0]["seconds"] > runs[1]["seconds"]
+    assert runs[0]["machine"]["cpus"] == os.cpu_count()
+    assert (runs[0]["executor"], runs[0]["workers"]) == ("local", 0)
+
+
+class _Crashing(LocalExecutor):
+    def run(self, fn, tasks, *, running):
+        raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_is_logged_as_such(data_folder, tmp_path):
+    grid = parse_grid(tiny(data_folder, tmp_path / "zoo"))
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(grid, tmp_path / "out", _Crashing(), progress=False)
+    (run,) = read_runs(tmp_path / "out" / "runs.jsonl")
+    assert run["outcome"] == "interrupted" and run["run"] == 0 and run["cells"] == 4
 
 
 def test_a_new_defense_reuses_the_cached_models(finished, data_folder, tmp_path):
@@ -268,6 +289,12 @@ def fixed_results(path: Path) -> Path:
 
 def test_the_report_tabulates_means_spreads_and_marks_the_best(tmp_path):
     results = fixed_results(tmp_path / "results.jsonl")
+    machine = {"host": "box", "cpus": 2, "cpu": "AMD EPYC", "memory_gib": 23.4, "gpu": None}
+    with ResultsFile(tmp_path / "runs.jsonl") as log:
+        for started, seconds, outcome in (("2026-01-02T03:04:05+00:00", 150.0, "interrupted"),
+                                          ("2026-01-01T00:00:00+00:00", 30.0, "finished")):
+            log.append({"started": started, "seconds": seconds, "outcome": outcome,
+                        "executor": "local", "workers": 2, "threads": 1, "machine": machine})
     written = write_report(results, tmp_path / "report")
     names = {p.name for p in written}
     assert {"report.md", "summary.csv", "cells.csv", "scatter.png", "curves-prune.png",
@@ -281,6 +308,9 @@ def test_the_report_tabulates_means_spreads_and_marks_the_best(tmp_path):
     # blend: both keep CA; anp has the lower ASR.
     assert "**98.0 ± 0.7 / 30.0 ± 14.1** ★" in blend
     assert "blend seed 0, clp: it broke" in text
+    assert "Wall time: 3.0 min in 2 run(s) of `goodnet bench` (1 interrupted), first started " \
+        "2026-01-01T00:00:00+00:00; executor local, 2 workers, 1 thread(s) per task; machine " \
+        "box (2 × AMD EPYC, 23.4 GiB, no GPU)." in text
     summary = (tmp_path / "report" / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("data,arch,attack,defense,seeds,CA_mean,CA_std")
     assert any(line.startswith("mnist,small_cnn,badnets,prune,2,0.96,") and

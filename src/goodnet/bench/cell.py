@@ -40,6 +40,25 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+def machine() -> dict[str, Any]:
+    """The machine this process runs on, as a benchmark reports it: host name, CPU model and
+    count, memory, and the GPU PyTorch sees (if any)."""
+    cpu = platform.processor() or platform.machine()
+    memory = None
+    try:
+        with open("/proc/cpuinfo") as handle:
+            cpu = next((line.split(":", 1)[1].strip() for line in handle
+                        if line.startswith("model name")), cpu)
+        with open("/proc/meminfo") as handle:
+            kib = next(int(line.split()[1]) for line in handle if line.startswith("MemTotal"))
+        memory = round(kib / 2**20, 1)
+    except (OSError, ValueError, IndexError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"host": platform.node(), "cpu": cpu, "cpus": os.cpu_count(), "memory_gib": memory,
+            "gpu": gpu}
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as handle:

@@ -12,6 +12,9 @@ writes into a folder:
 - ``scatter.png``: CA against ASR, one panel per defense, one point per cell.
 - ``curves-<defense>.png``: test CA and ASR along each defense's pruning curve (first seed).
 - ``report.html``: all of the above in one file, images inlined, nothing fetched.
+
+When the results folder has the runner's log (``runs.jsonl``), the report also states the wall
+time ``goodnet bench`` spent on the folder (every sitting summed), the executor and the machine.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from goodnet.artifacts import atomic_path, write_text_atomic
-from goodnet.bench.results import latest, read_records
+from goodnet.bench.results import RESULTS, RUNS, latest, read_records, read_runs
 from goodnet.errors import GoodnetError
 
 METRICS = (("clean_accuracy", "CA"), ("attack_success_rate", "ASR"),
@@ -263,6 +266,28 @@ def plot_curves(report: Report, defense: str, path: Path) -> Path | None:
     return _save(figure, path, plt)
 
 
+def describe_runs(runs: list[dict[str, Any]]) -> str:
+    """One sentence on the runs logged for a results folder: wall time, executor, machine."""
+    if not runs:
+        return ""
+    seconds = sum(r["seconds"] for r in runs)
+    executors = sorted({f"{r.get('executor', '?')}, {r.get('workers', '?')} workers, "
+                        f"{r.get('threads', '?')} thread(s) per task" for r in runs})
+    machines = []
+    for r in runs:
+        m = r.get("machine") or {}
+        text = (f"{m.get('host', '?')} ({m.get('cpus', '?')} × {m.get('cpu', '?')}, "
+                f"{m.get('memory_gib', '?')} GiB" + (f", {m['gpu']}" if m.get("gpu") else
+                                                    ", no GPU") + ")")
+        if text not in machines:
+            machines.append(text)
+    interrupted = sum(r.get("outcome") != "finished" for r in runs)
+    return (f"Wall time: {seconds / 60:.1f} min in {len(runs)} run(s) of `goodnet bench`"
+            + (f" ({interrupted} interrupted)" if interrupted else "")
+            + f", first started {min(r['started'] for r in runs)}; executor "
+            f"{'; '.join(executors)}; machine {'; '.join(machines)}.")
+
+
 def _html_table(markdown: str) -> str:
     rows = [line.strip().strip("|").split("|") for line in markdown.splitlines()
             if not line.startswith("|---")]
@@ -288,7 +313,7 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
     grid's current cells); returns the paths written."""
     results, out = Path(results), Path(out)
     if results.is_dir():
-        results = results / "results.jsonl"
+        results = results / RESULTS
     if not results.exists():
         raise GoodnetError(f"{results}: no such results file")
     report = Report(read_records(results), tolerance, keys)
@@ -305,6 +330,8 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
              f"and measurement, summed); host {', '.join(hosts)}; goodnet {', '.join(version)}. "
              f"CA / ASR in %, mean ± std over seeds; ★ the lowest ASR within "
              f"{100 * tolerance:g} points of the backdoored model's CA.")
+    facts = " ".join(filter(None, [describe_runs(read_runs(results.parent / RUNS)),
+                                   facts]))
     failures = [f"- {r['data']} {r['arch']} {r['attack']} seed {r['seed']}, {r['defense']}: "
                 f"{r.get('error')}" for r in report.failed]
     text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown,

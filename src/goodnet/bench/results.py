@@ -6,6 +6,10 @@ killed at any instant (even by SIGKILL) loses at most the cell it was writing. A
 (the kill landed inside the write) is ignored on reading and fenced off with a newline before
 the next append, so it can never glue itself to a good record. A cell run again (after a
 failure) appends a new record; readers keep the last record per cell key.
+
+Beside it, ``runs.jsonl`` logs each ``goodnet bench`` that wrote to the folder (when, how long,
+how many cells, which executor, which machine), written the same way, so a report can state the
+wall time a grid took even when it was run in several sittings.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from goodnet.errors import GoodnetError
+
+RESULTS = "results.jsonl"
+RUNS = "runs.jsonl"
 
 
 def finite(value: Any) -> Any:
@@ -30,26 +37,36 @@ def finite(value: Any) -> Any:
     return value
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete record in ``path`` (in file order; torn or foreign lines skipped)."""
-    path = Path(path)
+def _read_objects(path: Path) -> list[dict[str, Any]]:
+    """Every complete JSON object in ``path``, one per line (torn or foreign lines skipped)."""
     if not path.exists():
         return []
     try:
         raw = path.read_bytes()
     except OSError as error:
         raise GoodnetError(f"cannot read {path}: {error.strerror or error}") from None
-    records = []
+    objects = []
     for line in raw.split(b"\n"):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            value = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
             continue  # a record torn by a kill mid-write
-        if isinstance(record, dict) and isinstance(record.get("key"), str):
-            records.append(record)
-    return records
+        if isinstance(value, dict):
+            objects.append(value)
+    return objects
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete cell record in ``path`` (in file order; torn or foreign lines skipped)."""
+    return [r for r in _read_objects(Path(path)) if isinstance(r.get("key"), str)]
+
+
+def read_runs(path: str | Path) -> list[dict[str, Any]]:
+    """Every complete run record in a run log (``runs.jsonl``: one line per ``goodnet bench``)."""
+    return [r for r in _read_objects(Path(path))
+            if isinstance(r.get("seconds"), int | float) and isinstance(r.get("started"), str)]
 
 
 def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -9,6 +9,7 @@ executor and each record is appended to ``results.jsonl`` as it finishes.
 
 from __future__ import annotations
 
+import datetime
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,10 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from goodnet.bench.cell import build_model, run_cell, versions
+from goodnet.bench.cell import build_model, machine, run_cell, versions
 from goodnet.bench.executors import LocalExecutor, RayExecutor
 from goodnet.bench.grid import Cell, Grid
-from goodnet.bench.results import ResultsFile, latest, read_records
-
-RESULTS = "results.jsonl"
+from goodnet.bench.results import RESULTS, RUNS, ResultsFile, latest, read_records
 
 
 @dataclass
@@ -48,14 +47,37 @@ def pending_cells(grid: Grid, results: Path) -> tuple[list[Cell], int]:
 
 def run_grid(grid: Grid, out: str | Path, executor: LocalExecutor | RayExecutor | None = None,
              *, progress: bool = True) -> RunSummary:
-    """Run every missing cell of ``grid``, appending to ``out/results.jsonl``."""
+    """Run every missing cell of ``grid``, appending to ``out/results.jsonl``; the run itself
+    (wall time, counts, executor, machine) is logged to ``out/runs.jsonl``, even when it is
+    interrupted by an exception or Ctrl-C."""
     executor = executor or LocalExecutor()
-    start = time.perf_counter()
-    results = Path(out) / RESULTS
+    started = datetime.datetime.now(datetime.timezone.utc)
+    clock = time.perf_counter()
+    summary = RunSummary()
+    outcome = "interrupted"
+    try:
+        _run(grid, Path(out), executor, summary, progress)
+        outcome = "finished"
+    finally:
+        summary.seconds = time.perf_counter() - clock
+        with ResultsFile(Path(out) / RUNS) as log:
+            log.append({"grid": grid.name, "started": started.isoformat(timespec="seconds"),
+                        "seconds": summary.seconds, "outcome": outcome, "cells": summary.cells,
+                        "run": summary.done, "skipped": summary.skipped,
+                        "failed": summary.failed, "models_built": summary.models_built,
+                        "executor": executor.name, "workers": executor.workers,
+                        "threads": grid.threads, "machine": machine(),
+                        "versions": versions()})
+    return summary
+
+
+def _run(grid: Grid, out: Path, executor: LocalExecutor | RayExecutor,
+         summary: RunSummary, progress: bool) -> None:
+    results = out / RESULTS
     todo, skipped = pending_cells(grid, results)
-    summary = RunSummary(cells=len(todo) + skipped, skipped=skipped)
+    summary.cells, summary.skipped = len(todo) + skipped, skipped
     if not todo:
-        return summary
+        return
     jobs = list({cell.model.path(): cell.model for cell in todo}.values())
     running = [0]
     bar = tqdm(total=len(jobs) + len(todo), disable=not progress, unit="task",
@@ -104,8 +126,6 @@ def run_grid(grid: Grid, out: str | Path, executor: LocalExecutor | RayExecutor 
             bar.update()
             show()
     bar.close()
-    summary.seconds = time.perf_counter() - start
-    return summary
 
 
 def _failed(cell: Cell, error: str) -> dict[str, Any]:
