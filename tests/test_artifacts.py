@@ -149,3 +149,18 @@ def test_unwritable_destination_is_a_clear_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(GoodnetError, match="cannot write"):
         write_text_atomic(blocker / "sub" / "out.txt", "x")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_written_files_get_the_umask_mode_not_mkstemps_private_one(tmp_path, umask):
+    import os
+    import stat
+
+    old = os.umask(umask)
+    try:
+        write_text_atomic(tmp_path / "report.md", "x")
+        (tmp_path / "plain.md").write_text("x")
+    finally:
+        os.umask(old)
+    mode = stat.S_IMODE((tmp_path / "report.md").stat().st_mode)
+    assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "plain.md").stat().st_mode)

@@ -128,11 +128,26 @@ class LoadedModel(NamedTuple):
     extras: dict[str, torch.Tensor]
 
 
+def _umask() -> int:
+    """The process's umask (read without changing it where /proc allows)."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success, move it over ``path`` atomically.
 
-    On any failure the temporary file is removed and ``path`` is left as it was.
+    On any failure the temporary file is removed and ``path`` is left as it was. The file ends
+    with the permissions the umask gives a new file, as ``open`` would make it.
     """
     path = Path(path)
     try:
@@ -146,6 +161,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
         yield temp_path
         with open(temp_path, "rb+") as written:
             os.fsync(written.fileno())
+        # mkstemp makes the file private (0600); give it the mode any new file would have.
+        os.chmod(temp_path, 0o666 & ~_umask())
         os.replace(temp_path, path)
     except OSError as error:
         raise GoodnetError(f"cannot write {path}: {error.strerror or error}") from None
