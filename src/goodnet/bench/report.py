@@ -181,7 +181,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 def _save(figure: Any, path: Path, plt: Any) -> Path:
     figure.tight_layout()
     with atomic_path(path) as temp:
-        figure.savefig(temp, format="png")
+        figure.savefig(temp, format="png", bbox_inches="tight")
     plt.close(figure)
     return path
 
@@ -225,7 +225,8 @@ def plot_scatter(report: Report, path: Path) -> Path:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
     if handles:
-        figure.legend(handles.values(), handles.keys(), loc="lower right", fontsize=7)
+        figure.legend(handles.values(), handles.keys(), loc="center left", fontsize=7,
+                      bbox_to_anchor=(1.0, 0.5))  # beside the panels, never over one
     return _save(figure, path, plt)
 
 
