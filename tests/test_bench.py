@@ -409,3 +409,11 @@ def test_a_dead_worker_fails_its_task_only(tmp_path):
     results = dict(LocalExecutor(workers=2).run(die_on, tasks, running=running))
     assert results[0] == "a" and results[2] == "b" and results[3] == "c"
     assert isinstance(results[1], RuntimeError) and "died twice" in str(results[1])
+
+
+def test_an_unwritable_results_folder_reports_the_results_file(data_folder, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    grid = parse_grid(tiny(data_folder, tmp_path / "zoo"))
+    with pytest.raises(GoodnetError, match=r"results\.jsonl"):
+        run_grid(grid, blocker / "out", progress=False)

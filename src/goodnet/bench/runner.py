@@ -9,6 +9,7 @@ executor and each record is appended to ``results.jsonl`` as it finishes.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import time
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from goodnet.bench.cell import build_model, machine, run_cell, versions
 from goodnet.bench.executors import LocalExecutor, RayExecutor
 from goodnet.bench.grid import Cell, Grid
 from goodnet.bench.results import RESULTS, RUNS, ResultsFile, latest, read_records
+from goodnet.errors import GoodnetError
 
 
 @dataclass
@@ -54,20 +56,25 @@ def run_grid(grid: Grid, out: str | Path, executor: LocalExecutor | RayExecutor 
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
     summary = RunSummary()
-    outcome = "interrupted"
+
+    def log(outcome: str) -> None:
+        summary.seconds = time.perf_counter() - clock
+        with ResultsFile(Path(out) / RUNS) as runs:
+            runs.append({"grid": grid.name, "started": started.isoformat(timespec="seconds"),
+                         "seconds": summary.seconds, "outcome": outcome,
+                         "cells": summary.cells, "run": summary.done,
+                         "skipped": summary.skipped, "failed": summary.failed,
+                         "models_built": summary.models_built, "executor": executor.name,
+                         "workers": executor.workers, "threads": grid.threads,
+                         "machine": machine(), "versions": versions()})
+
     try:
         _run(grid, Path(out), executor, summary, progress)
-        outcome = "finished"
-    finally:
-        summary.seconds = time.perf_counter() - clock
-        with ResultsFile(Path(out) / RUNS) as log:
-            log.append({"grid": grid.name, "started": started.isoformat(timespec="seconds"),
-                        "seconds": summary.seconds, "outcome": outcome, "cells": summary.cells,
-                        "run": summary.done, "skipped": summary.skipped,
-                        "failed": summary.failed, "models_built": summary.models_built,
-                        "executor": executor.name, "workers": executor.workers,
-                        "threads": grid.threads, "machine": machine(),
-                        "versions": versions()})
+    except BaseException:
+        with contextlib.suppress(GoodnetError):  # the original error is the one to report
+            log("interrupted")
+        raise
+    log("finished")
     return summary
 
 
