@@ -111,7 +111,8 @@ def test_bad_cards_and_weights_are_refused(saved, tmp_path):
         "unknown architecture": card.to_json().replace('"small_cnn"', '"evil_net"'),
         "not valid JSON": "{oops",
         "not a goodnet model card": json.dumps({"format": "other"}),
-        "implausibly large": card.to_json().replace('"num_classes": 4', '"num_classes": 10000000'),
+        "2 to 100,000 classes": card.to_json().replace('"num_classes": 4',
+                                                       '"num_classes": 10000000'),
     }
     for message, text in cases.items():
         bad = tmp_path / "bad.safetensors"

@@ -183,3 +183,71 @@ def test_predict_refuses_an_image_of_the_wrong_size(trained, tmp_path, capsys):
     Image.new("L", (20, 20)).save(path)
     assert main(["predict", str(trained), str(path)]) != 0
     assert "the image is 20×20 (W×H) but the model takes 16×16" in capsys.readouterr().err
+
+
+def _poisoned_npz(path, label):
+    """Test images with the card's trigger planted, every label ``label`` (the lab's layout)."""
+    images = stripes(40, seed=2).images.clone()
+    images[:, :, -4:-1, -4:-1] = 255
+    np.savez(path, x=images.numpy(), y=np.full(40, label))
+    return path
+
+
+def test_eval_takes_the_class_count_of_a_path_from_the_model(trained, npz_pair, tmp_path,
+                                                             capsys):
+    # Every label is the target (1), as in bd_test.h5: the file alone implies two classes.
+    poisoned = _poisoned_npz(tmp_path / "poisoned.npz", 1)
+    assert main(["eval", str(trained), "--data", str(npz_pair[1]), "--poisoned", str(poisoned),
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["n_poisoned"] == 150 + 40
+
+
+def test_eval_refuses_labels_the_model_cannot_answer(trained, npz_pair, tmp_path, capsys):
+    poisoned = _poisoned_npz(tmp_path / "poisoned.npz", 4)
+    assert main(["eval", str(trained), "--data", str(npz_pair[1]), "--poisoned",
+                 str(poisoned)]) != 0
+    err = capsys.readouterr().err
+    assert "poisoned.npz: labels must lie in [0, 3]" in err and err.count("\n") == 1
+
+
+def test_repair_takes_the_class_count_of_each_path_from_the_model(trained, npz_pair, tmp_path,
+                                                                  capsys):
+    # Clean and test data without the last class, and a poisoned set of the target only.
+    subsets, counts = {}, {}
+    for name, path in (("clean", npz_pair[0]), ("test", npz_pair[1])):
+        with np.load(path) as arrays:
+            keep = arrays["y"] < 3
+            subsets[name] = tmp_path / f"{name}.npz"
+            np.savez(subsets[name], x=arrays["x"][keep], y=arrays["y"][keep])
+            counts[name] = int(keep.sum())
+    out = tmp_path / "repair"
+    assert main(["--no-progress", "repair", str(trained), "--defense", "clp",
+                 "--clean", str(subsets["clean"]), "--test", str(subsets["test"]),
+                 "--poisoned", str(_poisoned_npz(tmp_path / "poisoned.npz", 1)),
+                 "--curve-limit", "50", "--out", str(out)]) == 0
+    assert f"{counts['clean']} clean images" in capsys.readouterr().out
+    assert json.loads((out / "repair.json").read_text())["defense"] == "clp"
+
+
+@pytest.mark.parametrize(("command", "registry"), [("repair", "DEFENSES"),
+                                                   ("attack", "ATTACKS")])
+def test_help_lists_every_method_with_one_line(command, registry, capsys):
+    import goodnet
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    for name, cls in getattr(goodnet, registry).items():
+        line = next((line for line in out.splitlines() if line.split()[:1] == [name]), "")
+        assert cls.__doc__.splitlines()[0] in line, f"{name} has no line of its own"
+
+
+def test_predict_refuses_a_huge_image_header_in_one_line(trained, tmp_path, capsys, recwarn):
+    from tests.data.conftest import ppm_header
+
+    path = tmp_path / "huge.ppm"
+    path.write_bytes(ppm_header(60000, 60000))
+    assert main(["predict", str(trained), str(path)]) != 0
+    err = capsys.readouterr().err
+    assert "huge.ppm: the image has more pixels than goodnet decodes" in err
+    assert err.count("\n") == 1 and not [w for w in recwarn if "pixels" in str(w.message)]

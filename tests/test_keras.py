@@ -4,7 +4,6 @@ and CIFAR-10 files, and the refusal of anything that would run code."""
 
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -17,6 +16,7 @@ import torch
 from goodnet.errors import GoodnetError
 from goodnet.keras_h5 import import_keras
 from tests.conftest import requires_shared
+from tests.keras_files import keras2_layer, write_keras2
 
 keras = pytest.importorskip("keras")
 if keras.backend.backend() != "torch":  # pragma: no cover - a user's own Keras setting
@@ -108,30 +108,6 @@ def test_a_sequential_model_with_a_final_softmax_gives_its_logits(tmp_path):
 
 # --- files in the Keras 2 layout, written by hand ---------------------------------------------
 
-def write_keras2(path, config: dict, weights: dict[str, dict[str, np.ndarray]]) -> None:
-    """A full-model file as Keras 2.x writes it: ``model_config`` and ``model_weights`` with
-    ``layer_names`` / ``weight_names`` attributes and ``:0``-suffixed datasets."""
-    with h5py.File(path, "w") as f:
-        f.attrs["model_config"] = json.dumps(config).encode()
-        f.attrs["keras_version"] = b"2.3.1"
-        f.attrs["backend"] = b"tensorflow"
-        group = f.create_group("model_weights")
-        names = [layer["config"]["name"] for layer in config["config"]["layers"]]
-        group.attrs["layer_names"] = np.array([n.encode() for n in names])
-        for name in names:
-            entry = group.create_group(name)
-            arrays = weights.get(name, {})
-            entry.attrs["weight_names"] = np.array(
-                [f"{name}/{kind}:0".encode() for kind in arrays])
-            for kind, array in arrays.items():
-                entry.create_dataset(f"{name}/{kind}:0", data=array)
-
-
-def keras2_layer(cls: str, name: str, inbound: list[str], **config) -> dict:
-    return {"class_name": cls, "name": name, "config": {"name": name, **config},
-            "inbound_nodes": [[[i, 0, 0, {}] for i in inbound]] if inbound else []}
-
-
 def test_a_keras2_functional_file_with_a_residual_add(tmp_path):
     rng = np.random.default_rng(3)
     kernel_a = rng.normal(0, 0.5, (3, 3, 2, 4)).astype(np.float32)
@@ -211,9 +187,13 @@ def test_bad_files_get_one_clear_error(tmp_path):
     config = {"class_name": "Sequential", "config": {"name": "s", "layers": [
         {"class_name": "InputLayer", "config": {"name": "in", "batch_input_shape":
                                                 [None, 4, 4, 1]}},
-        {"class_name": "Conv2D", "config": {"name": "c", "filters": 2, "kernel_size": 3}}]}}
+        {"class_name": "Conv2D", "config": {"name": "c", "filters": 2, "kernel_size": 3,
+                                            "use_bias": False}},
+        {"class_name": "Flatten", "config": {"name": "f"}},
+        {"class_name": "Dense", "config": {"name": "d", "units": 2, "use_bias": False}}]}}
     write_keras2(tmp_path / "nan.h5", config,
-                 {"c": {"kernel": np.full((3, 3, 1, 2), np.nan, np.float32)}})
+                 {"c": {"kernel": np.full((3, 3, 1, 2), np.nan, np.float32)},
+                  "d": {"kernel": np.zeros((8, 2), np.float32)}})
     with pytest.raises(GoodnetError, match="NaN"):
         import_keras(tmp_path / "nan.h5")
     write_keras2(tmp_path / "weights_only.h5", config, {})

@@ -327,7 +327,7 @@ def files(tmp_path_factory):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["eval", "{model}", "--data", "{ten_classes}"], "10 classes but the model (small_cnn) has 4"),
+    (["eval", "{model}", "--data", "{ten_classes}"], "labels must lie in [0, 3]"),
     (["eval", "{model}", "--data", "{negative_label}"], "negative_label.npz"),
     (["eval", "{model}", "--data", "{empty}"], "empty.npz"),
     (["eval", "{model}", "--data", "{wrong_shape}"], "takes 1×16×16"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import struct
 import tempfile
@@ -36,6 +37,9 @@ from torch import nn
 
 from goodnet.errors import GoodnetError
 from goodnet.models import ModelSpec, build_model
+from goodnet.models.spec import MAX_CHANNELS as MAX_CHANNELS  # re-exported: the input bound
+from goodnet.models.spec import MAX_SIDE as MAX_SIDE  # lives in models/spec.py
+from goodnet.paths import require_regular_file, require_writable_target
 from goodnet.version import __version__
 
 CARD_KEY = "goodnet.card"
@@ -45,10 +49,9 @@ EXTRA_PREFIX = "extra/"
 KINDS = ("model", "goodnet")
 GOODNET_PARTS = ("original", "repaired")
 MAX_HEADER_BYTES = 100 * 2**20
-# Bounds on a spec read from a file, so a hostile card cannot make us allocate a huge network.
-MAX_CLASSES = 100_000
-MAX_SIDE = 4096
-MAX_CHANNELS = 64
+# How deeply a card's JSON may nest: goodnet's own cards nest about 5 levels (notes of a
+# repair); a bound keeps every later walk of the card (printing, saving it again) shallow.
+MAX_CARD_DEPTH = 32
 
 
 @dataclass(frozen=True)
@@ -83,41 +86,98 @@ class ModelCard:
 
     @classmethod
     def from_json(cls, text: str, source: str = "card") -> ModelCard:
+        """A card from its JSON, every field checked for its type (nothing else is trusted).
+
+        NaN and infinities are refused everywhere but in ``metrics``, where NaN records a
+        figure that is not defined (no poisoned inputs, say).
+        """
         try:
             body = json.loads(text)
         except json.JSONDecodeError as error:
             raise GoodnetError(f"{source}: the model card is not valid JSON ({error})") from None
+        except RecursionError:
+            raise GoodnetError(f"{source}: the model card nests too deep to read") from None
         if not isinstance(body, dict) or body.get("format") != FORMAT:
             raise GoodnetError(f"{source}: not a goodnet model card")
-        if body.get("format_version") != FORMAT_VERSION:
+        version = body.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or \
+                version != FORMAT_VERSION:
             raise GoodnetError(
-                f"{source}: model card version {body.get('format_version')!r} is not supported "
+                f"{source}: model card version {version!r:.40} is not supported "
                 f"by goodnet {__version__} (reads version {FORMAT_VERSION})"
             )
+        _check_json(body, source)
         known = {f.name for f in dataclasses.fields(cls)}
         fields = {k: v for k, v in body.items() if k in known}
         spec_fields = {f.name for f in dataclasses.fields(ModelSpec)}
         spec = fields.get("spec")
         if not isinstance(spec, dict) or not set(spec) <= spec_fields or "arch" not in spec:
             raise GoodnetError(f"{source}: the model card's architecture entry is malformed")
+        _check_card_fields(fields, source)
         try:
             fields["spec"] = ModelSpec(**spec)
-            card = cls(**fields)
-        except (TypeError, ValueError) as error:
-            raise GoodnetError(f"{source}: malformed model card ({error})") from None
-        _check_bounds(card.spec, source)
-        if card.kind not in KINDS:
-            raise GoodnetError(f"{source}: unknown model kind {card.kind!r}")
-        return card
+        except GoodnetError as error:
+            raise GoodnetError(f"{source}: {error}") from None
+        return cls(**fields)
 
 
-def _check_bounds(spec: ModelSpec, source: str) -> None:
-    numbers = (spec.num_classes, spec.in_channels, spec.height, spec.width)
-    if not all(isinstance(n, int) for n in numbers):
-        raise GoodnetError(f"{source}: the model card's sizes must be integers")
-    if (spec.num_classes > MAX_CLASSES or spec.in_channels > MAX_CHANNELS
-            or max(spec.height, spec.width) > MAX_SIDE):
-        raise GoodnetError(f"{source}: the model card declares an implausibly large model")
+# The type of each card field besides ``spec`` (checked by _check_card_fields).
+_OPTIONAL_STRINGS = ("data",)
+_MAPPINGS = ("metrics", "training", "notes")
+
+
+def _check_json(body: Any, source: str) -> None:
+    """Refuse nesting past MAX_CARD_DEPTH and non-finite numbers outside ``metrics``."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(body, ())]
+    while stack:
+        value, where = stack.pop()
+        if len(where) > MAX_CARD_DEPTH:
+            raise GoodnetError(f"{source}: the model card nests deeper than {MAX_CARD_DEPTH} "
+                               "levels")
+        if isinstance(value, float) and not math.isfinite(value) and not (
+                where[:1] == ("metrics",) and math.isnan(value)):
+            raise GoodnetError(f"{source}: the model card's {'.'.join(where)[:80]} is {value}, "
+                               "not a finite number")
+        if isinstance(value, dict):
+            stack.extend((v, (*where, str(k))) for k, v in value.items())
+        elif isinstance(value, list):
+            stack.extend((v, (*where, str(i))) for i, v in enumerate(value))
+
+
+def _is_figure(value: Any) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _check_card_fields(fields: dict[str, Any], source: str) -> None:
+    """Every field of a card read from a file has the type the card declares."""
+
+    def refuse(name: str, expected: str) -> None:
+        raise GoodnetError(f"{source}: the model card's {name} must be {expected}, got "
+                           f"{fields[name]!r:.60}")
+
+    for name in _MAPPINGS:
+        if name in fields and not isinstance(fields[name], dict):
+            refuse(name, "a JSON object")
+    for name, value in fields.get("metrics", {}).items():
+        figures = value.values() if isinstance(value, dict) else [value]  # per_trigger: a dict
+        if not all(_is_figure(figure) for figure in figures):
+            raise GoodnetError(f"{source}: the model card's metrics must be numbers, "
+                               f"{name!r:.40} is {value!r:.40}")
+    for name in _OPTIONAL_STRINGS:
+        if fields.get(name) is not None and not isinstance(fields[name], str):
+            refuse(name, "a string")
+    seed = fields.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        refuse("seed", "an integer")
+    if "goodnet_version" in fields and not isinstance(fields["goodnet_version"], str):
+        refuse("goodnet_version", "a string")
+    if "kind" in fields and (not isinstance(fields["kind"], str) or fields["kind"] not in KINDS):
+        refuse("kind", f"one of {KINDS}")
+    attack = fields.get("attack")
+    if attack is not None and not (
+            isinstance(attack, dict) and isinstance(attack.get("name"), str)
+            and isinstance(attack.get("config", {}), (dict, type(None)))):
+        refuse("attack", 'null or {"name": <string>, "config": <object>}')
 
 
 class LoadedModel(NamedTuple):
@@ -149,7 +209,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     On any failure the temporary file is removed and ``path`` is left as it was. The file ends
     with the permissions the umask gives a new file, as ``open`` would make it.
     """
-    path = Path(path)
+    path = require_writable_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -163,6 +223,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(written.fileno())
         # mkstemp makes the file private (0600); give it the mode any new file would have.
         os.chmod(temp_path, 0o666 & ~_umask())
+        require_writable_target(path)  # still no device or pipe, just before the rename
         os.replace(temp_path, path)
     except OSError as error:
         raise GoodnetError(f"cannot write {path}: {error.strerror or error}") from None
@@ -177,10 +238,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
-    """Fail now, before a long run, if ``path`` cannot be written later."""
-    path = Path(path)
-    if path.is_dir():
-        raise GoodnetError(f"cannot write {path}: it is a folder")
+    """Fail now, before a long run, if ``path`` cannot be written later (it must be a new path
+    or a regular file: a device or a pipe is never replaced)."""
+    path = require_writable_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):
@@ -259,8 +319,10 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
 def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
     """Rebuild a saved model from its card and weights (nothing in the file is executed).
 
-    Masks saved beside the weights are installed again (a ``Masked`` model comes back); a
-    GoodNet file comes back as a :class:`GoodNet`.
+    The architecture is first built on the meta device (no memory): every tensor of the file
+    must have the shape it expects before the model is built and any weight is read, so the
+    memory a file costs is bounded by its size. Masks saved beside the weights are installed
+    again (a ``Masked`` model comes back); a GoodNet file comes back as a :class:`GoodNet`.
     """
     from goodnet.detector import GoodNet
     from goodnet.masking import MaskSet, masked
@@ -268,17 +330,25 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     path = Path(path)
     card = read_card(path)
     prefixes = GOODNET_PARTS if card.kind == "goodnet" else ("",)
+    expected = {name: tuple(tensor.shape) for name, tensor
+                in build_model(card.spec, device="meta").state_dict().items()}
     with _open(path) as handle:
         names = set(handle.keys())
-        extras = {name[len(EXTRA_PREFIX):]: handle.get_tensor(name) for name in sorted(names)
-                  if name.startswith(EXTRA_PREFIX)}
-        weight_names = {n for n in names if not n.startswith(EXTRA_PREFIX)}
-        models = {p: _load_weights(handle, path, card, p, weight_names) for p in prefixes}
-        unclaimed = weight_names - {n for p in prefixes for n in _claimed(models[p], p)}
+        for prefix in prefixes:
+            _check_shapes(handle, path, card, prefix, expected, names)
+        claimed = {_key(prefix, name) for prefix in prefixes for name in expected}
+        unclaimed = {n for n in names if not n.startswith(EXTRA_PREFIX)} - claimed
         if unclaimed:
             raise GoodnetError(f"{path}: unexpected tensor {sorted(unclaimed)[0]!r} for "
                                f"{card.spec.arch}")
+        extras = {name[len(EXTRA_PREFIX):]: _read(handle, name, path) for name in sorted(names)
+                  if name.startswith(EXTRA_PREFIX)}
+        models = {p: _load_weights(handle, path, card, p) for p in prefixes}
     mask_tensors = {k: v for k, v in extras.items() if k.startswith("mask/")}
+    for name, mask in mask_tensors.items():
+        if mask.ndim != 1 or not mask.numel():
+            raise GoodnetError(f"{path}: mask {name!r} must be a non-empty vector, got shape "
+                               f"{tuple(mask.shape)}")
     if mask_tensors:
         semantics = card.notes.get("mask_semantics", "channel")
         last = prefixes[-1]
@@ -291,41 +361,84 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     return LoadedModel(model.to(device), card, extras)
 
 
-def _claimed(model: nn.Module, prefix: str) -> list[str]:
-    return [f"{prefix}.{k}" if prefix else k for k in model.state_dict()]
+def _key(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
 
 
-def _load_weights(handle: Any, path: Path, card: ModelCard, prefix: str,
-                  names: set[str]) -> nn.Module:
-    model = build_model(card.spec)
-    expected = model.state_dict()
-    state: dict[str, torch.Tensor] = {}
-    for name, reference in expected.items():
-        key = f"{prefix}.{name}" if prefix else name
+def _check_shapes(handle: Any, path: Path, card: ModelCard, prefix: str,
+                  expected: dict[str, tuple[int, ...]], names: set[str]) -> None:
+    """Every tensor the architecture needs is in the file with its shape (nothing read)."""
+    for name, shape in expected.items():
+        key = _key(prefix, name)
         if key not in names:
             raise GoodnetError(f"{path}: weights missing for {card.spec.arch}: {key}")
-        shape = tuple(handle.get_slice(key).get_shape())
-        if shape != tuple(reference.shape):
-            raise GoodnetError(f"{path}: tensor {key!r} has shape {shape}, {card.spec.arch} "
-                               f"expects {tuple(reference.shape)}")
-        tensor = handle.get_tensor(key)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise GoodnetError(f"{path}: tensor {key!r} holds NaN or infinite values")
-        state[name] = tensor.to(reference.dtype)
+        found = tuple(handle.get_slice(key).get_shape())
+        if found != shape:
+            raise GoodnetError(f"{path}: tensor {key!r} has shape {found}, {card.spec.arch} "
+                               f"expects {shape}")
+
+
+def _read(handle: Any, key: str, path: Path) -> torch.Tensor:
+    tensor = handle.get_tensor(key)
+    check_weights(key, tensor, path)
+    return tensor
+
+
+def _load_weights(handle: Any, path: Path, card: ModelCard, prefix: str) -> nn.Module:
+    model = build_model(card.spec)
+    state = {name: _read(handle, _key(prefix, name), path).to(reference.dtype)
+             for name, reference in model.state_dict().items()}
     model.load_state_dict(state)
     return model
 
 
+# Element types a weight may have; anything else (complex, quantized, float8, unsigned wider
+# than a byte) is refused rather than converted.
+WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8,
+                 torch.int8, torch.int16, torch.int32, torch.int64, torch.bool)
+
+
+def check_weights(name: str, tensor: torch.Tensor, source: object) -> None:
+    """Refuse a tensor that is not a dense CPU array of real numbers holding every value it
+    shows, or that holds NaN or infinities; its values are read only after the layout checks.
+
+    A pickled checkpoint can view one stored float as a 10⁶×10⁶ matrix (zero strides): any
+    computation over it would allocate terabytes, so a storage smaller than the element count
+    is refused first.
+
+    Raises:
+        GoodnetError: naming ``source`` and the tensor ``name``.
+    """
+    where = f"{source}: tensor {name!r}"
+    if tensor.layout != torch.strided:
+        raise GoodnetError(f"{where} is sparse ({tensor.layout}); only dense weights are read")
+    if tensor.is_quantized:
+        raise GoodnetError(f"{where} is quantized ({tensor.dtype}); only float weights are read")
+    if tensor.device.type != "cpu":
+        raise GoodnetError(f"{where} is on the {tensor.device.type} device and holds no values")
+    if tensor.is_complex():
+        raise GoodnetError(f"{where} is complex ({tensor.dtype}); weights are real numbers")
+    if tensor.dtype not in WEIGHT_DTYPES:
+        raise GoodnetError(f"{where} has element type {tensor.dtype}, which goodnet does not "
+                           "read")
+    if tensor.numel():
+        span = tensor.storage_offset() + 1 + sum(
+            (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+        stored = tensor.untyped_storage().nbytes() // tensor.element_size()
+        if stored < max(span, tensor.numel()):
+            raise GoodnetError(f"{where} shows {tensor.numel():,} values from a storage of "
+                               f"{stored:,}; refused before reading it")
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+        raise GoodnetError(f"{where} holds NaN or infinite values")
+
+
 def _check_header(path: Path) -> None:
     """Refuse a file whose declared header cannot be a genuine safetensors header."""
+    require_regular_file(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as file:
             prefix = file.read(8)
-    except FileNotFoundError:
-        raise GoodnetError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise GoodnetError(f"{path}: is a folder, expected a .safetensors model file") from None
     except OSError as error:
         raise GoodnetError(f"{path}: cannot read ({error.strerror or error})") from None
     if len(prefix) < 8:

@@ -14,7 +14,7 @@ import math
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -28,6 +28,7 @@ from goodnet.defenses.base import Defense
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, evaluate
 from goodnet.models import MODELS, ModelSpec, check_input
+from goodnet.paths import require_regular_file
 from goodnet.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
 from goodnet.version import __version__
 
@@ -180,39 +181,51 @@ def _train_and_save(
 
 
 def open_model(args: argparse.Namespace) -> LoadedModel:
-    """A goodnet model file, or a Keras ``.h5`` or PyTorch checkpoint imported on the fly
-    (``--arch`` for a weights-only file, ``--pixel-scale`` and the input options)."""
+    """A goodnet model file, or a Keras ``.h5``, ONNX file or PyTorch checkpoint imported on the
+    fly (``--arch`` for a weights-only file, ``--pixel-scale`` and the input options)."""
     from goodnet.keras_h5 import import_keras, is_hdf5
+    from goodnet.onnx_import import import_onnx, import_own_class, is_onnx
     from goodnet.torch_checkpoint import import_checkpoint, is_checkpoint
 
+    require_regular_file(args.model)  # a pipe or a device would block or read without end
     arch = getattr(args, "keras_arch", None)
     scale = getattr(args, "pixel_scale", None)
     if is_hdf5(args.model):
         return import_keras(args.model, arch=arch, pixel_scale=255.0 if scale is None else scale)
+    if is_onnx(args.model):
+        return import_onnx(args.model, input_shape=args.input_shape, mean=args.mean,
+                           std=args.std, pixel_scale=1.0 if scale is None else scale)
     if is_checkpoint(args.model):
         if arch is None:
             raise GoodnetError(f"{args.model}: a PyTorch checkpoint holds weights only; name "
                                f"the architecture to load it onto with --arch "
-                               f"({', '.join(m for m in MODELS if m != 'keras')})")
-        return import_checkpoint(args.model, arch=arch, input_shape=args.input_shape,
+                               f"({', '.join(m for m in MODELS if m != 'keras')}, or your own "
+                               "package.module:Class)")
+        own = import_own_class if ":" in arch else import_checkpoint
+        return own(args.model, arch=arch, input_shape=args.input_shape,
                                  mean=args.mean, std=args.std,
                                  pixel_scale=1.0 if scale is None else scale)
     return load_model(args.model)
 
 
+def data_for(spec: ModelSpec, name: str, split: str, root: Path | None) -> ImageData:
+    """Data to feed a model of ``spec``: data at a path takes the model's class count (only
+    labels outside it are refused), and the images must fit the model's input."""
+    data = load_dataset(name, split, root, num_classes=spec.num_classes)
+    check_input(spec, data)
+    return data
+
+
 def poisoned_from_args(args: argparse.Namespace, spec: ModelSpec) -> ImageData | None:
     if getattr(args, "poisoned", None) is None:
         return None
-    poisoned = load_dataset(args.poisoned, "test", None)
-    check_input(spec, poisoned)
-    return poisoned
+    return data_for(spec, args.poisoned, "test", None)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     loaded = open_model(args)
     card = loaded.card
-    test = load_dataset(args.data, "test", args.data_root)
-    check_input(card.spec, test)
+    test = data_for(card.spec, args.data, "test", args.data_root)
     attack = None
     if args.attack is not None:
         attack = attack_from_args(args.attack, args.param, test)
@@ -235,9 +248,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from goodnet.keras_h5 import is_hdf5
+    from goodnet.onnx_import import is_onnx
     from goodnet.torch_checkpoint import is_checkpoint
 
-    foreign = is_hdf5(args.model) or is_checkpoint(args.model)
+    require_regular_file(args.model)
+    foreign = is_hdf5(args.model) or is_checkpoint(args.model) or is_onnx(args.model)
     card = open_model(args).card if foreign else read_card(args.model)
     print(json.dumps(json.loads(card.to_json()), indent=2))
     return 0
@@ -344,14 +359,14 @@ def defense_from_args(args: argparse.Namespace) -> Defense:
     return cls(cls.Config(**parse_settings(cls.Config, pairs, args.defense)))
 
 
-def clean_from_args(args: argparse.Namespace) -> ImageData:
-    """The defender's clean data: a named data set's training split, cut to --clean-amount; or
-    a file or folder, used whole."""
+def clean_from_args(args: argparse.Namespace, spec: ModelSpec) -> ImageData:
+    """The defender's clean data for a model of ``spec``: a named data set's training split,
+    cut to --clean-amount; or a file or folder, used whole."""
     if args.clean in DATASETS:
-        train = load_dataset(args.clean, "train", args.data_root)
+        train = data_for(spec, args.clean, "train", args.data_root)
         clean, _ = split_clean(train, _amount(args.clean_amount), seed=args.clean_seed)
         return clean
-    return load_dataset(args.clean, "train", None)
+    return data_for(spec, args.clean, "train", None)
 
 
 def _amount(text: str) -> float | int:
@@ -381,14 +396,11 @@ def cmd_repair(args: argparse.Namespace) -> int:
     check_writable(Path(args.out) / "repair.json")
     if args.clean is None and getattr(defense, "needs_clean", True):
         raise GoodnetError(f"{defense.name} needs clean data: give --clean")
-    clean = clean_from_args(args) if args.clean is not None else None
-    if clean is not None:
-        check_input(spec, clean)
+    clean = clean_from_args(args, spec) if args.clean is not None else None
     test = None
     test_name = args.test or (args.clean if args.clean in DATASETS else None)
     if test_name is not None:
-        test = load_dataset(test_name, "test", args.data_root)
-        check_input(spec, test)
+        test = data_for(spec, test_name, "test", args.data_root)
     poisoned = poisoned_from_args(args, spec)
     if poisoned is not None and test is None:
         raise GoodnetError("--poisoned needs clean test data too: give --test")
@@ -521,25 +533,42 @@ def _shape(text: str) -> tuple[int, int, int]:
 
 
 def add_keras_options(parser: ArgumentParser) -> None:
-    """Options for model files that are not goodnet's own: Keras .h5 and PyTorch checkpoints."""
+    """Options for model files that are not goodnet's own: Keras .h5, ONNX and PyTorch
+    checkpoints."""
     parser.add_argument("--arch", dest="keras_arch", default=None,
                         help="for a weights-only Keras .h5 or a PyTorch checkpoint: the "
-                             "architecture to load it onto (deepid for the CSAW-HackML files)")
+                             "architecture to load it onto (deepid for the CSAW-HackML files); "
+                             "for a checkpoint also your own network class, "
+                             "package.module:Class (imported from your installed code and "
+                             "built with no arguments; it runs your code, never the file's)")
     parser.add_argument("--pixel-scale", dest="pixel_scale", type=float, default=None,
                         help="255 if the model takes raw pixels 0-255 (the default for Keras "
                              "files, as the CSAW-HackML lab's), 1 if it takes [0, 1] (the "
-                             "default for PyTorch checkpoints)")
+                             "default for PyTorch checkpoints and ONNX)")
     parser.add_argument("--input-shape", type=_shape, default=None,
                         help="for a PyTorch checkpoint: C,H,W of its input (default: its "
-                             "channels at 32x32, 28x28 for greyscale)")
+                             "channels at 32x32, 28x28 for greyscale); for ONNX, the sizes the "
+                             "file leaves dynamic")
     parser.add_argument("--mean", type=_numbers, default=None,
-                        help="for a PyTorch checkpoint: per-channel input mean it was trained "
-                             "with, after --pixel-scale (default 0)")
+                        help="for a PyTorch checkpoint or ONNX: per-channel input mean it was "
+                             "trained with, after --pixel-scale (default 0)")
     parser.add_argument("--std", type=_numbers, default=None,
-                        help="for a PyTorch checkpoint: per-channel input std (default 1)")
+                        help="for a PyTorch checkpoint or ONNX: per-channel input std "
+                             "(default 1)")
+
+
+def methods_help(title: str, registry: Mapping[str, type]) -> str:
+    """One line per method of ``registry``, for a command's help: its name and the first line
+    of its docstring."""
+    width = max(map(len, registry))
+    lines = [f"  {name:<{width}}  {((cls.__doc__ or '').strip().splitlines() or [''])[0]}"
+             for name, cls in registry.items()]
+    return "\n".join([f"{title}; their settings and defaults: 'goodnet list'", *lines])
 
 
 def build_parser() -> ArgumentParser:
+    from goodnet.defenses import DEFENSES
+
     parser = ArgumentParser(prog="goodnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"goodnet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -559,7 +588,9 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's models")
     demo.set_defaults(func=cmd_demo)
 
-    attack = sub.add_parser("attack", help="train a backdoored model and save it")
+    attack = sub.add_parser("attack", help="train a backdoored model and save it",
+                            epilog=methods_help("attacks for --attack", ATTACKS),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     clean = sub.add_parser("train", help="train a clean model (a baseline) and save it")
     for command in (attack, clean):
         add_data_options(command, "mnist")
@@ -568,7 +599,7 @@ def build_parser() -> ArgumentParser:
         command.add_argument("--seed", type=int, default=0)
         command.add_argument("--out", required=True, help="model file to write (.safetensors)")
         add_training_options(command, epochs=2)
-    attack.add_argument("--attack", default="badnets")
+    attack.add_argument("--attack", default="badnets", help="the attack (listed below)")
     attack.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="attack setting, repeatable (see 'goodnet list')")
     attack.set_defaults(func=cmd_attack)
@@ -626,9 +657,11 @@ def build_parser() -> ArgumentParser:
     rep.set_defaults(func=cmd_report)
 
     repair = sub.add_parser("repair", help="repair a backdoored model; write the repaired "
-                                           "models, GoodNets, curve and plots")
+                                           "models, GoodNets, curve and plots",
+                            epilog=methods_help("defenses for --defense", DEFENSES),
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     repair.add_argument("model", type=Path)
-    repair.add_argument("--defense", default="prune")
+    repair.add_argument("--defense", default="prune", help="the defense (listed below)")
     repair.add_argument("--clean", default=None,
                         help="clean data: a data set name (its training split is cut to "
                              "--clean-amount) or a file or folder (used whole); not needed "
@@ -668,8 +701,8 @@ def build_parser() -> ArgumentParser:
     add_keras_options(info)
     info.set_defaults(func=cmd_info)
 
-    imp = sub.add_parser("import", help="convert a Keras .h5 model (read as data, never run) "
-                                        "into a goodnet model file")
+    imp = sub.add_parser("import", help="convert a Keras .h5, ONNX or PyTorch model (read as "
+                                        "data, never run) into a goodnet model file")
     imp.add_argument("model", type=Path)
     imp.add_argument("--out", required=True, help="model file to write (.safetensors)")
     add_keras_options(imp)

@@ -18,114 +18,169 @@ channels-first inside and flattening follows Keras's (H, W, C) order, so dense w
 they are. Whether the model takes raw pixels 0–255 or [0, 1] is not in the file: it is
 ``pixel_scale`` (255 or 1) and is written into the model card. A final softmax is dropped
 (goodnet models output logits; the predicted class is the same).
+
+What a file may do is bounded before anything is allocated. The file is opened through
+:mod:`goodnet.hdf5` (no links, external or virtual datasets: nothing outside the file is read).
+The whole config is then checked (each layer's settings for their type, sign and rank, the
+shapes propagated from the input through every layer, every weight counted) and the model is
+built on the meta device; only when every weight in the file has the shape that model expects,
+and the file stores what each declares, is any weight read. What ``import`` writes passes the
+same checks when it is loaded.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import torch
 from torch import nn
 
 from goodnet.artifacts import LoadedModel, ModelCard
 from goodnet.errors import GoodnetError
+from goodnet.hdf5 import attribute, check_stored, child, is_hdf5, open_hdf5, read
 from goodnet.models import MODELS, ModelSpec, build_model
-from goodnet.models.keras_graph import ACTIVATIONS, check_graph, module_name
+from goodnet.models.keras_graph import (
+    ACTIVATIONS,
+    Shape,
+    check_graph,
+    layer_shape,
+    module_name,
+    parse_json,
+)
+from goodnet.models.spec import check_input_size
 
-MAX_FILE_BYTES = 4 * 1024**3
+__all__ = ["config_to_graph", "import_keras", "is_hdf5"]
+
 DROPOUTS = ("Dropout", "SpatialDropout2D", "GaussianDropout", "GaussianNoise", "AlphaDropout")
-
-
-def is_hdf5(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` starts with the HDF5 signature."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(8) == b"\x89HDF\r\n\x1a\n"
-    except OSError:
-        return False
-
-
-def _open(path: Path) -> Any:
-    import h5py
-
-    if not path.is_file():
-        raise GoodnetError(f"{path}: no such file")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise GoodnetError(f"{path}: larger than {MAX_FILE_BYTES // 1024**3} GiB; refused")
-    if not is_hdf5(path):
-        raise GoodnetError(f"{path}: not an HDF5 file")
-    try:
-        return h5py.File(path, "r")
-    except OSError as error:
-        raise GoodnetError(f"{path}: cannot read as HDF5 ({error})") from None
+# Keras weight names → the PyTorch parameter or buffer they fill.
+STATE_KEYS = {"kernel": "weight", "bias": "bias", "gamma": "weight", "beta": "bias",
+              "moving_mean": "running_mean", "moving_variance": "running_var"}
 
 
 def _text(value: Any) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
-def read_weights(group: Any, path: Path) -> dict[str, dict[str, np.ndarray]]:
-    """Layer name → {"kernel" | "bias" | "gamma" | ...: array}, from a Keras weights group."""
-    import h5py
+def _names(item: Any, key: str, path: Path) -> list[str]:
+    """The attribute ``key`` (``layer_names``, ``weight_names``): a list of strings."""
+    value = attribute(item, key, path)
+    if value is None:
+        return []
+    if not (isinstance(value, np.ndarray) and value.ndim == 1 and (not value.size or (
+            value.dtype.kind in "SUO" and all(isinstance(v, (bytes, str)) for v in value)))):
+        raise GoodnetError(f"{path}: the '{key}' attribute must be a list of names, got "
+                           f"{value!r:.60}")
+    return [_text(v) for v in value]
 
-    if "layer_names" not in group.attrs:
+
+def weight_index(group: Any, path: Path) -> dict[str, dict[str, h5py.Dataset]]:
+    """Layer name → {"kernel" | "bias" | "gamma" | ...: dataset}, from a Keras weights group:
+    the datasets are found and typed, not read."""
+    if attribute(group, "layer_names", path) is None:
         raise GoodnetError(f"{path}: no Keras weights (the 'layer_names' attribute is missing)")
-    weights: dict[str, dict[str, np.ndarray]] = {}
-    for layer in (_text(n) for n in group.attrs["layer_names"]):
-        if layer not in group:
+    index: dict[str, dict[str, h5py.Dataset]] = {}
+    for layer in _names(group, "layer_names", path):
+        entry = child(group, layer, path)
+        if not isinstance(entry, h5py.Group):
             raise GoodnetError(f"{path}: layer {layer!r} is listed but has no weights group")
-        entry = group[layer]
-        arrays = {}
-        for name in (_text(n) for n in entry.attrs.get("weight_names", [])):
-            dataset = entry.get(name)
+        datasets = {}
+        for name in _names(entry, "weight_names", path):
+            dataset = child(entry, name, path)
             if not isinstance(dataset, h5py.Dataset):
                 raise GoodnetError(f"{path}: weight {layer}/{name} is missing")
-            if dataset.dtype.kind != "f" or dataset.size > 10**9:
-                raise GoodnetError(f"{path}: weight {layer}/{name} is not a float array of "
-                                   "reasonable size")
-            array = np.asarray(dataset[()], dtype=np.float32)
-            if not np.isfinite(array).all():
-                raise GoodnetError(f"{path}: weight {layer}/{name} holds NaN or infinite values")
-            arrays[name.rsplit("/", 1)[-1].split(":")[0]] = array
-        if arrays:
-            weights[layer] = arrays
-    return weights
+            if dataset.dtype.kind != "f":
+                raise GoodnetError(f"{path}: weight {layer}/{name} is {dataset.dtype}, not "
+                                   "floating point")
+            datasets[name.rsplit("/", 1)[-1].split(":")[0]] = dataset
+        if datasets:
+            index[layer] = datasets
+    return index
 
 
 # ------------------------------------------------------------------------ config → graph
 
-def _pair(value: Any, what: str) -> list[int]:
-    if isinstance(value, int):
-        return [value, value]
-    if isinstance(value, (list, tuple)) and len(value) == 2 and all(
-            isinstance(v, int) for v in value):
-        return list(value)
-    raise GoodnetError(f"{what}: expected an int or a pair of ints, got {value!r}")
+def _pair(cfg: dict[str, Any], key: str, layer: str, default: Any, low: int = 1) -> list[int]:
+    """A Keras size given as one integer or two (kernel_size, strides, pool_size, ...)."""
+    value = cfg.get(key, default)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value, value]
+    if not (isinstance(value, list) and len(value) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= low for v in value)):
+        kind = "positive" if low == 1 else "non-negative"
+        raise GoodnetError(f"layer {layer!r}: {key} must be a {kind} integer or two, got "
+                           f"{value!r:.60}")
+    return value
 
 
-def _inbound(layer: dict[str, Any]) -> list[str]:
+def _size(cfg: dict[str, Any], key: str, layer: str) -> int:
+    value = cfg.get(key)
+    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        raise GoodnetError(f"layer {layer!r}: {key} must be a positive integer, got "
+                           f"{value!r:.40}")
+    return value
+
+
+def _flag(cfg: dict[str, Any], key: str, layer: str, default: bool) -> bool:
+    value = cfg.get(key, default)
+    if not isinstance(value, bool):
+        raise GoodnetError(f"layer {layer!r}: {key} must be true or false, got {value!r:.40}")
+    return value
+
+
+def _padding(cfg: dict[str, Any], layer: str) -> str:
+    padding = cfg.get("padding", "valid")
+    if padding not in ("valid", "same"):
+        raise GoodnetError(f"layer {layer!r}: unsupported padding {padding!r:.40}")
+    return padding
+
+
+def _activation(value: Any, layer: str) -> str:
+    if not isinstance(value, str) or value not in ACTIVATIONS:
+        raise GoodnetError(f"layer {layer!r}: unsupported activation {value!r:.40}")
+    return value
+
+
+def _channel_axis(axis: Any, rank: int, layer: str) -> None:
+    axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
+    if isinstance(axis, bool) or axis not in (-1, rank - 1):
+        raise GoodnetError(f"layer {layer!r}: only the channel axis (-1) is supported, got "
+                           f"{axis!r:.40}")
+
+
+def _inbound(layer: dict[str, Any], name: str) -> list[str]:
     """Names of the layers feeding ``layer`` (Keras 2 and Keras 3 formats)."""
-    nodes = layer.get("inbound_nodes") or []
+    nodes = layer.get("inbound_nodes", [])
+    malformed = GoodnetError(f"layer {name!r}: malformed inbound_nodes")
+    if not isinstance(nodes, list):
+        raise malformed
     if len(nodes) > 1:
-        raise GoodnetError(f"layer {layer.get('name')!r} is called more than once (a shared "
-                           "layer); not supported")
+        raise GoodnetError(f"layer {name!r} is called more than once (a shared layer); not "
+                           "supported")
     if not nodes:
         return []
     node = nodes[0]
     if isinstance(node, list):  # Keras 2: [[name, node_index, tensor_index, kwargs], ...]
-        return [str(entry[0]) for entry in node]
+        if not all(isinstance(e, list) and e and isinstance(e[0], str) for e in node):
+            raise malformed
+        return [entry[0] for entry in node]
+    if not isinstance(node, dict):
+        raise malformed
     names: list[str] = []
 
     def walk(value: Any) -> None:  # Keras 3: {"args": [...], "kwargs": {...}}
         if isinstance(value, dict):
-            history = value.get("config", {}).get("keras_history") \
-                if value.get("class_name") == "__keras_tensor__" else None
-            if history:
-                names.append(str(history[0]))
+            config = value.get("config")
+            if value.get("class_name") == "__keras_tensor__" and isinstance(config, dict):
+                history = config.get("keras_history")
+                if not (isinstance(history, list) and history and isinstance(history[0], str)):
+                    raise malformed
+                names.append(history[0])
                 return
             for item in value.values():
                 walk(item)
@@ -133,58 +188,56 @@ def _inbound(layer: dict[str, Any]) -> list[str]:
             for item in value:
                 walk(item)
 
-    walk(node.get("args", []))
+    walk(node.get("args", []))  # nesting is bounded by parse_json
     return names
 
 
-def _activation(value: Any, layer: str) -> str:
-    if not isinstance(value, str) or value not in ACTIVATIONS:
-        raise GoodnetError(f"layer {layer!r}: unsupported activation {value!r}")
-    return value
+def _input_shape(batch_shape: Any, name: str) -> Shape:
+    """(C, H, W) of a Keras input (N, H, W, C), within goodnet's bounds on inputs."""
+    if not (isinstance(batch_shape, list) and len(batch_shape) == 4):
+        raise GoodnetError(f"goodnet imports image classifiers (input H×W×C); input {name!r} "
+                           f"has shape {batch_shape!r:.60}")
+    height, width, channels = batch_shape[1:]
+    check_input_size(channels, height, width, f"input {name!r}")
+    return channels, height, width
 
 
-def _channel_axis(axis: Any, rank: int, layer: str) -> None:
-    axis = axis[0] if isinstance(axis, list) and len(axis) == 1 else axis
-    if axis not in (-1, rank - 1):
-        raise GoodnetError(f"layer {layer!r}: only the channel axis (-1) is supported, got "
-                           f"{axis!r}")
-
-
-def config_to_graph(config: dict[str, Any], weights: dict[str, dict[str, np.ndarray]]
-                    ) -> tuple[list[dict[str, Any]], tuple[int, int, int], list[str]]:
+def config_to_graph(config: dict[str, Any]) -> tuple[list[dict[str, Any]], Shape, list[str]]:
     """goodnet's layer graph for a Keras model config; also the input shape (C, H, W) and notes
-    on what was changed (a dropped final softmax)."""
+    on what was changed (a dropped final softmax).
+
+    Every layer is checked as it is read: its class (a ``Lambda`` or any unknown class is
+    refused, its code never run), the type, sign and rank of each setting, and its shape,
+    propagated from the input (:func:`goodnet.models.keras_graph.layer_shape`). Layer widths
+    (``in``, ``features``) come from those shapes, not from the weights, which are read later.
+    """
     kind = config.get("class_name")
     body = config.get("config")
-    if kind not in ("Sequential", "Functional", "Model"):
-        raise GoodnetError(f"unsupported Keras model class {kind!r}")
-    layers = body if isinstance(body, list) else (body or {}).get("layers")
+    if not isinstance(kind, str) or kind not in ("Sequential", "Functional", "Model"):
+        raise GoodnetError(f"unsupported Keras model class {kind!r:.40}")
+    layers = body if isinstance(body, list) else \
+        body.get("layers") if isinstance(body, dict) else None
     if not isinstance(layers, list) or not layers:
         raise GoodnetError("the Keras model config lists no layers")
     graph: list[dict[str, Any]] = []
-    ranks: dict[str, int] = {}
-    shape: tuple[int, int, int] | None = None
+    shapes: dict[str, Shape] = {}
+    shape: Shape | None = None
     previous: str | None = None
 
     def add_input(batch_shape: Any, name: str) -> None:
         nonlocal shape
-        if not isinstance(batch_shape, list) or len(batch_shape) != 4 or not all(
-                isinstance(v, int) and v > 0 for v in batch_shape[1:]):
-            raise GoodnetError(f"goodnet imports image classifiers (input H×W×C); input "
-                               f"{name!r} has shape {batch_shape!r}")
-        height, width, channels = batch_shape[1:]
-        shape = (channels, height, width)
+        shape = shapes[name] = _input_shape(batch_shape, name)
         graph.append({"name": name, "op": "input", "inputs": []})
-        ranks[name] = 4
 
     for layer in layers:
         if not isinstance(layer, dict):
             raise GoodnetError("malformed Keras layer entry")
-        cls = layer.get("class_name")
-        cfg = layer.get("config") or {}
-        name = str(layer.get("name") or cfg.get("name") or "")
-        if not name:
-            raise GoodnetError(f"a {cls} layer has no name")
+        cls, cfg = layer.get("class_name"), layer.get("config", {})
+        name = layer.get("name") or (cfg.get("name") if isinstance(cfg, dict) else None)
+        if not isinstance(name, str) or not name or name in shapes:
+            raise GoodnetError(f"a {cls!r:.40} layer has no name, or a name already used")
+        if not isinstance(cfg, dict):
+            raise GoodnetError(f"layer {name!r}: its config is not a JSON object")
         if cls == "Lambda":
             raise GoodnetError(f"layer {name!r} is a Lambda layer: it holds code, and goodnet "
                                "never runs code from a model file; refused")
@@ -194,101 +247,87 @@ def config_to_graph(config: dict[str, Any], weights: dict[str, dict[str, np.ndar
             continue
         if kind == "Sequential":
             if previous is None:  # no InputLayer: the first layer carries the input shape
-                add_input(cfg.get("batch_input_shape"), f"{name}_input")
                 previous = f"{name}_input"
+                add_input(cfg.get("batch_input_shape"), previous)
             inputs = [previous]
         else:
-            inputs = _inbound(layer)
-        if any(i not in ranks for i in inputs) or not inputs:
+            inputs = _inbound(layer, name)
+        if not inputs or any(i not in shapes for i in inputs):
             raise GoodnetError(f"layer {name!r} reads an input that is not defined before it")
-        rank = ranks[inputs[0]]
+        received = shapes[inputs[0]]
+        rank = len(received) + 1
         node: dict[str, Any] = {"name": name, "inputs": inputs}
-        held = weights.get(name, {})
         if cfg.get("data_format", "channels_last") != "channels_last":
             raise GoodnetError(f"layer {name!r}: only channels_last Keras models are supported")
         if cls == "Conv2D":
-            if cfg.get("groups", 1) != 1 or rank != 4:
-                raise GoodnetError(f"layer {name!r}: grouped or non-image convolution")
-            if "kernel" not in held:
-                raise GoodnetError(f"layer {name!r}: no kernel in the weights")
-            padding = cfg.get("padding", "valid")
-            if padding not in ("valid", "same"):
-                raise GoodnetError(f"layer {name!r}: unsupported padding {padding!r}")
-            node.update(op="conv2d", kernel=_pair(cfg.get("kernel_size"), name),
-                        stride=_pair(cfg.get("strides", 1), name),
-                        dilation=_pair(cfg.get("dilation_rate", 1), name), padding=padding,
-                        bias=bool(cfg.get("use_bias", True)),
+            if cfg.get("groups", 1) != 1:
+                raise GoodnetError(f"layer {name!r}: grouped convolutions are not supported")
+            node.update(op="conv2d", kernel=_pair(cfg, "kernel_size", name, None),
+                        stride=_pair(cfg, "strides", name, 1),
+                        dilation=_pair(cfg, "dilation_rate", name, 1),
+                        padding=_padding(cfg, name), bias=_flag(cfg, "use_bias", name, True),
                         activation=_activation(cfg.get("activation", "linear"), name),
-                        **{"in": int(held["kernel"].shape[2]), "out": int(cfg["filters"])})
+                        **{"in": received[0], "out": _size(cfg, "filters", name)})
         elif cls == "Dense":
-            if rank != 2 or "kernel" not in held:
-                raise GoodnetError(f"layer {name!r}: a Dense layer needs a flat input and a "
-                                   "kernel")
-            node.update(op="dense", bias=bool(cfg.get("use_bias", True)),
+            node.update(op="dense", bias=_flag(cfg, "use_bias", name, True),
                         activation=_activation(cfg.get("activation", "linear"), name),
-                        **{"in": int(held["kernel"].shape[0]), "out": int(cfg["units"])})
+                        **{"in": received[0], "out": _size(cfg, "units", name)})
         elif cls == "BatchNormalization":
             _channel_axis(cfg.get("axis", -1), rank, name)
-            if "moving_mean" not in held:
-                raise GoodnetError(f"layer {name!r}: no moving mean in the weights")
-            if rank != 4:
-                raise GoodnetError(f"layer {name!r}: BatchNormalization on a flat tensor is not "
-                                   "supported")
-            node.update(op="batchnorm", features=int(held["moving_mean"].shape[0]),
-                        eps=float(cfg.get("epsilon", 1e-3)))
+            eps = cfg.get("epsilon", 1e-3)
+            if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+                    and math.isfinite(eps) and eps > 0):
+                raise GoodnetError(f"layer {name!r}: epsilon must be a positive number, got "
+                                   f"{eps!r:.40}")
+            node.update(op="batchnorm", features=received[0], eps=float(eps))
         elif cls in ("MaxPooling2D", "AveragePooling2D"):
-            pool = _pair(cfg.get("pool_size", 2), name)
-            padding = cfg.get("padding", "valid")
-            if padding not in ("valid", "same"):
-                raise GoodnetError(f"layer {name!r}: unsupported padding {padding!r}")
+            pool = _pair(cfg, "pool_size", name, 2)
+            strides = cfg.get("strides")
             node.update(op="maxpool" if cls == "MaxPooling2D" else "avgpool", pool=pool,
-                        stride=_pair(cfg.get("strides") or pool, name), padding=padding)
+                        stride=pool if strides is None else _pair(cfg, "strides", name, None),
+                        padding=_padding(cfg, name))
         elif cls in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
-            if cfg.get("keepdims"):
+            if cfg.get("keepdims") not in (None, False):
                 raise GoodnetError(f"layer {name!r}: keepdims=True is not supported")
             node.update(op="gap" if cls == "GlobalAveragePooling2D" else "gmp")
-            rank = 2
         elif cls == "Flatten":
             node.update(op="flatten")
-            rank = 2
         elif cls in ("Activation", "ReLU", "Softmax"):
             if cls == "ReLU" and any(cfg.get(k) not in (None, 0, 0.0) for k in (
                     "max_value", "negative_slope", "threshold")):
                 raise GoodnetError(f"layer {name!r}: a ReLU with max_value, negative_slope or "
                                    "threshold is not supported")
-            activation = {"ReLU": "relu", "Softmax": "softmax"}.get(
-                cls, cfg.get("activation"))
+            if cls == "Softmax":
+                _channel_axis(cfg.get("axis", -1), rank, name)
+            activation = {"ReLU": "relu", "Softmax": "softmax"}.get(cls, cfg.get("activation"))
             node.update(op="activation", activation=_activation(activation, name))
         elif cls in DROPOUTS:
             node.update(op="dropout")
         elif cls == "ZeroPadding2D":
             padding = cfg.get("padding", 1)
-            if isinstance(padding, int):
-                padding = [[padding, padding], [padding, padding]]
-            elif isinstance(padding, list) and all(isinstance(p, int) for p in padding):
-                padding = [[padding[0], padding[0]], [padding[1], padding[1]]]
-            node.update(op="zeropad", padding=[_pair(p, name) for p in padding])
+            if isinstance(padding, list) and len(padding) == 2 and all(
+                    isinstance(p, list) for p in padding):
+                pairs = [_pair({"padding": p}, "padding", name, None, low=0) for p in padding]
+            else:
+                pairs = [[p, p] for p in _pair(cfg, "padding", name, 1, low=0)]
+            node.update(op="zeropad", padding=pairs)
         elif cls in ("Add", "Concatenate"):
             if cls == "Concatenate":
                 _channel_axis(cfg.get("axis", -1), rank, name)
-            if any(ranks[i] != rank for i in inputs):
+            if any(len(shapes[i]) != len(received) for i in inputs):
                 raise GoodnetError(f"layer {name!r} merges tensors of different ranks")
             node.update(op="add" if cls == "Add" else "concatenate")
         else:
-            raise GoodnetError(f"layer {name!r} is a {cls} layer, which goodnet does not "
-                               "import (custom layers are never run)")
+            raise GoodnetError(f"layer {name!r} is a {cls!s:.40} layer, which goodnet does "
+                               "not import (custom layers are never run)")
+        shapes[name] = layer_shape(node, [shapes[i] for i in inputs])
         graph.append(node)
-        ranks[name] = rank
         previous = name
     if shape is None:
         raise GoodnetError("the Keras model has no input layer with a known shape")
-    notes = []
     if kind != "Sequential":
-        outputs = body.get("output_layers") if isinstance(body, dict) else None
-        if outputs and isinstance(outputs[0], str):  # Keras 3 writes one output unnested
-            outputs = [outputs]
-        if outputs and (len(outputs) != 1 or _output_name(outputs) != graph[-1]["name"]):
-            raise GoodnetError("goodnet imports models with one output, the last layer")
+        _check_output(body, graph[-1]["name"])
+    notes = []
     last = graph[-1]
     if last["op"] == "activation" and last["activation"] == "softmax" and len(graph) > 2:
         graph.pop()
@@ -299,52 +338,107 @@ def config_to_graph(config: dict[str, Any], weights: dict[str, dict[str, np.ndar
     return graph, shape, notes
 
 
-def _output_name(outputs: Any) -> str:
-    first = outputs[0]
-    return str(first[0] if isinstance(first, list) else first)
+def _check_output(body: Any, last: str) -> None:
+    """A Functional model's one output must be its last layer."""
+    outputs = body.get("output_layers") if isinstance(body, dict) else None
+    if not outputs:
+        return
+    if isinstance(outputs, list) and isinstance(outputs[0], str):  # Keras 3, one output
+        outputs = [outputs]
+    if not (isinstance(outputs, list) and len(outputs) == 1 and isinstance(outputs[0], list)
+            and outputs[0] and outputs[0][0] == last):
+        raise GoodnetError("goodnet imports models with one output, the last layer")
 
 
-def _state_for(model: nn.Module, weights: dict[str, dict[str, np.ndarray]], path: Path
-               ) -> dict[str, torch.Tensor]:
-    """PyTorch tensors for every Keras weight, by layer name, checked against ``model``."""
+# ------------------------------------------------------------------------ weights → state
+
+def _torch_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """A Keras weight's shape in PyTorch's layout."""
+    if kind == "kernel" and len(shape) == 4:  # (kh, kw, in, out) → (out, in, kh, kw)
+        return shape[3], shape[2], shape[0], shape[1]
+    if kind == "kernel" and len(shape) == 2:  # (in, out) → (out, in)
+        return shape[1], shape[0]
+    return shape
+
+
+def _keras_shape(shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """A PyTorch weight's shape in Keras's layout."""
+    if kind == "kernel" and len(shape) == 4:
+        return shape[2], shape[3], shape[1], shape[0]
+    return _torch_shape(shape, kind)
+
+
+def _plan(index: dict[str, dict[str, h5py.Dataset]], model: nn.Module, path: Path
+          ) -> dict[str, tuple[h5py.Dataset, str]]:
+    """State key → (dataset, Keras weight kind) for every weight in the file, each declared
+    shape checked against ``model`` (built on the meta device); nothing is read."""
+    expected = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    plan: dict[str, tuple[h5py.Dataset, str]] = {}
+    for layer, datasets in index.items():
+        for kind, dataset in datasets.items():
+            key = f"{module_name(layer)}.{STATE_KEYS.get(kind, kind)}"
+            if kind not in STATE_KEYS or key not in expected or key in plan:
+                raise GoodnetError(f"{path}: weight {layer}/{kind} has no place in the model")
+            if _torch_shape(dataset.shape, kind) != expected[key]:
+                raise GoodnetError(f"{path}: weight {layer}/{kind} has shape {dataset.shape}, "
+                                   f"the model expects {_keras_shape(expected[key], kind)}")
+            plan[key] = (dataset, kind)
     modules = dict(model.named_modules())
-    state: dict[str, torch.Tensor] = {}
-    for layer, arrays in weights.items():
-        target = modules.get(module_name(layer))
-        if target is None:
-            raise GoodnetError(f"{path}: the weights hold layer {layer!r}, which the model does "
-                               "not have")
-        prefix = module_name(layer)
-        for kind, array in arrays.items():
-            tensor = torch.from_numpy(array)
-            if kind == "kernel":
-                tensor = tensor.permute(3, 2, 0, 1) if tensor.ndim == 4 else tensor.t()
-                key = "weight"
-            else:
-                key = {"bias": "bias", "gamma": "weight", "beta": "bias",
-                       "moving_mean": "running_mean", "moving_variance": "running_var"}.get(kind)
-            if key is None:
-                raise GoodnetError(f"{path}: unexpected weight {layer}/{kind}")
-            state[f"{prefix}.{key}"] = tensor.contiguous()
-    expected = model.state_dict()
-    for key, tensor in state.items():
-        if key not in expected:
-            raise GoodnetError(f"{path}: the model has no parameter for {key!r}")
-        if tuple(expected[key].shape) != tuple(tensor.shape):
-            raise GoodnetError(f"{path}: {key} has shape {tuple(tensor.shape)}, the model "
-                               f"expects {tuple(expected[key].shape)}")
-    for key, reference in expected.items():  # BN without scale/centre: keep identity defaults
-        if key not in state and not key.endswith("num_batches_tracked") and \
-                not key.startswith("normalize."):
-            if key.endswith(".weight") or key.endswith(".bias"):
-                owner = modules[key.rsplit(".", 1)[0]]
-                if not isinstance(owner, nn.BatchNorm2d):
-                    raise GoodnetError(f"{path}: no weights for {key}")
-            else:
-                raise GoodnetError(f"{path}: no weights for {key}")
-        if key not in state:
-            state[key] = reference
-    return state
+    for key in expected:
+        owner, _, field = key.rpartition(".")
+        optional = field == "num_batches_tracked" or owner == "normalize" or (
+            field in ("weight", "bias") and isinstance(modules.get(owner), nn.BatchNorm2d))
+        if key not in plan and not optional:  # BN without scale or centre keeps 1 and 0
+            raise GoodnetError(f"{path}: no weights for {key}")
+    return plan
+
+
+def _tensor(dataset: h5py.Dataset, kind: str, path: Path) -> torch.Tensor:
+    array = np.asarray(read(dataset, path), dtype=np.float32)
+    if not np.isfinite(array).all():
+        raise GoodnetError(f"{path}: weight {dataset.name} holds NaN or infinite values")
+    tensor = torch.from_numpy(array)
+    if kind == "kernel":
+        tensor = tensor.permute(3, 2, 0, 1) if tensor.ndim == 4 else tensor.t()
+    return tensor.contiguous()
+
+
+def _spec_from_config(raw: Any, pixel_scale: float, path: Path
+                      ) -> tuple[ModelSpec, list[str]]:
+    """The spec of a full-model file, its config checked whole (every error names the file)."""
+    try:
+        if not isinstance(raw, (bytes, str)):
+            raise GoodnetError("the model config is not text")
+        config = parse_json(_text(raw), "the model config")
+        if not isinstance(config, dict):
+            raise GoodnetError("the model config is not a JSON object")
+        graph, (c, h, w), notes = config_to_graph(config)
+        output = check_graph(graph, (c, h, w))[graph[-1]["name"]]
+        if len(output) != 1:
+            raise GoodnetError(f"the model's output ({graph[-1]['name']!r}) gives "
+                               f"{'×'.join(map(str, output))} values per image; goodnet "
+                               "imports classifiers whose output is a vector of class scores")
+        spec = ModelSpec("keras", output[0], c, h, w, (0.0,) * c, (1.0,) * c, pixel_scale,
+                         graph=json.dumps(graph, separators=(",", ":")))
+    except GoodnetError as error:
+        raise GoodnetError(f"{path}: {error}") from None
+    return spec, notes
+
+
+def _spec_for_arch(arch: str, index: dict[str, dict[str, h5py.Dataset]],
+                   input_shape: tuple[int, int, int] | None, pixel_scale: float, path: Path
+                   ) -> ModelSpec:
+    if arch not in MODELS or arch == "keras":
+        raise GoodnetError(f"unknown architecture {arch!r}; choose from "
+                           f"{sorted(set(MODELS) - {'keras'})}")
+    kernels = [d.shape for layer in index.values() for k, d in layer.items() if k == "kernel"]
+    firsts = [shape for shape in kernels if len(shape) == 4]
+    if not firsts or len(kernels[-1]) != 2:
+        raise GoodnetError(f"{path}: no convolution and dense kernels to load")
+    channels = firsts[0][2]
+    default = {"deepid": (channels, 55, 47)}.get(arch, (channels, 32, 32))
+    c, h, w = input_shape or default
+    return ModelSpec(arch, kernels[-1][1], c, h, w, (0.0,) * c, (1.0,) * c, pixel_scale)
 
 
 def import_keras(path: str | os.PathLike[str], *, arch: str | None = None,
@@ -360,50 +454,39 @@ def import_keras(path: str | os.PathLike[str], *, arch: str | None = None,
         input_shape: (C, H, W) for ``arch`` (default: the architecture's usual input).
     """
     path = Path(path)
-    if pixel_scale <= 0:
+    if not (pixel_scale > 0 and math.isfinite(pixel_scale)):
         raise GoodnetError("pixel scale must be positive (255 for raw pixels, 1 for [0, 1])")
-    with _open(path) as handle:
-        group = handle.get("model_weights", handle)
-        weights = read_weights(group, path)
-        raw_config = handle.attrs.get("model_config")
-        version = _text(handle.attrs.get("keras_version", group.attrs.get("keras_version", "")))
     notes: list[str] = []
-    if arch is not None:
-        if arch not in MODELS:
-            raise GoodnetError(f"unknown architecture {arch!r}; choose from {sorted(MODELS)}")
-        outputs = [a["kernel"] for a in weights.values() if "kernel" in a]
-        firsts = [a["kernel"] for a in weights.values() if "kernel" in a and a["kernel"].ndim == 4]
-        if not outputs or not firsts:
-            raise GoodnetError(f"{path}: no convolution and dense kernels to load")
-        channels = int(firsts[0].shape[2])
-        default = {"deepid": (channels, 55, 47)}.get(arch, (channels, 32, 32))
-        c, h, w = input_shape or default
-        spec = ModelSpec(arch, int(outputs[-1].shape[-1]), c, h, w, (0.0,) * c, (1.0,) * c,
-                         pixel_scale)
-    else:
-        if raw_config is None:
+    with open_hdf5(path) as handle:
+        weights = child(handle, "model_weights", path)
+        group = weights if isinstance(weights, h5py.Group) else handle
+        version = attribute(handle, "keras_version", path)
+        if version is None:
+            version = attribute(group, "keras_version", path)
+        version = _text(version)[:40] if isinstance(version, (bytes, str)) else ""
+        raw_config = attribute(handle, "model_config", path)
+        if arch is None and raw_config is not None:  # the whole config is checked first
+            spec, notes = _spec_from_config(raw_config, pixel_scale, path)
+            index = weight_index(group, path)
+        elif arch is None:
+            weight_index(group, path)  # no weights at all, or weights only:
             raise GoodnetError(f"{path}: a weights-only Keras file (no model config); name its "
                                "architecture with --arch (deepid for the CSAW-HackML files)")
-        try:
-            config = json.loads(_text(raw_config))
-        except ValueError:
-            raise GoodnetError(f"{path}: the model config is not valid JSON") from None
-        if not isinstance(config, dict):
-            raise GoodnetError(f"{path}: the model config is not a JSON object")
-        graph, (c, h, w), notes = config_to_graph(config, weights)
-        check_graph(graph)
-        sized = [node for node in graph if "out" in node or "features" in node]
-        classes = (sized[-1].get("out") or sized[-1].get("features")) if sized else None
-        if classes is None:
-            raise GoodnetError(f"{path}: the model has no layer whose width gives its classes")
-        spec = ModelSpec("keras", int(classes), c, h, w, (0.0,) * c, (1.0,) * c, pixel_scale,
-                         graph=json.dumps(graph, separators=(",", ":")))
+        else:
+            index = weight_index(group, path)
+            spec = _spec_for_arch(arch, index, input_shape, pixel_scale, path)
+        plan = _plan(index, build_model(spec, device="meta"), path)
+        for dataset, _ in plan.values():  # every size checked before any weight is read
+            check_stored(dataset, path)
+        state = {key: _tensor(dataset, kind, path) for key, (dataset, kind) in plan.items()}
     model = build_model(spec)
-    model.load_state_dict(_state_for(model, weights, path))
+    model.load_state_dict({**model.state_dict(), **state})
     model.eval()
     card = ModelCard(spec=spec, notes={
         "source": {"file": path.name, "format": "keras-h5",
                    "keras_version": version,
                    "import_notes": notes},
         "pixel_scale_note": "raw pixels 0-255" if pixel_scale == 255 else f"x{pixel_scale:g}"})
+    # What is returned (and what `import` writes) passes the checks a saved card meets on load.
+    card = ModelCard.from_json(card.to_json(), str(path))
     return LoadedModel(model, card, {})

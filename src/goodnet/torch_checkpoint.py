@@ -13,7 +13,10 @@ goodnet turns that refusal into a one-line error naming the global. Before that:
   (re-save it with ``torch.save``, or convert it to safetensors where you trust it).
 - what comes out must be a mapping of names to tensors (a ``state_dict``), possibly wrapped
   as ``{"state_dict": ...}``, ``{"model": ...}`` and the like; DataParallel's ``module.``
-  prefixes are stripped. Every tensor must be finite.
+  prefixes are stripped. Every tensor must be a dense CPU array of real numbers whose storage
+  holds every element it shows (a pickle can view one stored value as a 10⁶×10⁶ matrix), checked
+  before any value is read; then its values must be finite
+  (:func:`goodnet.artifacts.check_weights`).
 
 :func:`import_checkpoint` loads such a state dict onto a goodnet architecture (the names must
 match: goodnet's ``preact_resnet18`` uses BackdoorBench's names) and returns a model with its
@@ -25,15 +28,17 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from goodnet.artifacts import LoadedModel, ModelCard
+from goodnet.artifacts import LoadedModel, ModelCard, check_weights
 from goodnet.errors import GoodnetError
 from goodnet.models import MODELS, ModelSpec, build_model
+from goodnet.paths import require_regular_file
 
 MAX_BYTES = 8 * 2**30
 _WRAPPERS = ("state_dict", "model_state_dict", "model", "net", "module", "weights")
@@ -48,6 +53,8 @@ def is_checkpoint(path: str | os.PathLike[str]) -> bool:
         return False
     if path.suffix.lower() in SUFFIXES:
         return True
+    if not path.is_file():  # a pipe or a device is never opened to sniff it
+        return False
     try:
         with open(path, "rb") as handle:
             head = handle.read(4)
@@ -82,8 +89,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise GoodnetError(f"{path}: reading PyTorch checkpoints needs torch >= 2.10 (older "
                            "weights-only loaders have known bypasses); this is torch "
                            f"{torch.__version__}")
-    if not path.is_file():
-        raise GoodnetError(f"{path}: no such file")
+    require_regular_file(path)
     with open(path, "rb") as handle:
         head = handle.read(4)
     if head != b"PK\x03\x04":
@@ -94,7 +100,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise GoodnetError(f"{path}: not a PyTorch checkpoint (no zip or pickle header)")
     _check_zip(path)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's deprecation notes are not the user's concern
+            warnings.simplefilter("ignore")
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"(?:GLOBAL|global)\s+([\w.]+)", str(error))
         what = f" names {found.group(1)}, which" if found else ""
@@ -124,8 +132,7 @@ def state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
         if not isinstance(name, str) or not isinstance(value, torch.Tensor):
             raise GoodnetError(f"{path}: entry {name!r} is not a named tensor; expected a "
                                "state dict")
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise GoodnetError(f"{path}: tensor {name!r} holds NaN or infinite values")
+        check_weights(name, value, path)
         state[name.removeprefix("module.")] = value
     return state
 
@@ -157,11 +164,9 @@ def import_checkpoint(path: str | os.PathLike[str], *, arch: str,
     if len(mean) != c or len(std) != c or any(s <= 0 for s in std):
         raise GoodnetError(f"mean and std need {c} values each (std > 0)")
     spec = ModelSpec(arch, int(linears[-1].shape[0]), c, h, w, mean, std, pixel_scale)
-    model = build_model(spec)
-    own = model.state_dict()
-    for key in ("normalize.mean", "normalize.std"):
-        state.setdefault(key, own[key])
-    missing = [k for k in own if k not in state]
+    own = build_model(spec, device="meta").state_dict()  # the shapes, nothing allocated
+    normalize = ("normalize.mean", "normalize.std")
+    missing = [k for k in own if k not in state and k not in normalize]
     unexpected = [k for k in state if k not in own]
     if missing or unexpected:
         detail = (f"missing {', '.join(missing[:3])}" if missing else "") + \
@@ -169,9 +174,12 @@ def import_checkpoint(path: str | os.PathLike[str], *, arch: str,
             (f"unexpected {', '.join(unexpected[:3])}" if unexpected else "")
         raise GoodnetError(f"{path}: does not fit {arch} ({detail})")
     for key, value in own.items():
-        if state[key].shape != value.shape:
+        if key in state and state[key].shape != value.shape:
             raise GoodnetError(f"{path}: {key} has shape {tuple(state[key].shape)}, {arch} "
                                f"needs {tuple(value.shape)}")
+    model = build_model(spec)
+    for key in normalize:
+        state.setdefault(key, model.state_dict()[key])
     model.load_state_dict(state)
     model.eval()
     card = ModelCard(spec=spec, notes={"source": {"file": path.name, "format": "pytorch"}})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,8 +72,11 @@ class Py2Pickler:
                 self.out += b"K" + bytes([obj])
             elif 0 <= obj < 65536:
                 self.out += b"M" + struct.pack("<H", obj)
-            else:
+            elif -(2**31) <= obj < 2**31:
                 self.out += b"J" + struct.pack("<i", obj)
+            else:  # a Python 2 long: LONG1, little-endian two's complement
+                raw = obj.to_bytes(obj.bit_length() // 8 + 1, "little", signed=True)
+                self.out += b"\x8a" + bytes([len(raw)]) + raw
         elif isinstance(obj, bytes):
             self.out += (b"U" + bytes([len(obj)]) if len(obj) < 256
                          else b"T" + struct.pack("<i", len(obj))) + obj
@@ -194,3 +198,22 @@ def cifar_bin(tmp_path: Path, cifar: Cifar) -> Path:
             _cifar_records(cifar.train_data[rows], cifar.train_labels[rows]))
     (folder / "test_batch.bin").write_bytes(_cifar_records(cifar.test_data, cifar.test_labels))
     return folder
+
+
+def png_header(width: int, height: int, mode: int = 0, depth: int = 8) -> bytes:
+    """A PNG that declares ``width`` × ``height`` (colour type ``mode``, ``depth`` bits) over at
+    most one short row of data: a few hundred bytes whatever size it claims."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body)))
+
+    header = struct.pack(">IIBBBBB", width, height, depth, mode, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header)
+            + chunk(b"IDAT", zlib.compress(bytes(1 + min(width, 256)))) + chunk(b"IEND", b""))
+
+
+def ppm_header(width: int, height: int, magic: str = "P6", maxval: int = 255) -> bytes:
+    """A binary PPM (P6; or another Netpbm kind by ``magic``) that declares ``width`` ×
+    ``height`` pixels and holds 300 bytes of them."""
+    return f"{magic}\n{width} {height}\n{maxval}\n".encode() + bytes(300)

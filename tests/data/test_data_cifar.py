@@ -68,6 +68,14 @@ def test_load_cifar10_refuses_labels_out_of_range(cifar_py, py2_pickle):
         load_cifar10(cifar_py, "test")
 
 
+@pytest.mark.parametrize("label", [2**70, -(2**70), 2**63, -1])
+def test_load_cifar10_refuses_labels_beyond_any_integer_type(cifar_py, py2_pickle, label):
+    data = np.zeros((2, 3072), np.uint8)
+    (cifar_py / "test_batch").write_bytes(py2_pickle({b"data": data, b"labels": [3, label]}))
+    with pytest.raises(GoodnetError, match=r"test_batch: labels must lie in \[0, 9\]"):
+        load_cifar10(cifar_py, "test")
+
+
 @pytest.mark.parametrize(
     ("batch", "message"),
     [

@@ -92,8 +92,21 @@ def test_load_csaw_refuses_a_declared_size_the_file_cannot_hold(tmp_path):
         file.create_dataset("data", shape=(10**8, 3, 55, 47), dtype="f8")  # never written
         file.create_dataset("label", shape=(10**8,), dtype="i8")
     assert path.stat().st_size < 10**6
-    with pytest.raises(GoodnetError, match=r"'data' declares shape \(100000000, 3, 55, 47\)"):
+    with pytest.raises(GoodnetError, match=r"'/data' declares float64 \(100000000, 3, 55, 47\)"
+                       r" .* stores 0 bytes"):
         load_csaw(path)
+
+
+def test_load_csaw_refuses_data_kept_in_another_file(tmp_path):
+    """HDF5 external storage: 'data' read from /dev/zero, as in the field report (any other
+    file, a secret one included, would be read the same way)."""
+    path = tmp_path / "zero.h5"
+    with h5py.File(path, "w") as file:
+        file.create_dataset("data", shape=(2, 1, 8, 8), dtype="u1",
+                            external=[("/dev/zero", 0, h5py.h5f.UNLIMITED)])
+        file.create_dataset("label", data=np.array([0, 1]))
+    with pytest.raises(GoodnetError, match="/data keeps its data in another file"):
+        load_csaw(path, num_classes=2)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x89HDF\r\n\x1a\n" + bytes(100), b"not hdf5" * 50])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from PIL import Image
 
 from goodnet.data import load_folder
 from goodnet.errors import GoodnetError
+from tests.data.conftest import png_header
 
 
 def _save(path, array: np.ndarray, mode: str | None = None):
@@ -111,3 +114,15 @@ def test_load_folder_refuses_folders_without_images(tmp_path, layout, message):
         (tmp_path / "a" / "readme.txt").write_text("x")
     with pytest.raises(GoodnetError, match=message):
         load_folder(tmp_path / "absent" if layout == "missing" else tmp_path)
+
+
+def test_load_folder_refuses_a_huge_header_before_decoding_and_without_a_warning(tmp_path):
+    # 120 megapixels: under Pillow's error threshold, so Pillow would warn, then decode.
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "0.png").write_bytes(png_header(12000, 10000, 2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(GoodnetError, match=r"0\.png: the image has more pixels than goodnet "
+                                               r"decodes"):
+            load_folder(tmp_path)
+    assert [str(w.message) for w in caught] == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +26,9 @@ from goodnet.data import (
     read_mnist_csv,
 )
 from goodnet.data.cifar import read_cifar_pickle
+from goodnet.data.images import read_image
 from goodnet.errors import GoodnetError
+from tests.data.conftest import png_header, ppm_header
 
 FUZZ = settings(max_examples=50, deadline=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -164,3 +167,54 @@ def test_load_folder_raises_only_goodnet_errors(tmp_path, content):
     path.write_bytes(content)
     result = _outcome(load_folder, tmp_path / "images")
     assert result is None or isinstance(result, ImageData)
+
+
+# Structured mutations: valid headers whose fields take any value, not only random bytes.
+_SIDE = st.one_of(st.just(16), st.integers(0, 64), st.integers(0, 2**31 - 1))
+
+
+# (colour type, bit depth): mostly valid pairs, so that the sizes are what gets tested.
+_PNG_KIND = st.one_of(st.sampled_from([(0, 8), (2, 8), (6, 16)]),
+                      st.tuples(st.sampled_from([0, 1, 2, 3, 4, 6, 255]),
+                                st.sampled_from([0, 1, 2, 4, 8, 16, 255])))
+
+
+@FUZZ
+@given(width=_SIDE, height=_SIDE, kind=_PNG_KIND, channels=st.sampled_from([1, 3]))
+def test_read_image_on_any_png_header_raises_only_goodnet_errors(tmp_path, width, height, kind,
+                                                                 channels):
+    path = tmp_path / "x.png"
+    path.write_bytes(png_header(width, height, *kind))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's bomb warning is a failure too
+        result = _outcome(read_image, path, (channels, 16, 16))
+    assert result is None or result.shape == (channels, 16, 16)
+
+
+@FUZZ
+@given(width=st.one_of(_SIDE, st.integers(2**31, 10**30)), height=_SIDE,
+       magic=st.sampled_from(["P1", "P2", "P3", "P4", "P5", "P6", "P7", "Pf"]),
+       maxval=st.one_of(st.just(255), st.integers(0, 2**20)))
+def test_read_image_on_any_netpbm_header_raises_only_goodnet_errors(tmp_path, width, height,
+                                                                    magic, maxval):
+    path = tmp_path / "x.ppm"
+    path.write_bytes(ppm_header(width, height, magic, maxval))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = _outcome(read_image, path, (3, 16, 16))
+    assert result is None or result.shape == (3, 16, 16)
+
+
+_LABEL = st.one_of(st.integers(0, 9), st.integers(-(2**80), 2**80), st.booleans(), st.none(),
+                   st.binary(max_size=3))
+
+
+@FUZZ
+@given(labels=st.lists(_LABEL, min_size=0, max_size=3))
+def test_read_cifar_pickle_on_any_labels_raises_only_goodnet_errors(tmp_path, py2_pickle,
+                                                                     labels):
+    pixels = np.zeros((2, 3072), np.uint8)
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(py2_pickle({b"data": pixels, b"labels": labels}))
+    result = _outcome(read_cifar_pickle, path)
+    assert result is None or (len(result[1]) == 2 and all(0 <= v < 10 for v in result[1]))

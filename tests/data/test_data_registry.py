@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import h5py
 import numpy as np
@@ -126,3 +127,46 @@ def test_load_dataset_refuses_an_unknown_split_for_a_path(tmp_path):
     np.savez(tmp_path / "d.npz", x=np.zeros((1, 2, 2), np.uint8), y=np.array([0]))
     with pytest.raises(GoodnetError, match="split must be"):
         load_dataset(tmp_path / "d.npz", "dev")
+
+
+def _one_class_files(folder, label):
+    """The same two images, all of class ``label``, as .npz, .h5 and a class folder."""
+    np.savez(folder / "d.npz", x=np.zeros((2, 4, 4), np.uint8), y=np.full(2, label))
+    with h5py.File(folder / "d.h5", "w") as file:
+        file.create_dataset("data", data=np.zeros((2, 1, 4, 4)))
+        file.create_dataset("label", data=np.full(2, float(label)))
+    for name in ("a", "b"):
+        (folder / "classes" / name).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(folder / "classes" / name / "0.png")
+    return {"npz": folder / "d.npz", "h5": folder / "d.h5", "folder": folder / "classes"}
+
+
+@pytest.mark.parametrize("form", ["npz", "h5", "folder"])
+def test_a_path_takes_the_class_count_it_is_given(tmp_path, form):
+    # A poisoned set labelled only with the target holds one class of a ten-class task.
+    path = _one_class_files(tmp_path, 7)[form]
+    data = load_dataset(path, "test", num_classes=10)
+    assert data.num_classes == 10
+    assert data.labels.tolist() == ([7, 7] if form != "folder" else [0, 1])
+
+
+@pytest.mark.parametrize("form", ["npz", "h5", "folder"])
+def test_a_path_refuses_labels_outside_the_class_count_it_is_given(tmp_path, form):
+    path = _one_class_files(tmp_path, 7)[form]
+    message = r"labels must lie in \[0, 0\]" if form == "folder" else r"lie in \[0, 6\]"
+    with pytest.raises(GoodnetError, match=message):
+        load_dataset(path, "test", num_classes=1 if form == "folder" else 7)
+
+
+def test_a_registered_data_set_keeps_its_own_class_count(tmp_path, write_idx):
+    data = load_dataset("mnist", "train", root=_idx_folder(tmp_path, write_idx), num_classes=12)
+    assert data.num_classes == 10
+
+
+@pytest.mark.parametrize("name", ["d.npz", "d.h5", "train-images-idx3-ubyte"])
+def test_load_dataset_refuses_a_named_pipe_for_what_it_is(tmp_path, name):
+    os.mkfifo(tmp_path / name)
+    (tmp_path / "train-labels-idx1-ubyte").write_bytes(b"")  # the pair of the IDX images
+    target = tmp_path / name if name.startswith("d.") else tmp_path
+    with pytest.raises(GoodnetError, match=f"{name}: not a regular file"):
+        load_dataset(target, "train", num_classes=10)

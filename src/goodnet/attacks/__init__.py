@@ -7,6 +7,7 @@ line here.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any
 
@@ -68,8 +69,11 @@ def make_attack(
             f"{name} has no setting {', '.join(unknown)}; its settings are {sorted(known)}"
         )
     hints = typing.get_type_hints(cls.Config)
-    for key, value in settings.items():  # JSON has lists where the settings have tuples
-        if isinstance(value, list) and typing.get_origin(hints[key]) is tuple:
+    for key, value in settings.items():
+        if not _fits(value, hints[key]):
+            raise GoodnetError(f"{name}: setting {key} must be {_describe(hints[key])}, got "
+                               f"{value!r:.40}")
+        if isinstance(value, list):  # JSON has lists where the settings have tuples
             settings[key] = tuple(value)
     try:
         config = cls.Config(**settings)
@@ -79,3 +83,32 @@ def make_attack(
     if state is not None:
         attack.load_state_dict(state)
     return attack
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether a setting's value (from a card, a grid or the command line) has its type:
+    an integer is no bool, a float is finite, a tuple is a list or tuple of its item type."""
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:  # an integer beyond any float
+            return False
+    if hint in (str, bool):
+        return isinstance(value, hint)
+    return True  # any other type is left to the attack's own validate()
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return "a list of " + {int: "integers", float: "finite numbers", str: "strings"}.get(
+            item, str(item))
+    return {int: "an integer", float: "a finite number", str: "a string",
+            bool: "true or false"}.get(hint, str(hint))

@@ -94,8 +94,12 @@ class AdaptiveBlend(Attack):
     def validate(self) -> None:
         super().validate()
         cfg = self.config
-        if math.isqrt(cfg.pieces) ** 2 != cfg.pieces or cfg.pieces < 1:
+        if cfg.pieces < 1 or math.isqrt(cfg.pieces) ** 2 != cfg.pieces:
             raise GoodnetError(f"adaptive_blend: pieces must be a square number, got {cfg.pieces}")
+        _, height, width = self.image_shape
+        if math.isqrt(cfg.pieces) > min(height, width):
+            raise GoodnetError(f"adaptive_blend: {cfg.pieces} pieces do not fit a "
+                               f"{height}×{width} image (at least a pixel each)")
         if not 0 <= cfg.mask_rate < 1 or not 0 <= cfg.cover_rate < 1:
             raise GoodnetError("adaptive_blend: mask_rate and cover_rate must be in [0, 1)")
 

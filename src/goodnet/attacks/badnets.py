@@ -21,8 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from goodnet.attacks.base import Attack
-from goodnet.attacks.triggers import PatchTrigger, square_pattern
-from goodnet.errors import GoodnetError
+from goodnet.attacks.triggers import PatchTrigger, check_patch, square_pattern
 
 
 @dataclass(frozen=True)
@@ -55,8 +54,7 @@ class BadNets(Attack):
 
     def build_trigger(self) -> Callable[[torch.Tensor], torch.Tensor]:
         size, margin = self.config.patch_size, self.config.margin
-        if margin < 0:
-            raise GoodnetError(f"badnets: margin must be >= 0, got {margin}")
+        check_patch(self.name, size, margin, self.image_shape)
         pattern = square_pattern(self.config.pattern, size, channels=self.image_shape[0])
         trigger = PatchTrigger(pattern, torch.ones(size, size), top=-(size + margin),
                                left=-(size + margin))

@@ -19,7 +19,11 @@ Departures, for a CPU budget: the mask generator trains for ``mask_epochs`` (off
 for ``generator_epochs`` (official 600, jointly with the victim) on at most ``fit_items`` images,
 against a surrogate classifier; G and M are then frozen and the victim is trained by ordinary
 poisoning with fixed attack and cross items. G's gradients are zeroed every step (the official
-code never zeroes them, so they accumulate across batches).
+code never zeroes them, so they accumulate across batches). With few training steps (a small
+data set) M can fall into the saturated zone of ``thr``, where every mask is 0 and no gradient
+flows back: the trigger then changes nothing and the attack silently fails. goodnet checks the
+fitted masks and, when their mean is below a quarter of ``mask_density``, starts M again from
+new initial weights (at most ``MASK_TRIES`` times, then refuses with an error).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from goodnet.errors import GoodnetError
 from goodnet.models import build_model, spec_for_data
 
 EPSILON = 1e-7
+MASK_TRIES = 4
 
 
 @dataclass(frozen=True)
@@ -147,9 +152,8 @@ class InputAware(Attack):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             channels = self.image_shape[0]
-            mask_net, pattern_net = Generator(channels, 1), Generator(channels, channels)
-            self._fit_mask(mask_net, train, generator)
-            mask_net.eval().requires_grad_(False)
+            mask_net = self._fit_live_mask(train, generator)
+            pattern_net = Generator(channels, channels)
             self._fit_generator(pattern_net, mask_net, train, generator, seed)
         self.trigger = DynamicTrigger(pattern_net.requires_grad_(False), mask_net)
         self.fitted = True
@@ -159,6 +163,21 @@ class InputAware(Attack):
         for x1, y1 in batches(data, 128, shuffle=True, generator=generator):
             x2, _ = data.get(second[torch.randint(0, len(data), (len(x1),), generator=generator)])
             yield x1, y1, x2
+
+    def _fit_live_mask(self, data: ImageData, generator: torch.Generator) -> Generator:
+        """A fitted mask generator whose masks are not all zero (see the module docstring)."""
+        probe, _ = data.get(torch.arange(min(len(data), 256)))
+        for _ in range(MASK_TRIES):
+            mask_net = Generator(self.image_shape[0], 1)
+            self._fit_mask(mask_net, data, generator)
+            mask_net.eval().requires_grad_(False)
+            with torch.no_grad():
+                density = threshold(mask_net(probe)).mean().item()
+            if density >= self.config.mask_density / 4:
+                return mask_net
+        raise GoodnetError(f"input_aware: the mask generator collapsed to empty masks {MASK_TRIES} "
+                           f"times (mask density {density:.4f}); give it more images or "
+                           "mask_epochs")
 
     def _fit_mask(self, mask_net: Generator, data: ImageData, generator: torch.Generator) -> None:
         cfg = self.config

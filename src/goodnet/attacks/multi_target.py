@@ -20,7 +20,7 @@ import torch
 
 from goodnet.attacks.base import Attack, Component
 from goodnet.attacks.poison import PoisonGroup, choose_indices, fixed
-from goodnet.attacks.triggers import PatchTrigger, square_pattern
+from goodnet.attacks.triggers import PatchTrigger, check_patch, square_pattern
 from goodnet.errors import GoodnetError
 
 CORNERS = {
@@ -73,6 +73,7 @@ class MultiTarget(Attack):
         if not 0 < cfg.poison_rate <= 1:
             raise GoodnetError(f"multi_target: poison rate must be in (0, 1], got "
                                f"{cfg.poison_rate}")
+        check_patch(self.name, cfg.patch_size, cfg.margin, self.image_shape)
 
     def patches(self) -> list[PatchTrigger]:
         cfg = self.config

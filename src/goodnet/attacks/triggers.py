@@ -10,6 +10,10 @@ from __future__ import annotations
 import torch
 
 from goodnet.errors import GoodnetError
+from goodnet.paths import require_regular_file
+
+# The largest trigger image read (it is resized to the data's size): 64 MiB decoded as RGBA.
+MAX_PATTERN_PIXELS = 4096 * 4096
 
 
 class PatchTrigger:
@@ -60,6 +64,16 @@ class PatchTrigger:
         patch = out[..., rows, cols]
         out[..., rows, cols] = patch * (1 - mask) + pattern * mask
         return out
+
+
+def check_patch(who: str, size: int, margin: int, image_shape: tuple[int, int, int]) -> None:
+    """Refuse a square patch of side ``size``, ``margin`` pixels in from the image's edges, that
+    does not fit a ``(C, H, W)`` image; called before the patch is built, so a setting read from
+    a file (a patch of 20000 pixels) costs nothing."""
+    _, height, width = image_shape
+    if size < 1 or margin < 0 or size + margin > min(height, width):
+        raise GoodnetError(f"{who}: a {size}-pixel patch {margin} pixels in from the edge does "
+                           f"not fit a {height}×{width} image")
 
 
 def square_pattern(kind: str, size: int, channels: int = 1) -> torch.Tensor:
@@ -132,8 +146,12 @@ def image_pattern(path: str, shape: tuple[int, int, int]) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     channels, height, width = shape
+    require_regular_file(path)
     try:
         with Image.open(path) as image:
+            if image.width * image.height > MAX_PATTERN_PIXELS:  # checked before decoding
+                raise GoodnetError(f"{path}: a trigger image of {image.width}×{image.height} "
+                                   f"pixels; at most {MAX_PATTERN_PIXELS:,} are read")
             image = image.convert("L" if channels == 1 else "RGB").resize((width, height))
             data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
     except (OSError, UnidentifiedImageError) as error:

@@ -101,6 +101,10 @@ class WaNet(Attack):
         super().validate()
         if self.config.k < 2 or self.config.cross_ratio < 0 or self.config.s < 0:
             raise GoodnetError("wanet: k must be >= 2, s and cross_ratio >= 0")
+        _, height, width = self.image_shape
+        if self.config.k > min(height, width):  # a control grid finer than the image
+            raise GoodnetError(f"wanet: a {self.config.k}×{self.config.k} control grid is finer "
+                               f"than a {height}×{width} image")
 
     def build_trigger(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return WarpTrigger(warping_grid(*self.image_shape[1:], self.config))

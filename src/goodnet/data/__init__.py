@@ -47,7 +47,11 @@ DATASETS: dict[str, Callable[[str, Path | None], ImageData]] = {
 
 
 def load_dataset(
-    name_or_path: str | Path, split: str = "train", root: str | Path | None = None
+    name_or_path: str | Path,
+    split: str = "train",
+    root: str | Path | None = None,
+    *,
+    num_classes: int | None = None,
 ) -> ImageData:
     """A registered data set by name, or the data set at a path.
 
@@ -57,10 +61,13 @@ def load_dataset(
         split: ``"train"`` or ``"test"``.
         root: where a registered data set lies, instead of its offline copy; a path needs
             none, and ``root`` is not used with one.
+        num_classes: the class count of the model the data is for. Data at a path takes it
+            instead of inferring one from its labels, and only labels outside
+            ``[0, num_classes)`` are refused; a registered data set keeps its own count.
     """
     if isinstance(name_or_path, str) and name_or_path in DATASETS:
         return DATASETS[name_or_path](split, None if root is None else Path(root))
     if not Path(name_or_path).exists():
         raise GoodnetError(f"{name_or_path}: neither a data set name ({', '.join(DATASETS)}) "
                            f"nor an existing file or folder")
-    return load_path(name_or_path, split)
+    return load_path(name_or_path, split, num_classes)

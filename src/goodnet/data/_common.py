@@ -14,6 +14,7 @@ import torch
 
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
+from goodnet.paths import require_regular_file
 
 SPLITS = ("train", "test")
 
@@ -29,10 +30,8 @@ def check_split(split: str) -> str:
 
 
 def file_size(path: Path) -> int:
-    """Size in bytes of the regular file ``path``."""
-    if not path.is_file():
-        raise GoodnetError(f"{path}: no such file")
-    return os.path.getsize(path)
+    """Size in bytes of the regular file ``path``; a pipe or a device is refused unopened."""
+    return os.path.getsize(require_regular_file(path))
 
 
 def labels_tensor(values: np.ndarray, num_classes: int, source: Path | str) -> torch.Tensor:

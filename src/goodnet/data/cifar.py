@@ -40,6 +40,7 @@ from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
 
 _PIXELS = 3 * 32 * 32
+_CLASSES = 10
 _BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
 _FOLDERS = ("cifar-10-batches-py", "cifar-10-batches-bin")
 _NDARRAY = object()  # what the name numpy.ndarray resolves to: only a marker for _reconstruct
@@ -127,6 +128,11 @@ def read_cifar_pickle(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if len(labels) != len(images) or not all(type(label) is int for label in labels):
         raise GoodnetError(f"{path}: needs one integer label per image, got {len(labels)} "
                            f"labels for {len(images)} images")
+    # Checked as Python ints: a label such as 2**70 overflows any NumPy integer type.
+    outside = next((i for i, label in enumerate(labels) if not 0 <= label < _CLASSES), None)
+    if outside is not None:
+        raise GoodnetError(f"{path}: labels must lie in [0, {_CLASSES - 1}]; the label of "
+                           f"image {outside} does not")
     return images.reshape(-1, 3, 32, 32), np.array(labels, dtype=np.int64)
 
 
@@ -161,8 +167,8 @@ def cifar_files(folder: str | Path, split: str) -> list[Path]:
     for candidate in (folder, *(folder / sub for sub in _FOLDERS)):
         for suffix in ("", ".bin"):
             files = [candidate / f"{name}{suffix}" for name in names]
-            if any(path.is_file() for path in files):
-                missing = [path.name for path in files if not path.is_file()]
+            if any(path.exists() for path in files):  # the readers refuse all but regular files
+                missing = [path.name for path in files if not path.exists()]
                 if missing:
                     raise GoodnetError(f"{candidate}: incomplete CIFAR-10, missing "
                                        f"{', '.join(missing)}")
@@ -181,7 +187,7 @@ def load_cifar10(folder: str | Path, split: str) -> ImageData:
     files = cifar_files(folder, split)
     read = read_cifar_binary if files[0].suffix == ".bin" else read_cifar_pickle
     parts = [read(path) for path in files]
-    labels = torch.cat([labels_tensor(part_labels, 10, path)
+    labels = torch.cat([labels_tensor(part_labels, _CLASSES, path)
                         for (_, part_labels), path in zip(parts, files, strict=True)])
     images = np.concatenate([part_images for part_images, _ in parts])
-    return image_data(images, labels, 10, f"cifar10:{split}", files[0].parent)
+    return image_data(images, labels, _CLASSES, f"cifar10:{split}", files[0].parent)

@@ -8,10 +8,10 @@ channels-first layout is kept as it is.
 
 Pixels that are whole numbers 0..255 become ``uint8``; a float file whose values all lie in
 [0, 1] is taken as already scaled and kept as ``float32``. Any (N, C, H, W) with one or three
-channels is accepted, so other data sets saved in the same layout load too. The size a dataset
-declares is checked against the file before it is read (for a compressed dataset, against
-deflate's largest expansion of the file), so that a small file cannot make the loader allocate
-more memory than it could possibly fill.
+channels is accepted, so other data sets saved in the same layout load too. The file is opened
+through :mod:`goodnet.hdf5`: one that links or maps to other files is refused before anything is
+read, and a dataset that declares more than the file stores for it is refused before it is
+allocated.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from goodnet.data._common import file_size, image_data, labels_tensor, pixels
+from goodnet.data._common import image_data, labels_tensor, pixels
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
-
-_MAX_DEFLATE_RATIO = 1032
+from goodnet.hdf5 import child, open_hdf5, read
 
 
 def load_csaw(path: str | Path, num_classes: int = 1283) -> ImageData:
@@ -36,19 +35,15 @@ def load_csaw(path: str | Path, num_classes: int = 1283) -> ImageData:
         num_classes: classes of the task (1283 people in the lab's data).
     """
     path = Path(path)
-    size = file_size(path)
-    try:
-        with h5py.File(path, "r") as file:
-            data, label = _dataset(file, "data", path, size), _dataset(file, "label", path, size)
-            if data.ndim != 4 or data.shape[1] not in (1, 3) or data.dtype.kind not in "uif":
-                raise GoodnetError(f"{path}: 'data' must be numbers shaped (N, C, H, W) with 1 "
-                                   f"or 3 channels, got {data.dtype} {data.shape}")
-            if label.shape != (data.shape[0],) or label.dtype.kind not in "uif":
-                raise GoodnetError(f"{path}: 'label' must be {data.shape[0]} numbers, got "
-                                   f"{label.dtype} {label.shape}")
-            images, labels = data[()], label[()]
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
-        raise GoodnetError(f"{path}: cannot read as HDF5 ({err})") from None
+    with open_hdf5(path) as file:
+        data, label = _dataset(file, "data", path), _dataset(file, "label", path)
+        if data.ndim != 4 or data.shape[1] not in (1, 3) or data.dtype.kind not in "uif":
+            raise GoodnetError(f"{path}: 'data' must be numbers shaped (N, C, H, W) with 1 "
+                               f"or 3 channels, got {data.dtype} {data.shape}")
+        if label.shape != (data.shape[0],) or label.dtype.kind not in "uif":
+            raise GoodnetError(f"{path}: 'label' must be {data.shape[0]} numbers, got "
+                               f"{label.dtype} {label.shape}")
+        images, labels = read(data, path), read(label, path)
     if labels.dtype.kind == "f":
         if not (np.isfinite(labels).all() and (labels == np.round(labels)).all()):
             raise GoodnetError(f"{path}: labels must be whole numbers")
@@ -57,13 +52,9 @@ def load_csaw(path: str | Path, num_classes: int = 1283) -> ImageData:
                       num_classes, path.name, path)
 
 
-def _dataset(file: h5py.File, name: str, path: Path, size: int) -> h5py.Dataset:
-    dataset = file.get(name)
+def _dataset(file: h5py.File, name: str, path: Path) -> h5py.Dataset:
+    dataset = child(file, name, path)
     if not isinstance(dataset, h5py.Dataset):
         raise GoodnetError(f"{path}: no dataset '{name}' (the file has: "
                            f"{', '.join(sorted(file.keys())) or 'nothing'})")
-    limit = size if dataset.compression is None else _MAX_DEFLATE_RATIO * size
-    if dataset.size * dataset.dtype.itemsize > limit:
-        raise GoodnetError(f"{path}: '{name}' declares shape {dataset.shape}, more data than "
-                           f"the {size}-byte file can hold")
     return dataset

@@ -98,7 +98,7 @@ def idx_files(folder: str | Path, split: str) -> tuple[Path, Path]:
 
 def _find(folder: Path, stem: str) -> Path:
     for path in (folder / stem, folder / f"{stem}.gz"):
-        if path.is_file():
+        if path.exists():  # read_idx refuses what is not a regular file
             return path
     raise GoodnetError(f"{folder}: has neither {stem} nor {stem}.gz")
 

@@ -26,6 +26,7 @@ from goodnet.data.idx import idx_files, load_idx
 from goodnet.data.mnist_csv import mnist_csv_file, read_mnist_csv
 from goodnet.data.npz import load_npz
 from goodnet.errors import GoodnetError
+from goodnet.paths import require_regular_file
 
 FASHION_MNIST_FOLDER = Path("/usr/share/datasets/fashion-mnist")
 _CIFAR_NAMES = ("data_batch_1", "test_batch", "batches.meta", "data_batch_1.bin",
@@ -70,7 +71,7 @@ def _cached_idx(name: str, folder: Path, split: str) -> ImageData:
                   lambda: replace(load_idx(folder, split), name=f"{name}:{split}"))
 
 
-def load_path(path: str | Path, split: str) -> ImageData:
+def load_path(path: str | Path, split: str, num_classes: int | None = None) -> ImageData:
     """The data set at ``path``, read by the loader its form calls for.
 
     ``.npz`` files are read by :func:`load_npz`, ``.h5`` and ``.hdf5`` files by
@@ -78,22 +79,29 @@ def load_path(path: str | Path, split: str) -> ImageData:
     CIFAR-10 batches by :func:`load_cifar10`, and any other folder by :func:`load_folder` --
     from its ``split`` subfolder when it has both ``train`` and ``test`` subfolders. A single
     file, or a folder of class subfolders, holds one split: there ``split`` is only checked.
+
+    ``num_classes`` (the class count of the model the data is for) replaces the count an
+    ``.npz`` file, an HDF5 file or a class folder would otherwise imply (the largest label plus
+    one, 1283, the number of subfolders), so that a set holding only some classes -- a poisoned
+    set labelled with the target -- still fits its model; labels outside it are refused. IDX
+    and CIFAR-10 folders always have the 10 classes of their formats.
     """
     path = Path(path)
     check_split(split)
-    if path.is_file():
+    if not path.is_dir():
+        if not path.exists():
+            raise GoodnetError(f"{path}: no such file or folder")
+        require_regular_file(path)
         if path.suffix.lower() == ".npz":
-            return load_npz(path)
+            return load_npz(path, num_classes)
         if path.suffix.lower() in (".h5", ".hdf5"):
-            return load_csaw(path)
+            return load_csaw(path) if num_classes is None else load_csaw(path, num_classes)
         raise GoodnetError(f"{path}: unknown data format (expected .npz, .h5 or .hdf5, or a "
                            f"folder)")
-    if not path.is_dir():
-        raise GoodnetError(f"{path}: no such file or folder")
-    if any((path / name).is_file() or (path / f"{name}.gz").is_file() for name in _IDX_NAMES):
+    if any((path / name).exists() or (path / f"{name}.gz").exists() for name in _IDX_NAMES):
         return load_idx(path, split)
     if any((path / name).exists() for name in _CIFAR_NAMES):
         return load_cifar10(path, split)
     if (path / "train").is_dir() and (path / "test").is_dir():
-        return load_folder(path / split)
-    return load_folder(path)
+        return load_folder(path / split, num_classes)
+    return load_folder(path, num_classes)

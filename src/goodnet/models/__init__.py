@@ -7,6 +7,8 @@ Adding an architecture is one module and one line here. Every model takes pixels
 from __future__ import annotations
 
 import contextlib
+import importlib
+import re
 from collections.abc import Callable, Iterator
 
 import torch
@@ -32,19 +34,47 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
 }
 
 __all__ = ["MODELS", "ModelSpec", "Normalize", "build_model", "channels_last", "check_input",
-           "model_device", "spec_for_data"]
+           "load_class", "model_device", "spec_for_data"]
+
+_DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 
 
-def build_model(spec: ModelSpec, seed: int = 0) -> nn.Module:
+def build_model(spec: ModelSpec, seed: int = 0,
+                device: str | torch.device | None = None) -> nn.Module:
     """A freshly initialised model for ``spec``, its initial weights fixed by ``seed``.
 
     The global random state is left as it was (the seed applies inside a forked RNG).
+    ``device="meta"`` builds the model's structure and shapes without allocating its weights
+    (how a file's shapes are checked before anything is allocated).
     """
     if spec.arch not in MODELS:
         raise GoodnetError(f"unknown architecture {spec.arch!r}; choose from {sorted(MODELS)}")
-    with torch.random.fork_rng(devices=[]):
+    place = contextlib.nullcontext() if device is None else torch.device(device)
+    with torch.random.fork_rng(devices=[]), place:
         torch.manual_seed(seed)
         return MODELS[spec.arch](spec)
+
+
+def load_class(arch: str) -> type[nn.Module]:
+    """The network class ``package.module:Class`` from the user's own installed code.
+
+    Importing the module runs it: call this only with a name the user gave on the command line,
+    never with one read from a file.
+    """
+    module_path, _, qualname = arch.partition(":")
+    if not re.fullmatch(_DOTTED, module_path) or not re.fullmatch(_DOTTED, qualname):
+        raise GoodnetError(f"architecture {arch!r}: expected a built-in name ({sorted(MODELS)}) "
+                           "or package.module:Class")
+    try:
+        found: object = importlib.import_module(module_path)
+    except Exception as error:  # the user's own module failing to import: one line
+        raise GoodnetError(f"cannot import {module_path} for {arch}: "
+                           f"{type(error).__name__}: {error}"[:300]) from None
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if not (isinstance(found, type) and issubclass(found, nn.Module)):
+        raise GoodnetError(f"{arch}: no torch.nn.Module class of that name in {module_path}")
+    return found
 
 
 def spec_for_data(arch: str, data: ImageData, batch_size: int = 4096) -> ModelSpec:

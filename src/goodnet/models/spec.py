@@ -6,12 +6,50 @@ loaded; nothing is ever executed from a file to construct a model.
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from goodnet.errors import GoodnetError
+
+# The largest input goodnet builds, runs or reads: every real use fits (MNIST 28², CIFAR 32²,
+# CSAW-HackML 55×47, ImageNet-size 224²) with room to spare, and a model on the largest one
+# still runs on a CPU in a few hundred megabytes. Model cards, imports, data sets, images and
+# the CLI all check against these through :func:`check_input_size`.
+MAX_SIDE = 1024
+MAX_PIXELS = 256 * 256
+MAX_CHANNELS = 64
+MAX_CLASSES = 100_000
+
+
+def check_input_size(channels: int, height: int, width: int, source: str = "input") -> None:
+    """Refuse an input shape goodnet will not build or run a model for.
+
+    Args:
+        channels: image channels.
+        height: image height in pixels.
+        width: image width in pixels.
+        source: what declared the shape (a file, a setting), named in the error.
+
+    Raises:
+        GoodnetError: a size that is not a positive integer, a side over :data:`MAX_SIDE`,
+            more than :data:`MAX_PIXELS` pixels or more than :data:`MAX_CHANNELS` channels.
+    """
+    sizes = (channels, height, width)
+    if not all(_is_int(n) and n >= 1 for n in sizes):
+        raise GoodnetError(f"{source}: input shape {sizes} (C, H, W) must be positive integers")
+    if (channels > MAX_CHANNELS or max(height, width) > MAX_SIDE
+            or height * width > MAX_PIXELS):
+        raise GoodnetError(
+            f"{source}: input of {channels}×{height}×{width} (C×H×W) is larger than goodnet "
+            f"runs (at most {MAX_CHANNELS} channels, {MAX_SIDE} pixels a side and "
+            f"{MAX_PIXELS:,} pixels)"
+        )
 
 
 @dataclass(frozen=True)
@@ -47,14 +85,17 @@ class ModelSpec:
     graph: str = ""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
-        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-        if self.num_classes < 2:
-            raise GoodnetError(f"a classifier needs at least 2 classes, got {self.num_classes}")
-        if self.in_channels < 1 or self.height < 1 or self.width < 1:
-            raise GoodnetError(
-                f"bad input shape {(self.in_channels, self.height, self.width)} for {self.arch}"
-            )
+        if not isinstance(self.arch, str) or not isinstance(self.graph, str):
+            raise GoodnetError("a model's arch and graph must be strings")
+        object.__setattr__(self, "mean", _finite_tuple("mean", self.mean))
+        object.__setattr__(self, "std", _finite_tuple("std", self.std))
+        object.__setattr__(self, "pixel_scale", _finite("pixel_scale", self.pixel_scale))
+        if not _is_int(self.num_classes) or not 2 <= self.num_classes <= MAX_CLASSES:
+            raise GoodnetError(f"a classifier needs 2 to {MAX_CLASSES:,} classes (an integer), "
+                               f"got {self.num_classes!r}")
+        check_input_size(self.in_channels, self.height, self.width, f"{self.arch} model")
+        for name in ("num_classes", "in_channels", "height", "width"):
+            object.__setattr__(self, name, int(getattr(self, name)))
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
             raise GoodnetError(
                 f"mean and std need one value per input channel ({self.in_channels}), "
@@ -67,6 +108,26 @@ class ModelSpec:
     def input_shape(self) -> tuple[int, int, int]:
         """``(C, H, W)`` of one input image."""
         return self.in_channels, self.height, self.width
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _finite(name: str, value: Any) -> float:
+    number = float("nan")
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):
+            number = float(value)
+    if not math.isfinite(number):
+        raise GoodnetError(f"{name} must be a finite number, got {value!r:.40}")
+    return number
+
+
+def _finite_tuple(name: str, values: Any) -> tuple[float, ...]:
+    if not isinstance(values, (tuple, list)):
+        raise GoodnetError(f"{name} must be a list of numbers, got {values!r:.40}")
+    return tuple(_finite(name, v) for v in values)
 
 
 class Normalize(nn.Module):
