@@ -194,16 +194,21 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(data_folder, tmp_path, 
     assert [r["defense"] for r in records] == ["clp", "broken", "broken"]
 
 
+def cell_record(key: str, **extra) -> dict:
+    return {"key": key, "status": "ok", "data": "mnist", "arch": "small_cnn",
+            "attack": "badnets", "defense": "prune", "seed": 0, **extra}
+
+
 def test_a_torn_last_line_is_skipped_and_fenced_off(tmp_path):
     path = tmp_path / "results.jsonl"
     with ResultsFile(path) as sink:
-        sink.append({"key": "a", "status": "ok", "x": float("nan")})
+        sink.append(cell_record("a", x=float("nan")))
     with path.open("ab") as handle:
         handle.write(b'{"key": "b", "status": "o')  # the kill landed mid-write
     assert [r["key"] for r in read_records(path)] == ["a"]
     assert read_records(path)[0]["x"] is None  # NaN is stored as null
     with ResultsFile(path) as sink:
-        sink.append({"key": "c", "status": "ok"})
+        sink.append(cell_record("c"))
     assert [r["key"] for r in read_records(path)] == ["a", "c"]
 
 
@@ -326,14 +331,20 @@ def test_report_command_refuses_what_is_not_a_results_file(tmp_path, capsys):
     assert main(["report", str(tmp_path / "empty.jsonl")]) == 2
 
 
-def _chromium() -> str | None:
-    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
-                 if shutil.which(n)), None)
+def chromium() -> str | None:
+    """Chromium's path: on PATH under Debian's name (or another distribution's), else Debian's
+    own ``/usr/bin/chromium``."""
+    found = (shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome"))
+    debian = Path("/usr/bin/chromium")
+    return next(filter(None, found), str(debian) if os.access(debian, os.X_OK) else None)
 
 
 def test_the_html_report_renders_in_headless_chromium(tmp_path):
-    browser = _chromium()
+    """Run as root in CI: hence --no-sandbox. ``.ci/run`` installs Debian's chromium and sets
+    GOODNET_REQUIRE_BROWSER=1, so there a missing browser fails this test instead of skipping it."""
+    browser = chromium()
     if browser is None:
+        assert os.environ.get("GOODNET_REQUIRE_BROWSER") != "1", "Chromium is required here"
         pytest.skip("no Chromium here (Debian: apt-get install chromium)")
     written = write_report(fixed_results(tmp_path / "results.jsonl"), tmp_path / "report")
     page = (tmp_path / "report" / "report.html").read_text()
@@ -355,6 +366,7 @@ window.addEventListener('load', () => {
         [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
          "--virtual-time-budget=5000", "--dump-dom", target.as_uri()],
         capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-500:]
     assert 'data-probe="images=3 ok=true rows=3 best=2"' in result.stdout, result.stderr[-500:]
     assert len([p for p in written if p.suffix == ".png"]) == 3
 

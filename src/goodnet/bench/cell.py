@@ -100,11 +100,20 @@ class PeakMemory:
         return self.peak / 2**20
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the system has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
-    """Run with ``n`` PyTorch threads, and put the caller's setting back after."""
+    """Run with ``n`` PyTorch threads, at most the CPUs this process may use (each thread costs
+    memory: a grid's ``threads: 1000000000`` would take gigabytes), and put the caller's
+    setting back after."""
     before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    torch.set_num_threads(max(1, min(n, usable_cpus())))
     try:
         yield
     finally:

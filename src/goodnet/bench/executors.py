@@ -104,17 +104,22 @@ class RayExecutor:
             if self.address:
                 ray.init(address=self.address, **options)
             else:
-                ray.init(num_cpus=self.workers or os.cpu_count() or 1, **options)
+                ray.init(num_cpus=self._local_cpus(), **options)
         try:
             yield
         finally:
             if started:
                 ray.shutdown()
 
+    def _local_cpus(self) -> int:
+        return self.workers or os.cpu_count() or 1
+
     def run(self, fn: Callable[..., Any], tasks: Sequence[tuple], *, running: list[int]) -> Outcome:
         import ray
 
-        remote = ray.remote(num_cpus=self.threads, max_retries=0)(fn)
+        # A task reserving more CPUs than a local instance has would wait for ever.
+        cpus = self.threads if self.address else min(self.threads, self._local_cpus())
+        remote = ray.remote(num_cpus=cpus, max_retries=0)(fn)
         pending = {remote.remote(*args): index for index, args in enumerate(tasks)}
         while pending:
             running[0] = len(pending)

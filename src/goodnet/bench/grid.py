@@ -20,6 +20,13 @@ A grid file names what to cross and how to measure it::
 Every list may be a single value; ``attacks: all`` and ``defenses: all`` take every registered
 one. Unknown keys, attacks, defenses and settings are refused with the file and the key named.
 
+A grid file is untrusted input and bounded before anything is built from it: at most
+``MAX_GRID_BYTES`` of YAML, at most ``MAX_EXPANDED`` once every alias is expanded (measured on the
+parsed nodes, so a few hundred bytes of nested aliases cannot grow into gigabytes), no alias
+that refers to itself, at most ``MAX_CELLS`` cells (counted before any is made), names and labels
+of at most ``MAX_LABEL`` characters, paths of at most ``MAX_PATH``. ``threads`` is what the grid
+asks for (and part of each cell's key); a worker runs with at most the CPUs it may use.
+
 Each cell is keyed by a hash of its full configuration (the resolved settings of its attack,
 defense and training, not just their names), so a changed setting or default is a new cell. A
 change in goodnet's code is not: each record carries the versions that produced it, and a new
@@ -34,60 +41,120 @@ import dataclasses
 import hashlib
 import json
 import math
+import reprlib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from goodnet.attacks import ATTACKS
 from goodnet.data import DATASETS
 from goodnet.defenses import DEFENSES
 from goodnet.errors import GoodnetError
 from goodnet.models import MODELS
+from goodnet.paths import require_regular_file
 from goodnet.train import TrainConfig
 
 SCHEMA = 1  # bump when a cell's meaning changes, so old results are not taken for new ones
+
+MAX_GRID_BYTES = 2**20
+MAX_EXPANDED = 2**20  # nodes plus scalar characters, every alias expanded
+MAX_CELLS = 10_000
+MAX_LABEL = 100
+MAX_PATH = 4096
+MAX_SEED = 2**63 - 1
+MAX_LIST = 1000
 
 _KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "seeds", "clean", "train",
          "train_limit", "test_limit", "curve_limit", "threads"}
 
 
 def _frozen(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in settings.items()))
+    return tuple(sorted((k, _tuples(v)) for k, v in settings.items()))
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _short(value: Any) -> str:
+    """``value`` for an error message, cut short whatever its size."""
+    return reprlib.repr(value)
 
 
 def _coerce(cls: type, settings: dict[str, Any], what: str) -> dict[str, Any]:
-    """``settings`` checked against the fields of dataclass ``cls`` (a typo is an error)."""
+    """``settings`` checked against the fields of dataclass ``cls`` and their types (a typo is
+    an error)."""
     if not isinstance(settings, dict):
-        raise GoodnetError(f"{what}: settings must be a mapping, got {settings!r}")
+        raise GoodnetError(f"{what}: settings must be a mapping, got {_short(settings)}")
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - names)
+    unknown = sorted(set(settings) - names, key=str)
     if unknown:
-        raise GoodnetError(f"{what}: unknown setting {unknown[0]!r} (known: "
+        raise GoodnetError(f"{what}: unknown setting {_short(unknown[0])} (known: "
                            f"{', '.join(sorted(names))})")
     hints = typing.get_type_hints(cls)
     out = {}
     for key, value in settings.items():
         if not _plain(value):
             raise GoodnetError(f"{what}: setting {key!r} must be a number, string, boolean, "
-                               f"null or a list of those, got {type(value).__name__}")
-        if isinstance(value, list):
-            value = tuple(value)
-        if hints.get(key) is float and isinstance(value, int) and not isinstance(value, bool):
+                               f"null or a list of those (strings of at most {MAX_PATH} "
+                               f"characters, lists of at most {MAX_LIST}), got "
+                               f"{_short(value)}")
+        value = _tuples(value)
+        hint = hints.get(key)
+        if hint is not None and not _fits(value, hint):
+            raise GoodnetError(f"{what}: setting {key!r} must be {_type_name(hint)}, got "
+                               f"{_short(value)}")
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         out[key] = value
     return out
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
-    """Whether ``value`` is what JSON can hold (YAML's dates, sets and bytes are not)."""
-    if value is None or isinstance(value, bool | int | str):
+    """Whether ``value`` is what JSON can hold (YAML's dates, sets and bytes are not), and
+    small."""
+    if value is None or isinstance(value, bool | int):
         return True
+    if isinstance(value, str):
+        return len(value) <= MAX_PATH
     if isinstance(value, float):
         return math.isfinite(value)
-    if isinstance(value, list) and depth < 2:
-        return all(_plain(v, depth + 1) for v in value)
+    if isinstance(value, list) and depth < 1:
+        return len(value) <= MAX_LIST and all(_plain(v, depth + 1) for v in value)
     return False
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (lists made tuples) is of the settings type ``hint``."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_fits(value, option) for option in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(_fits(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True  # a type the grid does not check; the settings class does
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}s"
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(option) for option in typing.get_args(hint))
+    return {type(None): "null", bool: "true or false", int: "a whole number",
+            float: "a number", str: "a string"}.get(hint, str(hint))
 
 
 @dataclass(frozen=True)
@@ -226,6 +293,21 @@ class Grid:
                 for m in self.models() for d in self.defenses]
 
 
+def _count(value: Any, registry: dict[str, Any] | None = None) -> int:
+    """How many entries a grid list will have (a single value is one), before parsing it."""
+    if registry is not None and value == "all":
+        return len(registry)
+    return len(value) if isinstance(value, list) else 1
+
+
+def _text(value: Any, what: str, source: str, limit: int = MAX_LABEL) -> str:
+    """``value``, if it is a non-empty string of at most ``limit`` characters (and no NUL)."""
+    if not isinstance(value, str) or not value or len(value) > limit or "\0" in value:
+        raise GoodnetError(f"{source}: {what} must be a non-empty string of at most {limit} "
+                           f"characters, got {_short(value)}")
+    return value
+
+
 def _entries(value: Any, registry: dict[str, Any], what: str, source: str) -> tuple[Entry, ...]:
     if value == "all":
         return tuple(Entry(name, name) for name in registry)
@@ -240,20 +322,21 @@ def _entries(value: Any, registry: dict[str, Any], what: str, source: str) -> tu
         elif isinstance(item, dict) and what in item:
             extra = set(item) - {"label", what, "settings"}
             if extra:
-                raise GoodnetError(f"{source}: unknown key {sorted(extra)[0]!r} in {what} "
-                                   f"{item.get(what)!r}")
+                raise GoodnetError(f"{source}: unknown key {_short(sorted(extra, key=str)[0])} "
+                                   f"in {what} {_short(item.get(what))}")
             name = item[what]
             label, settings = item.get("label", name), item.get("settings") or {}
         elif isinstance(item, dict) and len(item) == 1:
             (name, settings), = item.items()
             label, settings = name, settings or {}
         else:
-            raise GoodnetError(f"{source}: cannot read {what} entry {item!r} (a name, "
+            raise GoodnetError(f"{source}: cannot read {what} entry {_short(item)} (a name, "
                                f"{{name: {{settings}}}} or {{label:, {what}:, settings:}})")
-        if name not in registry:
-            raise GoodnetError(f"{source}: unknown {what} {name!r} (choose from "
+        if not isinstance(name, str) or name not in registry:
+            raise GoodnetError(f"{source}: unknown {what} {_short(name)} (choose from "
                                f"{', '.join(registry)})")
-        entry = Entry(str(label), name, _frozen(
+        label = _text(label, f"{what} {name}: label", source)
+        entry = Entry(label, name, _frozen(
             _coerce(registry[name].Config, settings, f"{source}: {what} {label}")))
         entry.config(registry, f"{source}: {what}")  # settings checked now, not mid-grid
         entries.append(entry)
@@ -265,10 +348,12 @@ def _entries(value: Any, registry: dict[str, Any], what: str, source: str) -> tu
     return tuple(entries)
 
 
-def _strings(value: Any, key: str, source: str) -> tuple[str, ...]:
+def _strings(value: Any, key: str, source: str, limit: int = MAX_LABEL) -> tuple[str, ...]:
     value = [value] if isinstance(value, str) else value
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise GoodnetError(f"{source}: {key} must be a name or a non-empty list of names")
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and v and len(v) <= limit and "\0" not in v for v in value):
+        raise GoodnetError(f"{source}: {key} must be a name or a non-empty list of names (of at "
+                           f"most {limit} characters)")
     return tuple(value)
 
 
@@ -285,17 +370,27 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
     for relative paths)."""
     if not isinstance(raw, dict):
         raise GoodnetError(f"{source}: a grid must be a mapping of settings")
-    unknown = sorted(set(raw) - _KEYS)
+    unknown = sorted(set(raw) - _KEYS, key=str)
     if unknown:
-        raise GoodnetError(f"{source}: unknown key {unknown[0]!r} (known: "
+        raise GoodnetError(f"{source}: unknown key {_short(unknown[0])} (known: "
                            f"{', '.join(sorted(_KEYS))})")
+    cells = math.prod([_count(raw.get("data")), _count(raw.get("archs")),
+                       _count(raw.get("attacks", "all"), ATTACKS),
+                       _count(raw.get("defenses", "all"), DEFENSES), _count(raw.get("seeds"))])
+    if cells > MAX_CELLS:  # counted before a single entry is parsed or a cell made
+        raise GoodnetError(f"{source}: data × archs × attacks × defenses × seeds is {cells} "
+                           f"cells; at most {MAX_CELLS} (split the grid)")
     base = base or Path(".")
+    name = _text(raw.get("name", Path(source).stem), "name", source)
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise GoodnetError(f"{source}: name must be usable as a folder name (runs/<name>), got "
+                           f"{name!r}")
 
     def local(text: str) -> str:  # absolute, so every worker (and Ray node) reads the same path
         return str((base / text).resolve()) if not Path(text).is_absolute() else text
 
     data = tuple(d if d in DATASETS else local(d)
-                 for d in _strings(raw.get("data", "mnist"), "data", source))
+                 for d in _strings(raw.get("data", "mnist"), "data", source, MAX_PATH))
     archs = _strings(raw.get("archs", "small_cnn"), "archs", source)
     for arch in archs:
         if arch not in MODELS:
@@ -307,8 +402,10 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
     seeds = raw.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) else seeds
     if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
-        raise GoodnetError(f"{source}: seeds must be a non-negative whole number or a list")
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
+                       for s in seeds)):
+        raise GoodnetError(f"{source}: seeds must be a whole number from 0 to 2**63 - 1 or a "
+                           f"list of them")
     if len(set(seeds)) != len(seeds):
         raise GoodnetError(f"{source}: seeds lists the same seed twice")
     clean = raw.get("clean", 0.01)
@@ -329,8 +426,7 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
             raise GoodnetError(f"{source}: {key} must be a whole number"
                                f"{' >= 1' if key == 'threads' else ' >= 0'}")
     return Grid(
-        name=str(raw.get("name", Path(source).stem)),
-        zoo=local(str(raw.get("zoo", "zoo"))),
+        name=name, zoo=local(_text(raw.get("zoo", "zoo"), "zoo", source, MAX_PATH)),
         data=data, archs=archs,
         attacks=_entries(raw.get("attacks", "all"), ATTACKS, "attack", source),
         defenses=_entries(raw.get("defenses", "all"), DEFENSES, "defense", source),
@@ -340,20 +436,72 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
         curve_limit=curve_limit, threads=threads, source=source)
 
 
-def load_grid(path: str | Path) -> Grid:
-    """Read a grid file (YAML, parsed as data: no tags, no code)."""
-    import yaml
+class _BoundedLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """YAML's safe loader (data only: no tags, no code) that measures the document with every
+    alias expanded before building it, so nested aliases cannot multiply a few bytes into
+    gigabytes, and that refuses an alias inside the node it names."""
 
-    path = Path(path)
+    def construct_document(self, node: yaml.Node) -> Any:
+        _expanded_size(node)
+        return super().construct_document(node)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class _SelfReference(Exception):
+    pass
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes plus scalar characters of ``root`` with every alias expanded, each shared node
+    counted once per use but measured once (so the measuring is linear in the parsed nodes)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise _SelfReference
+        if isinstance(node, yaml.ScalarNode):
+            total = 1 + len(node.value)
+        else:
+            open_nodes.add(id(node))
+            children = node.value if isinstance(node, yaml.SequenceNode) else \
+                [child for pair in node.value for child in pair]
+            total = 1 + sum(size(child) for child in children)
+            open_nodes.discard(id(node))
+        if total > MAX_EXPANDED:
+            raise _TooLarge
+        sizes[id(node)] = total
+        return total
+
+    return size(root)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read a grid file (YAML, parsed as data: no tags, no code; bounded before it is built)."""
+    path = require_regular_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            data = handle.read(MAX_GRID_BYTES + 1)
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as error:
         raise GoodnetError(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") \
             from None
+    if len(data) > MAX_GRID_BYTES:
+        raise GoodnetError(f"{path}: larger than {MAX_GRID_BYTES // 2**20} MiB; not a grid")
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_BoundedLoader)  # a safe loader: data only
     except RecursionError:
         raise GoodnetError(f"{path}: nested too deeply to be a grid") from None
+    except _TooLarge:
+        raise GoodnetError(f"{path}: too large with its aliases expanded (more than "
+                           f"{MAX_EXPANDED} nodes and characters); not a grid") from None
+    except _SelfReference:
+        raise GoodnetError(f"{path}: an alias refers to itself; not a grid") from None
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         at = f" (line {where.line + 1})" if where is not None else ""

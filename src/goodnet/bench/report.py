@@ -13,6 +13,11 @@ writes into a folder:
 - ``curves-<defense>.png``: test CA and ASR along each defense's pruning curve (first seed).
 - ``report.html``: all of the above in one file, images inlined, nothing fetched.
 
+The tables hold every record; the plots hold the first ``MAX_PLOTTED`` defenses (a panel and a
+curve figure each) and the first ``MAX_LINES`` attacks in a legend or lines in a curve figure,
+and say so when there are more: drawing costs far more than tabulating, and hundreds of panels
+help no reader. So the time a report takes grows linearly with its results file.
+
 When the results folder has the runner's log (``runs.jsonl``), the report also states the wall
 time ``goodnet bench`` spent on the folder (every sitting summed), the executor and the machine.
 """
@@ -27,14 +32,17 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from goodnet.artifacts import atomic_path, write_text_atomic
-from goodnet.bench.results import RESULTS, RUNS, latest, read_records, read_runs
+from goodnet.bench.results import RESULTS, RUNS, in_range, latest, read_records, read_runs
 from goodnet.errors import GoodnetError
 
 METRICS = (("clean_accuracy", "CA"), ("attack_success_rate", "ASR"),
            ("robust_accuracy", "RA"))
+MAX_PLOTTED = 9  # defenses plotted (3 × 3 panels, and a curve figure each)
+MAX_LINES = 20  # attacks named in the scatter's legend, lines per curve figure (tab20's colours)
+_MAX_X = 1e15
 
 
 def _values(rows: list[dict], part: str, key: str) -> list[float]:
@@ -186,63 +194,106 @@ def _save(figure: Any, path: Path, plt: Any) -> Path:
     return path
 
 
+class Panel(NamedTuple):
+    """One defense's scatter panel: (attack, ASR %, CA %) after and before repair."""
+
+    defense: str
+    after: list[tuple[str, float, float]]
+    before: list[tuple[str, float, float]]
+
+
+def scatter_panels(report: Report) -> list[Panel]:
+    """The points of the scatter plot, for the first ``MAX_PLOTTED`` defenses."""
+    panels = []
+    for defense in report.defenses[:MAX_PLOTTED]:
+        panel = Panel(defense, [], [])
+        for row in report.rows:
+            rows = report.groups.get((*row, defense), [])
+            for part, points in (("after", panel.after), ("before", panel.before)):
+                for r in rows:
+                    ca = _values([r], part, "clean_accuracy")
+                    asr = _values([r], part, "attack_success_rate")
+                    if ca and asr:
+                        points.append((row[2], 100 * asr[0], 100 * ca[0]))
+        panels.append(panel)
+    return panels
+
+
 def plot_scatter(report: Report, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.lines import Line2D
 
-    k = max(1, len(report.defenses))
+    panels = scatter_panels(report)
+    k = max(1, len(panels))
     cols = min(3, k)
     figure, axes = plt.subplots((k + cols - 1) // cols, cols, figsize=(4.2 * cols, 3.4 * (
         (k + cols - 1) // cols)), dpi=100, squeeze=False, sharey=True)
-    lowest = min([100 * v for r in report.ok for part in ("before", "after")
-                  for v in _values([r], part, "clean_accuracy")], default=0.0)
+    lowest = min([p[2] for panel in panels for p in panel.after + panel.before], default=0.0)
     attacks = sorted({r[2] for r in report.rows})
-    colours = {a: plt.get_cmap("tab10")(i % 10) for i, a in enumerate(attacks)}
-    for index, defense in enumerate(report.defenses):
+    palette = plt.get_cmap("tab10" if len(attacks) <= 10 else "tab20")
+    colours = {a: palette(i % palette.N) for i, a in enumerate(attacks)}
+    for index, panel in enumerate(panels):
         ax = axes[index // cols][index % cols]
-        for row in report.rows:
-            rows = report.groups.get((*row, defense), [])
-            ca = [100 * v for v in _values(rows, "after", "clean_accuracy")]
-            asr = [100 * v for v in _values(rows, "after", "attack_success_rate")]
-            if ca and len(ca) == len(asr):
-                ax.scatter(asr, ca, s=14, color=colours[row[2]], label=row[2], alpha=0.8)
-            before = [r for r in rows if r.get("before")]
-            ax.scatter([100 * v for v in _values(before, "before", "attack_success_rate")],
-                       [100 * v for v in _values(before, "before", "clean_accuracy")],
-                       s=14, marker="x", color=colours[row[2]], alpha=0.5)
-        ax.set_title(f"{defense} (x: before repair)", fontsize=10)
+        for points, marker, alpha in ((panel.after, "o", 0.8), (panel.before, "x", 0.5)):
+            if points:  # one call per panel and kind, whatever the number of attacks
+                ax.scatter([p[1] for p in points], [p[2] for p in points], s=14, marker=marker,
+                           color=[colours[p[0]] for p in points], alpha=alpha)
+        ax.set_title(f"{panel.defense} (x: before repair)", fontsize=10)
         ax.set_xlabel("ASR %")
         ax.set_ylabel("CA %")
         ax.set_xlim(-3, 103)
         ax.set_ylim(max(0.0, lowest - 2), 100.5)
         ax.grid(alpha=0.3)
-    for index in range(len(report.defenses), axes.size):
+    for index in range(len(panels), axes.size):
         axes[index // cols][index % cols].axis("off")
-    handles = {}
-    for ax in axes.flat:
-        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, handle)
+    labels = attacks[:MAX_LINES]
+    handles = [Line2D([], [], marker="o", linestyle="", color=colours[a]) for a in labels]
+    if len(attacks) > MAX_LINES:
+        labels.append(f"... {len(attacks) - MAX_LINES} more")
+        handles.append(Line2D([], [], linestyle=""))
     if handles:
-        figure.legend(handles.values(), handles.keys(), loc="center left", fontsize=7,
+        figure.legend(handles, labels, loc="center left", fontsize=7,
                       bbox_to_anchor=(1.0, 0.5))  # beside the panels, never over one
     return _save(figure, path, plt)
 
 
-def plot_curves(report: Report, defense: str, path: Path) -> Path | None:
-    """Test CA and ASR along the defense's curve, one line per (data, arch, attack), first seed."""
+class CurveLine(NamedTuple):
+    """One (data, arch, attack)'s curve under a defense, first seed: x, test CA %, ASR %."""
+
+    label: str
+    x_key: str
+    xs: list[float]
+    ca: list[float]
+    asr: list[float]
+
+
+def curve_lines(report: Report, defense: str, limit: int = MAX_LINES) -> list[CurveLine]:
+    """The lines of ``defense``'s curve figure: the first ``limit`` (data, arch, attack) with a
+    curve, each over the points whose x, test CA and test ASR are numbers."""
     lines = []
     for row in report.rows:
         rows = sorted(report.groups.get((*row, defense), []), key=lambda r: r["seed"])
         curve = [p for p in (rows[0].get("curve") or []) if not p.get("fine_tuned")] \
             if rows else []
-        curve = [p for p in curve if isinstance(p.get("test_ca"), int | float)
-                 and isinstance(p.get("test_asr"), int | float)]
-        if curve:
-            x_key = next((k for k in ("pruned", "round", "u") if k in curve[0]), None)
-            if x_key is not None:
-                lines.append((row, x_key, curve))
+        x_key = next((k for k in ("pruned", "round", "u") if curve and k in curve[0]), None)
+        curve = [p for p in curve if in_range(p.get(x_key), -_MAX_X, _MAX_X)
+                 and in_range(p.get("test_ca"), 0, 1) and in_range(p.get("test_asr"), 0, 1)]
+        if x_key is not None and curve:
+            lines.append(CurveLine(" ".join(row), x_key, [float(p[x_key]) for p in curve],
+                                   [100.0 * p["test_ca"] for p in curve],
+                                   [100.0 * p["test_asr"] for p in curve]))
+            if len(lines) == limit:
+                break
+    return lines
+
+
+def plot_curves(report: Report, defense: str, path: Path) -> Path | None:
+    """Test CA and ASR along the defense's curve, one line per (data, arch, attack), first seed."""
+    lines = curve_lines(report, defense, MAX_LINES + 1)
+    more, lines = len(lines) > MAX_LINES, lines[:MAX_LINES]
     if not lines:
         return None
     import matplotlib
@@ -251,20 +302,32 @@ def plot_curves(report: Report, defense: str, path: Path) -> Path | None:
     from matplotlib import pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=100)
-    for row, x_key, curve in lines:
-        xs = [p[x_key] for p in curve]
-        label = " ".join(row)
-        left.plot(xs, [100 * p["test_ca"] for p in curve], label=label, linewidth=1)
-        right.plot(xs, [100 * p["test_asr"] for p in curve], label=label, linewidth=1)
-    x_name = {"pruned": "channels pruned", "round": "round", "u": "u"}[lines[0][1]]
+    for line in lines:
+        left.plot(line.xs, line.ca, label=line.label, linewidth=1)
+        right.plot(line.xs, line.asr, label=line.label, linewidth=1)
+    x_name = {"pruned": "channels pruned", "round": "round", "u": "u"}[lines[0].x_key]
     for ax, name in ((left, "test CA %"), (right, "test ASR %")):
         ax.set_xlabel(x_name)
         ax.set_ylabel(name)
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
     right.legend(fontsize=6, loc="best")
-    figure.suptitle(f"{defense}: along its curve (first seed; evaluation only)", fontsize=10)
+    figure.suptitle(f"{defense}: along its curve (first seed; evaluation only"
+                    f"{f'; the first {MAX_LINES} attacks' if more else ''})", fontsize=10)
     return _save(figure, path, plt)
+
+
+def _file_names(labels: list[str], prefix: str) -> dict[str, str]:
+    """A short, distinct file name for each label (its safe characters, at most 60)."""
+    names: dict[str, str] = {}
+    for label in labels:
+        safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in label)[:60]
+        name, n = f"{prefix}{safe}.png", 1
+        while name in names.values():
+            n += 1
+            name = f"{prefix}{safe}-{n}.png"
+        names[label] = name
+    return names
 
 
 def describe_runs(runs: list[dict[str, Any]]) -> str:
@@ -324,7 +387,7 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
     markdown = report.markdown()
     seconds = sum((r.get("repair_seconds") or 0) + (r.get("measure_seconds") or 0)
                   for r in report.ok)
-    hosts = sorted({r.get("host", "?") for r in report.ok})
+    hosts = sorted({r.get("host") or "?" for r in report.ok})
     version = sorted({(r.get("versions") or {}).get("goodnet", "?") for r in report.ok})
     facts = (f"{len(report.ok)} cells ({len(report.failed)} failed), seeds "
              f"{', '.join(map(str, report.seeds))}; cell time {seconds / 60:.1f} min (repair "
@@ -335,6 +398,9 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
                                    facts]))
     failures = [f"- {r['data']} {r['arch']} {r['attack']} seed {r['seed']}, {r['defense']}: "
                 f"{r.get('error')}" for r in report.failed]
+    if len(report.defenses) > MAX_PLOTTED:
+        facts += (f" The plots show the first {MAX_PLOTTED} of {len(report.defenses)} "
+                  f"defenses; the tables show all.")
     text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown,
                                      "Failed cells:\n" + "\n".join(failures)
                                      if failures else ""])) + "\n"
@@ -350,9 +416,9 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
     images = []
     if report.ok:
         images.append(("CA against ASR, per defense", plot_scatter(report, out / "scatter.png")))
-        for defense in report.defenses:
-            safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in defense)
-            curve = plot_curves(report, defense, out / f"curves-{safe}.png")
+        names = _file_names(report.defenses[:MAX_PLOTTED], "curves-")
+        for defense, name in names.items():
+            curve = plot_curves(report, defense, out / name)
             if curve is not None:
                 images.append((f"{defense}: pruning curve", curve))
     written += [path for _, path in images]

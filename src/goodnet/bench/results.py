@@ -10,17 +10,26 @@ failure) appends a new record; readers keep the last record per cell key.
 Beside it, ``runs.jsonl`` logs each ``goodnet bench`` that wrote to the folder (when, how long,
 how many cells, which executor, which machine), written the same way, so a report can state the
 wall time a grid took even when it was run in several sittings.
+
+Both files are checked where they are read: a line that is no complete JSON value (a write cut
+short by a kill, fenced off since) is skipped with a warning; any other line must be a record
+whose fields have the types the report relies on, or the file and line are named in one error.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from goodnet.errors import GoodnetError
+from goodnet.paths import require_regular_file
+
+log = logging.getLogger(__name__)
 
 RESULTS = "results.jsonl"
 RUNS = "runs.jsonl"
@@ -37,36 +46,108 @@ def finite(value: Any) -> Any:
     return value
 
 
-def _read_objects(path: Path) -> list[dict[str, Any]]:
-    """Every complete JSON object in ``path``, one per line (torn or foreign lines skipped)."""
-    if not path.exists():
+RATES = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "detection_rate",
+         "false_alarm_rate")
+_MAX_AMOUNT = 1e15  # seconds or MiB: far beyond any real run, small enough for float arithmetic
+
+
+def in_range(value: Any, low: float, high: float) -> bool:
+    """Whether ``value`` is a JSON number (not a boolean) from ``low`` to ``high``."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and low <= value <= high)  # NaN fails both comparisons; a huge int fails the second
+
+
+def _optional(record: dict[str, Any], name: str, kind: type, what: str) -> str | None:
+    value = record.get(name)
+    return None if value is None or isinstance(value, kind) else f"{name} must be {what} or null"
+
+
+def cell_problem(record: Any) -> str | None:
+    """What is wrong with a cell record, or None: the types every reader of results relies on."""
+    if not isinstance(record, dict):
+        return "not a record (a JSON object)"
+    for name in ("key", "status", "data", "arch", "attack", "defense"):
+        if not isinstance(record.get(name), str):
+            return f"{name} must be a string"
+    seed = record.get("seed")
+    if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
+        return "seed must be a whole number from 0 to 2**63 - 1"
+    for name in ("error", "host", "chosen", "traceback"):
+        problem = _optional(record, name, str, "a string")
+        if problem:
+            return problem
+    for part in ("before", "after", "goodnet"):
+        problem = _optional(record, part, dict, "an object")
+        if problem:
+            return problem
+        for rate in RATES:
+            value = (record.get(part) or {}).get(rate)
+            if value is not None and not in_range(value, 0, 1):
+                return f"{part}.{rate} must be a number between 0 and 1 or null"
+    for name in ("repair_seconds", "measure_seconds", "peak_memory_mib", "seconds"):
+        value = record.get(name)
+        if value is not None and not in_range(value, 0, _MAX_AMOUNT):
+            return f"{name} must be a number >= 0 or null"
+    versions = record.get("versions")
+    if versions is not None and not (isinstance(versions, dict) and all(
+            isinstance(v, str) for v in versions.values())):
+        return "versions must map names to strings"
+    curve = record.get("curve")
+    if curve is not None and not (isinstance(curve, list) and all(
+            isinstance(point, dict) for point in curve)):
+        return "curve must be a list of objects or null"
+    return None
+
+
+def run_problem(record: Any) -> str | None:
+    """What is wrong with a run record (a line of ``runs.jsonl``), or None."""
+    if not isinstance(record, dict):
+        return "not a record (a JSON object)"
+    if not isinstance(record.get("started"), str):
+        return "started must be a string"
+    if not in_range(record.get("seconds"), 0, _MAX_AMOUNT):
+        return "seconds must be a number >= 0"
+    return _optional(record, "machine", dict, "an object")
+
+
+def _read_records(path: Path, problem: Callable[[Any], str | None]) -> list[dict[str, Any]]:
+    """Every complete record in ``path``, one per line, each checked by ``problem``."""
+    if not path.exists() and not path.is_symlink():
         return []
     try:
-        raw = path.read_bytes()
+        raw = require_regular_file(path).read_bytes()
     except OSError as error:
         raise GoodnetError(f"cannot read {path}: {error.strerror or error}") from None
-    objects = []
-    for line in raw.split(b"\n"):
+    records = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a record torn by a kill mid-write
-        if isinstance(value, dict):
-            objects.append(value)
-    return objects
+            log.warning("%s, line %d: not a complete record (a write cut short by a kill); "
+                        "skipped", path, number)
+            continue
+        except RecursionError:
+            raise GoodnetError(f"{path}, line {number}: nested too deeply to be a record") \
+                from None
+        except ValueError:  # an integer of thousands of digits
+            raise GoodnetError(f"{path}, line {number}: a number too long to read") from None
+        found = problem(value)
+        if found:
+            raise GoodnetError(f"{path}, line {number}: {found}")
+        records.append(value)
+    return records
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete cell record in ``path`` (in file order; torn or foreign lines skipped)."""
-    return [r for r in _read_objects(Path(path)) if isinstance(r.get("key"), str)]
+    """Every complete cell record in ``path``, in file order (torn lines skipped)."""
+    return _read_records(Path(path), cell_problem)
 
 
 def read_runs(path: str | Path) -> list[dict[str, Any]]:
     """Every complete run record in a run log (``runs.jsonl``: one line per ``goodnet bench``)."""
-    return [r for r in _read_objects(Path(path))
-            if isinstance(r.get("seconds"), int | float) and isinstance(r.get("started"), str)]
+    return _read_records(Path(path), run_problem)
 
 
 def latest(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
