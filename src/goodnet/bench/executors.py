@@ -4,8 +4,10 @@ An executor takes a function and a list of tasks and yields ``(index, result)`` 
 finishes, in whatever order they finish. The functions it runs (:mod:`goodnet.bench.cell`)
 never raise; an executor yields an exception object instead of a result only when the worker
 itself died (killed, out of memory), and the runner records that as the cell's failure. A dead
-worker breaks a process pool for every task in it: the unfinished tasks get a fresh pool, and a
-task whose pool breaks twice is reported failed.
+worker breaks a process pool for every task in it, so the pool is given at most one task per
+worker at a time: when it breaks, the tasks in flight become suspects, the others go on in a
+fresh pool, and each suspect is then run alone; a task that kills its worker alone too is
+reported failed, and the innocent ones finish.
 
 - ``local`` with ``workers=0``: one task after another in this process.
 - ``local`` with ``workers=N``: a pool of N spawned processes (spawn, not fork: PyTorch's thread
@@ -17,6 +19,7 @@ task whose pool breaks twice is reported failed.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -51,33 +54,40 @@ class LocalExecutor:
             return
         context = multiprocessing.get_context("spawn")
         todo = dict(enumerate(tasks))
-        deaths: dict[int, int] = {}
+        suspects: set[int] = set()
         while todo:  # a dead worker breaks the whole pool: start a new one for what is left
-            pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            clean = [index for index in todo if index not in suspects]
+            # A suspect runs alone, so that only the task that kills its worker is blamed.
+            order, width = (clean, self.workers) if clean else ([min(todo)], 1)
+            queue = iter(order)
+            pool = ProcessPoolExecutor(width, mp_context=context)
+            pending: dict[Any, int] = {}
+            in_flight: set[int] = set()  # the tasks a broken pool was running
             try:
-                pending = {pool.submit(fn, *args): index for index, args in todo.items()}
+                for index in itertools.islice(queue, width):
+                    pending[pool.submit(fn, *todo[index])] = index
                 while pending:
-                    running[0] = min(self.workers, len(pending))
+                    running[0] = len(pending)
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                    broken = False
-                    for future in done:
+                    broken = [f for f in done if isinstance(f.exception(), BrokenProcessPool)]
+                    for future in done.difference(broken):
                         index = pending.pop(future)
-                        error = future.exception()
-                        if isinstance(error, BrokenProcessPool):
-                            broken = True
-                            continue
                         del todo[index]
+                        error = future.exception()
                         yield index, error if error is not None else future.result()
                     if broken:
+                        in_flight = set(pending.values())
                         break
+                    for index in itertools.islice(queue, width - len(pending)):
+                        pending[pool.submit(fn, *todo[index])] = index
             finally:
                 pool.shutdown(wait=False, cancel_futures=True)
-            for index in list(todo):  # every unfinished task was in the broken pool
-                deaths[index] = deaths.get(index, 0) + 1
-                if deaths[index] >= 2:
+            if width == 1 and not clean:  # it died alone: it is the one
+                for index in in_flight:
                     del todo[index]
                     yield index, RuntimeError("its worker process died twice (killed or out "
-                                              "of memory)")
+                                              "of memory), the second time running alone")
+            suspects |= in_flight
         running[0] = 0
 
 
