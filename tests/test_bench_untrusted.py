@@ -14,6 +14,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -375,3 +376,15 @@ def test_the_browser_is_found_under_debians_names(monkeypatch):
         assert "Chromium" in version.stdout
     else:
         assert found is None and shutil.which("chromium") is None
+
+
+@pytest.mark.parametrize("depth", [40_000, 100_000])
+def test_a_grid_nested_deeper_than_any_c_stack_is_one_line(tmp_path, depth):
+    """libyaml composes nested collections by C recursion: 40 000 brackets crashed the process
+    (SIGSEGV, no message). In a child process, so that a crash fails this test only."""
+    path = tmp_path / "deep.yaml"
+    path.write_text("name: deep\nattacks: " + "[" * depth + "]" * depth + "\n")
+    done = subprocess.run([sys.executable, "-m", "goodnet", "bench", str(path), "--out",
+                           str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, (done.returncode, done.stderr[-500:])
+    assert done.stderr.count("\n") == 1 and "nested too deeply" in done.stderr

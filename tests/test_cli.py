@@ -251,3 +251,17 @@ def test_predict_refuses_a_huge_image_header_in_one_line(trained, tmp_path, caps
     err = capsys.readouterr().err
     assert "huge.ppm: the image has more pixels than goodnet decodes" in err
     assert err.count("\n") == 1 and not [w for w in recwarn if "pixels" in str(w.message)]
+
+
+def test_a_reader_that_goes_away_is_no_internal_error():
+    """``goodnet list | head -1``: the pipe closes before goodnet has written everything."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-m", "goodnet", "list"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+    child.stdout.close()  # before goodnet writes a byte
+    err = child.stderr.read().decode()
+    child.wait(timeout=60)
+    assert child.returncode != 0
+    assert "internal error" not in err and "Traceback" not in err and "Exception" not in err, err

@@ -242,7 +242,11 @@ MALFORMED = {
     "arch a number": (("spec", "arch"), 3, "arch"),
     "pixel_scale NaN": (("spec", "pixel_scale"), float("nan"), "pixel_scale"),
     "pixel_scale huge int": (("spec", "pixel_scale"), 10**400, "pixel_scale"),
+    "pixel_scale beyond float32": (("spec", "pixel_scale"), 1e300, "pixel_scale"),
+    "pixel_scale zero": (("spec", "pixel_scale"), 0.0, "pixel_scale"),
     "mean NaN": (("spec", "mean"), [float("nan")], "mean"),
+    "mean beyond float32": (("spec", "mean"), [3e38], "mean"),
+    "std zero": (("spec", "std"), [0.0], "std"),
     "std a string": (("spec", "std"), "1", "std"),
     "height a string": (("spec", "height"), "16", "input shape"),
     "height a float": (("spec", "height"), 16.0, "input shape"),
@@ -279,6 +283,19 @@ def test_json_nested_100000_deep_in_a_card_is_one_line(state, card_body, tmp_pat
     with pytest.raises(GoodnetError, match="deep"):
         load_model(path)
     one_line_error(["info", str(path)], capsys)
+
+
+@pytest.mark.parametrize(("buffer", "value"), [("std", 0.0), ("mean", 3e38), ("std", 2.0)])
+def test_stored_normalisation_that_disagrees_with_the_card_is_refused(state, card_body, tmp_path,
+                                                                       capsys, buffer, value):
+    """The card says mean 0, std 1; a file whose stored buffers say otherwise would give NaN
+    scores (std 0) that ``eval`` would count as class 0, or silently other scores."""
+    tensors = {**state, f"normalize.{buffer}": torch.full_like(state[f"normalize.{buffer}"],
+                                                              value)}
+    path = write_model(tmp_path / "m.safetensors", tensors, card_body)
+    with pytest.raises(GoodnetError, match="normalisation"):
+        load_model(path)
+    one_line_error(["predict", str(path), str(tmp_path / "m.safetensors")], capsys)
 
 
 def test_the_cards_goodnet_writes_load_back(state, card_body, tmp_path):

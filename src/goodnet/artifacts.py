@@ -388,6 +388,10 @@ def _load_weights(handle: Any, path: Path, card: ModelCard, prefix: str) -> nn.M
     model = build_model(card.spec)
     state = {name: _read(handle, _key(prefix, name), path).to(reference.dtype)
              for name, reference in model.state_dict().items()}
+    for name in ("normalize.mean", "normalize.std"):  # built from the card: they must agree
+        if name in state and not torch.allclose(state[name], model.state_dict()[name]):
+            raise GoodnetError(f"{path}: the stored input normalisation {name!r} disagrees "
+                               "with the model card's mean and std")
     model.load_state_dict(state)
     return model
 

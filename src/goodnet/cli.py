@@ -7,10 +7,12 @@ non-zero exit; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import types
 import typing
@@ -735,6 +737,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("goodnet: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (goodnet predict ... | head): stop quietly
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so exit's flush cannot fail
+        return EXIT_ERROR
     except (MemoryError, torch.cuda.OutOfMemoryError):
         print("goodnet: error: out of memory (try a smaller --batch-size)", file=sys.stderr)
         return EXIT_ERROR

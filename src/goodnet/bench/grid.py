@@ -436,7 +436,9 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
         curve_limit=curve_limit, threads=threads, source=source)
 
 
-class _BoundedLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+# The pure-Python loader: libyaml (CSafeLoader) composes nested collections by C recursion with
+# no limit, and a grid nested 40 000 deep crashes the process (SIGSEGV) instead of raising.
+class _BoundedLoader(yaml.SafeLoader):
     """YAML's safe loader (data only: no tags, no code) that measures the document with every
     alias expanded before building it, so nested aliases cannot multiply a few bytes into
     gigabytes, and that refuses an alias inside the node it names."""

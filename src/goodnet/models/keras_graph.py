@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from goodnet.errors import GoodnetError
-from goodnet.models.spec import ModelSpec, Normalize
+from goodnet.models.spec import ModelSpec, Normalize, is_int
 
 ACTIVATIONS = {
     "linear": nn.Identity, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
@@ -303,15 +303,11 @@ def parse_json(text: str, source: str) -> Any:
         raise GoodnetError(f"{source}: not valid JSON") from None
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _ints(node: dict[str, Any], key: str, name: str, low: int = 1) -> tuple[int, int]:
     """``node[key]``, which must be a pair of integers of at least ``low``."""
     value = node.get(key)
     if not (isinstance(value, list) and len(value) == 2 and all(
-            _is_int(v) and v >= low for v in value)):
+            is_int(v) and v >= low for v in value)):
         kind = "positive" if low == 1 else "non-negative"
         raise GoodnetError(f"layer {name!r}: {key} must be two {kind} integers, got "
                            f"{value!r:.60}")
@@ -338,7 +334,7 @@ def _check_fields(node: dict[str, Any], name: str) -> int:
                 "affine": ("features",)}.get(op, ())
     for key in ("in", "out", "features"):
         if (key in node or key in required) and not (
-                _is_int(node.get(key)) and 0 < node[key] <= 10**7):
+                is_int(node.get(key)) and 0 < node[key] <= 10**7):
             raise GoodnetError(f"layer {name!r}: {key} must be a positive integer, got "
                                f"{node.get(key)!r:.40}")
     if op in ("conv2d", "activation", "dense") and not (

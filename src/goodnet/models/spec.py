@@ -25,6 +25,10 @@ MAX_SIDE = 1024
 MAX_PIXELS = 256 * 256
 MAX_CHANNELS = 64
 MAX_CLASSES = 100_000
+# Bounds on the input normalisation (pixel scale, per-channel mean and std), so that
+# (x · pixel_scale − mean) / std stays finite in float32 for every pixel in [0, 1].
+MAX_NORMALIZATION = 1e6
+MIN_STD = 1e-6
 
 
 def check_input_size(channels: int, height: int, width: int, source: str = "input") -> None:
@@ -41,7 +45,7 @@ def check_input_size(channels: int, height: int, width: int, source: str = "inpu
             more than :data:`MAX_PIXELS` pixels or more than :data:`MAX_CHANNELS` channels.
     """
     sizes = (channels, height, width)
-    if not all(_is_int(n) and n >= 1 for n in sizes):
+    if not all(is_int(n) and n >= 1 for n in sizes):
         raise GoodnetError(f"{source}: input shape {sizes} (C, H, W) must be positive integers")
     if (channels > MAX_CHANNELS or max(height, width) > MAX_SIDE
             or height * width > MAX_PIXELS):
@@ -90,7 +94,16 @@ class ModelSpec:
         object.__setattr__(self, "mean", _finite_tuple("mean", self.mean))
         object.__setattr__(self, "std", _finite_tuple("std", self.std))
         object.__setattr__(self, "pixel_scale", _finite("pixel_scale", self.pixel_scale))
-        if not _is_int(self.num_classes) or not 2 <= self.num_classes <= MAX_CLASSES:
+        # Normalize runs in float32: values must keep its outputs finite for pixels in [0, 1].
+        if not 0 < self.pixel_scale <= MAX_NORMALIZATION:
+            raise GoodnetError(f"pixel_scale must lie in (0, {MAX_NORMALIZATION:g}], got "
+                               f"{self.pixel_scale!r:.40}")
+        if any(abs(m) > MAX_NORMALIZATION for m in self.mean) or any(
+                not MIN_STD <= s <= MAX_NORMALIZATION for s in self.std):
+            raise GoodnetError(f"mean must lie within ±{MAX_NORMALIZATION:g} and std in "
+                               f"[{MIN_STD:g}, {MAX_NORMALIZATION:g}]; got mean "
+                               f"{self.mean!r:.60}, std {self.std!r:.60}")
+        if not is_int(self.num_classes) or not 2 <= self.num_classes <= MAX_CLASSES:
             raise GoodnetError(f"a classifier needs 2 to {MAX_CLASSES:,} classes (an integer), "
                                f"got {self.num_classes!r}")
         check_input_size(self.in_channels, self.height, self.width, f"{self.arch} model")
@@ -110,7 +123,8 @@ class ModelSpec:
         return self.in_channels, self.height, self.width
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
+    """An integer, not a bool (JSON's true is no size)."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
