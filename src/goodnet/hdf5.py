@@ -34,6 +34,7 @@ import h5py
 import numpy as np
 
 from goodnet.errors import GoodnetError
+from goodnet.paths import require_regular_file
 
 SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MAX_FILE_BYTES = 4 * 1024**3
@@ -74,11 +75,7 @@ def _reading(path: Path, what: str = "") -> Iterator[None]:
 @contextlib.contextmanager
 def open_hdf5(path: str | os.PathLike[str]) -> Iterator[h5py.File]:
     """``path`` opened read-only, once its whole tree has been checked (see the module)."""
-    path = Path(path)
-    if not path.exists():
-        raise GoodnetError(f"{path}: no such file")
-    if not path.is_file():
-        raise GoodnetError(f"{path}: not a regular file")
+    path = require_regular_file(path)
     if path.stat().st_size > MAX_FILE_BYTES:
         raise GoodnetError(f"{path}: larger than {MAX_FILE_BYTES // 1024**3} GiB; refused")
     if not is_hdf5(path):

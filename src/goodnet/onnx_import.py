@@ -32,7 +32,6 @@ import io
 import json
 import math
 import os
-import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,6 +44,7 @@ from goodnet.errors import GoodnetError
 from goodnet.models import ModelSpec, build_model, load_class
 from goodnet.models.keras_graph import MAX_NODES, check_graph, module_name
 from goodnet.models.spec import check_input_size
+from goodnet.paths import require_regular_file
 
 MAX_FILE_BYTES = 1 << 30
 MAX_ELEMENTS = 1 << 28
@@ -62,14 +62,8 @@ def is_onnx(path: str | os.PathLike[str]) -> bool:
 
 def read_onnx(path: str | os.PathLike[str]) -> Any:
     """The ``ModelProto`` in ``path``, parsed as data (external data never followed)."""
-    path = Path(path)
-    try:
-        info = path.stat()
-    except OSError as error:
-        raise GoodnetError(f"{path}: cannot read ({error.strerror or error})") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise GoodnetError(f"{path}: not a regular file")
-    if info.st_size > MAX_FILE_BYTES:
+    path = require_regular_file(path)
+    if path.stat().st_size > MAX_FILE_BYTES:
         raise GoodnetError(f"{path}: larger than {MAX_FILE_BYTES >> 30} GiB; refused")
     return parse_onnx(path.read_bytes(), str(path))
 
