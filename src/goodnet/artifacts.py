@@ -37,8 +37,6 @@ from torch import nn
 
 from goodnet.errors import GoodnetError
 from goodnet.models import ModelSpec, build_model
-from goodnet.models.spec import MAX_CHANNELS as MAX_CHANNELS  # re-exported: the input bound
-from goodnet.models.spec import MAX_SIDE as MAX_SIDE  # lives in models/spec.py
 from goodnet.paths import require_regular_file, require_writable_target
 from goodnet.version import __version__
 
