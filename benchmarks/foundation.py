@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from goodnet.artifacts import read_card
+from goodnet import read_card
 
 
 def run(command: list[str]) -> tuple[float, float]:

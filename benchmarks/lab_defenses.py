@@ -27,11 +27,10 @@ import statistics
 import time
 from pathlib import Path
 
-from goodnet import load_dataset, load_model, split_clean
-from goodnet.backdoor import attack_from_card
-from goodnet.cli import parse_settings
-from goodnet.defenses import DEFENSES, Defense
+from goodnet import attack_from_card, load_dataset, load_model, split_clean
+from goodnet.defenses import DEFENSES, Defense, make_defense
 from goodnet.metrics import poisoned_batches, predict_all
+from goodnet.settings import pairs_to_dict
 from goodnet.workflow import repair_and_measure
 from goodnet.zoo import CLEAN, collect
 
@@ -50,9 +49,8 @@ def parse_defense(text: str) -> tuple[str, Defense]:
     name, _, pairs = rest.partition(":")
     if name not in DEFENSES:
         raise SystemExit(f"unknown defense {name!r}; choose from {sorted(DEFENSES)}")
-    cls = DEFENSES[name]
-    settings = parse_settings(cls.Config, [p for p in pairs.split(",") if p], name)
-    return label or name, cls(cls.Config(**settings))
+    settings = pairs_to_dict([p for p in pairs.split(",") if p], name)
+    return label or name, make_defense(name, settings, text=True)
 
 
 def zoo_model(path: Path, data: str, seed: int, cache: dict) -> tuple:
@@ -81,20 +79,35 @@ def run_model(path: Path, data: str, seed: int, cache: dict,
                                     goodnets=defense.name == "prune", baseline=baseline,
                                     prepared=prepared)
         seconds = time.perf_counter() - start
+        result = report.result
         base = {"data": data, "attack": loaded.card.attack["name"], "seed": seed,
-                "defense": label, "repair_seconds": report.result.seconds,
-                "measure_seconds": seconds - report.result.seconds}
+                "defense": label, "repair_seconds": result.timings.repair,
+                "measure_seconds": seconds - result.timings.repair,
+                "chosen_variant": result.chosen}
         records.append({**base, "variant": "before", **summarise(report.original)})
-        notes = report.result.notes
+        curve = None if label in LAB else result.curve  # the lab's runs measure no curve
         for name, metrics in report.variants.items():
-            pruned = (notes.get("pruned") or {}).get(name) if label in LAB else sum(
-                len(v) for v in (notes.get("pruned_channels") or {}).values())
-            records.append({**base, "variant": name if label in LAB else "chosen",
-                            "variant_name": name, **summarise(metrics), "pruned": pruned,
-                            "curve": report.result.curve if label not in LAB else None})
+            # the lab's defenses show every variant; the others their chosen one, as "chosen"
+            shown = name if label in LAB or name != result.chosen else "chosen"
+            records.append({**base, "variant": shown, "variant_name": name,
+                            **summarise(metrics), "pruned": result.pruned_in(name),
+                            "curve": curve.records() if curve is not None else None,
+                            "curve_axis": curve.axis if curve is not None else None})
         for name, metrics in report.goodnets.items():
             records.append({**base, "variant": f"GoodNet {name}", **summarise(metrics)})
     return records
+
+
+# The variant each defense chose, for results files written before the records named it
+# ("chosen_variant").
+CHOSEN_BEFORE_RECORDED = {"fine-pruning": "fine-tuned", "sparse-fine-pruning": "final"}
+
+
+def is_chosen(record: dict) -> bool:
+    """Whether ``record`` is the variant its defense chose."""
+    if "chosen_variant" in record:
+        return record.get("variant_name") == record["chosen_variant"]
+    return record["variant"] == CHOSEN_BEFORE_RECORDED.get(record["defense"], "chosen")
 
 
 def spread(values: list[float]) -> str:
@@ -144,7 +157,8 @@ def compact(records: list[dict]) -> str:
     (mean ± std over seeds); the GoodNet at X = 4 % with its detection and false-alarm rates;
     each other defense at its chosen variant."""
     labels = list(dict.fromkeys(r["defense"] for r in records if r["variant"] != "before"))
-    columns: list[tuple[str, str, str, tuple[str, ...]]] = [
+    # (heading, defense label, variant: None for the one the defense chose, metrics)
+    columns: list[tuple[str, str, str | None, tuple[str, ...]]] = [
         ("backdoored", "", "before", ("clean_accuracy", "attack_success_rate"))]
     for label in labels:
         if label == "prune":
@@ -154,16 +168,18 @@ def compact(records: list[dict]) -> str:
                             "GoodNet 0.04", ("clean_accuracy", "attack_success_rate",
                                              "detection_rate", "false_alarm_rate")))
         else:
-            variant = {"fine-pruning": "fine-tuned", "sparse-fine-pruning": "final"}.get(
-                label, "chosen")
-            columns.append((label, label, variant, ("clean_accuracy", "attack_success_rate")))
+            columns.append((label, label, None, ("clean_accuracy", "attack_success_rate")))
     lines = ["| data | attack | " + " | ".join(c[0] for c in columns) + " |",
              "|" + "---|" * (2 + len(columns))]
     for data, attack in sorted({(r["data"], r["attack"]) for r in records}):
         cells = []
         for _, label, variant, keys in columns:
-            rows = [r for r in records if (r["data"], r["attack"], r["variant"]) == (
-                data, attack, variant) and (variant == "before" or r["defense"] == label)]
+            if variant is None:
+                rows = [r for r in records if (r["data"], r["attack"], r["defense"]) == (
+                    data, attack, label) and is_chosen(r)]
+            else:
+                rows = [r for r in records if (r["data"], r["attack"], r["variant"]) == (
+                    data, attack, variant) and (variant == "before" or r["defense"] == label)]
             if variant == "before":
                 rows = list({r["seed"]: r for r in rows}.values())
             cells.append(_cell(rows, keys))
@@ -207,10 +223,8 @@ def _curve_table(records: list[dict], labels: list[str], heading: str, cell) -> 
     for data, attack in sorted({(r["data"], r["attack"]) for r in records}):
         cells = []
         for label in labels:
-            rows = sorted((r for r in records if (r["data"], r["attack"], r["defense"],
-                                                  r["variant"]) == (data, attack, label,
-                                                                    "chosen")),
-                          key=lambda r: r["seed"])
+            rows = sorted((r for r in records if (r["data"], r["attack"], r["defense"]) == (
+                data, attack, label) and is_chosen(r)), key=lambda r: r["seed"])
             cells.append(cell(rows))
         lines.append(f"| {data} | {attack} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from goodnet import load_dataset, load_model
-from goodnet.defenses import DEFENSES
+from goodnet.defenses import DEFENSES, make_defense
 from goodnet.zoo import ZooCell
 
 
@@ -51,17 +51,15 @@ def main() -> None:
         model = load_model(cell.path(args.zoo)).model
         params = count_parameters(model)
         for name in args.defenses:
-            cls = DEFENSES[name]
             settings = {"iterations": args.anp_iterations} if name == "anp" else {}
-            config = cls.Config(**settings)
-            sizes = args.sizes if name != "clp" else [0]
+            defense = make_defense(name, settings)
+            sizes = args.sizes if DEFENSES[name].needs_clean else [0]  # 0: data-free
             for n in sizes:
                 clean = train.subset(order[:n]) if n else None
                 seconds = []
-                example = {"example": train.get(order[:1])[0]} if clean is None else {}
                 for _ in range(args.repeats):
                     start = time.perf_counter()
-                    cls(config).repair(model, clean, **example)
+                    defense.repair(model, clean)
                     seconds.append(time.perf_counter() - start)
                 record = {"arch": arch, "parameters": params, "defense": name, "clean": n,
                           "seconds": statistics.median(seconds), "runs": seconds,
@@ -83,7 +81,7 @@ def table(records: list[dict], sizes: list[int]) -> str:
             rows = {r["clean"]: r for r in records if r["arch"] == arch and r["defense"] == name}
             if not rows:
                 continue
-            if name == "clp":
+            if 0 in rows:  # a data-free defense, timed once
                 cells = [f"{rows[0]['seconds']:.2f} s (data-free)"] + [""] * (len(sizes) - 1)
                 label = name
             elif name == "anp":

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from lab_defenses import zoo_model  # the same defender's data, next to this script
 
-from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
+from goodnet.defenses import SparseFinePruning, SparseFinePruningConfig
 from goodnet.workflow import repair_and_measure
 from goodnet.zoo import collect
 
@@ -40,16 +40,17 @@ def run(path: Path, data: str, seed: int, fractions: list[float], rounds: int, s
                                                             score=score, seed=seed))
         report = repair_and_measure(loaded.model, defense, clean, test, attack,
                                     curve_limit=curve_limit, goodnets=False)
-        final = report.variants["final"]
+        result = report.result
+        final = report.variants[result.chosen]
         records.append({
             "data": data, "attack": loaded.card.attack["name"], "seed": seed,
             "fraction": fraction, "score": score, "rounds": rounds,
             "before_ca": report.original.clean_accuracy,
             "before_asr": report.original.attack_success_rate,
             "final_ca": final.clean_accuracy, "final_asr": final.attack_success_rate,
-            "seconds": report.result.seconds,
+            "seconds": result.timings.repair,
             "curve": [{k: r[k] for k in ("round", "clean_data_accuracy", "test_ca", "test_asr")}
-                      for r in report.result.curve],
+                      for r in result.curve.records()],
         })
     return records
 

@@ -83,7 +83,7 @@ def test_badnets_all_to_all_targets_the_next_class(stripes_train):
         ({"poison_rate": 0.0}, "poison rate"),
         ({"mode": "all-to-some"}, "mode must be"),
         ({"patch_size": 20}, "does not fit"),
-        ({"colour": "red"}, "no setting colour"),
+        ({"colour": "red"}, "no setting 'colour'"),
     ],
 )
 def test_bad_attack_settings_are_refused(stripes_train, settings, message):

@@ -85,7 +85,7 @@ def test_standard_models_share_the_zoo_layout(tmp_path):
 @pytest.mark.parametrize(("change", "message"), [
     ({"colour": 1}, "unknown key 'colour'"),
     ({"attacks": ["badnet"]}, "unknown attack 'badnet'"),
-    ({"defenses": [{"anp": {"iters": 3}}]}, "unknown setting 'iters'"),
+    ({"defenses": [{"anp": {"iters": 3}}]}, "defense anp has no setting 'iters'"),
     ({"defenses": ["prune", "prune"]}, "share a label"),
     ({"archs": ["vgg99"]}, "unknown architecture"),
     ({"seeds": [-1]}, "seeds must be"),
@@ -173,6 +173,13 @@ def test_a_new_defense_reuses_the_cached_models(finished, data_folder, tmp_path)
                            defenses=["prune", "clp", {"fine-pruning": {"epochs": 1}}]))
     summary = run_grid(grid, tmp_path / "copy", progress=False)
     assert (summary.skipped, summary.done, summary.models_built) == (4, 2, 0)
+    # Its records say how many channels the chosen (fine-tuned) model masks: the count at the
+    # marked, last step of its curve.
+    for record in read_records(tmp_path / "copy" / "results.jsonl")[4:]:
+        assert record["defense"] == "fine-pruning" and record["chosen"] == "fine-tuned"
+        marked = record["curve"][record["curve_marks"]["fine-tuned"]]
+        assert marked == record["curve"][-1] and marked["step"] == "fine-tuned"
+        assert isinstance(record["pruned"], int) and record["pruned"] == marked["pruned"] > 0
 
 
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(data_folder, tmp_path, capsys):

@@ -60,7 +60,7 @@ def test_eval_uses_the_attack_of_the_card(trained, npz_pair, capsys):
         (["eval", "absent.safetensors"], "absent.safetensors: no such file"),
         (["attack", "--attack", "nope", "--out", "m.safetensors"], "unknown attack"),
         (["attack", "-p", "target", "--out", "m.safetensors"], "key=value"),
-        (["attack", "-p", "target=x", "--out", "m.safetensors"], "not a valid int"),
+        (["attack", "-p", "target=x", "--out", "m.safetensors"], "'x' is not an integer"),
         (["attack", "-p", "target=99", "--out", "m.safetensors"], "out of range"),
         (["attack", "--arch", "resnet9000", "--out", "m.safetensors"], "unknown architecture"),
     ],
@@ -112,7 +112,10 @@ def test_repair_writes_models_goodnets_curve_and_plot(trained, npz_pair, tmp_pat
     out = tmp_path / "repair"
     assert main(["--no-progress", "repair", str(trained), "--clean", str(npz_pair[0]),
                  "--test", str(npz_pair[1]), "--max-drop", "0.05,0.2", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
+    # The old spelling of --max-drops still works, with a one-line warning.
+    assert err.startswith("goodnet: warning: --max-drop with several budgets is now "
+                          "--max-drops") and err.count("\n") == 1, err
     assert "GoodNet 0.05" in printed and "false alarm" in printed
     names = sorted(p.name for p in out.iterdir())
     assert names == ["curve.csv", "curve.png", "goodnet-0.05.safetensors",
@@ -149,6 +152,20 @@ def test_repair_with_the_mask_defenses(trained, npz_pair, tmp_path, capsys, defe
     assert (out / f"repaired-{variant}.safetensors").exists()
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "GoodNet" in capsys.readouterr().out
+
+
+def test_prune_takes_its_old_setting_name_with_a_one_line_warning(trained, npz_pair, tmp_path,
+                                                                  capsys):
+    out = tmp_path / "old-name"
+    assert main(["--no-progress", "repair", str(trained), "-p", "select=0.2",
+                 "--max-drops", "0.05,0.2", "--clean", str(npz_pair[0]), "--curve-limit", "0",
+                 "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("goodnet: warning: prune: setting 'select' is now called "
+                          "'max_drop'") and err.count("\n") == 1, err
+    summary = json.loads((out / "repair.json").read_text())
+    assert summary["chosen"] == "0.2" and summary["settings"]["max_drop"] == 0.2
+    assert "select" not in summary["settings"]
 
 
 def test_repair_refuses_an_unknown_layer_before_writing(trained, npz_pair, tmp_path, capsys):

@@ -9,8 +9,19 @@ import pytest
 import torch
 from torch import nn
 
+from goodnet.attacks import make_attack
 from goodnet.data.dataset import ImageData
-from goodnet.defenses import ANP, CLP, RNP, ANPConfig, CLPConfig, Evaluation, RNPConfig
+from goodnet.defenses import (
+    ANP,
+    CLP,
+    RNP,
+    ANPConfig,
+    CLPConfig,
+    Evaluation,
+    Point,
+    RNPConfig,
+    Steps,
+)
 from goodnet.defenses.channel_masks import (
     Choice,
     LearnableMasks,
@@ -104,13 +115,13 @@ def test_thresholds_prune_masks_at_or_below_and_counts_the_lowest():
 
 
 def test_the_clean_rule_takes_the_largest_threshold_before_accuracy_first_falls():
-    curve = [{"threshold": None, "clean_data_accuracy": 0.90}] + [
-        {"threshold": t, "clean_data_accuracy": a}
+    curve = [Point(None, clean_data_accuracy=0.90)] + [
+        Point(t, clean_data_accuracy=a)
         for t, a in ((0.0, 0.90), (0.1, 0.89), (0.2, 0.885), (0.3, 0.85), (0.4, 0.89))]
     assert choose_threshold(curve, tolerance=0.02) == 0.2  # 0.4 recovers, but 0.3 broke it
     assert choose_threshold(curve, tolerance=0.1) == 0.4
     assert choose_threshold(curve, tolerance=0.0) == 0.0
-    assert choose_threshold([*curve[:1], {"threshold": 0.0, "clean_data_accuracy": 0.5}],
+    assert choose_threshold([*curve[:1], Point(0.0, clean_data_accuracy=0.5)],
                             tolerance=0.02) is None  # nothing is affordable: prune nothing
 
 
@@ -157,8 +168,29 @@ def test_clp_curve_is_reported_per_u_and_does_not_change_the_choice():
     measured = CLP(CLPConfig(u=1.0)).repair(Planted(), CLEAN,
                                             evaluation=Evaluation(TEST, corner_attack()))
     assert plain.masks.pruned() == measured.masks.pruned()
-    by_u = {r["u"]: r for r in measured.curve}
-    assert by_u[1.0]["test_asr"] == 0.0 and by_u[10.0]["test_asr"] == 1.0
+    assert measured.curve.axis == "u"
+    by_u = {p.x: p for p in measured.curve.points}
+    assert by_u[1.0].test_asr == 0.0 and by_u[10.0].test_asr == 1.0
+
+
+def test_clp_runs_without_data_on_a_model_that_knows_its_input():
+    """build_model sets ``input_shape``: CLP traces the layer order with a blank input and needs
+    no clean data; the data, when given, changes nothing but the reported accuracy."""
+    model = build_model(ModelSpec("small_cnn", 10, 1, 28, 28, (0.5,), (0.25,)), seed=0)
+    free = CLP(CLPConfig(u=1.0)).repair(model)
+    assert free.pruned_count > 0 and free.masks.pruned().keys() == {"bn1", "bn2"}
+    assert free.curve.mark(free.chosen).pruned == free.pruned_count
+    assert all(p.clean_data_accuracy is None for p in free.curve.points)
+    data = ImageData(torch.rand(20, 1, 28, 28), torch.arange(20) % 10, 10)
+    given = CLP(CLPConfig(u=1.0)).repair(model, data)
+    assert given.pruned == free.pruned
+    assert all(p.clean_data_accuracy is not None for p in given.curve.points)
+
+
+def test_clp_without_data_or_input_shape_says_what_is_missing():
+    assert not hasattr(Planted(), "input_shape")
+    with pytest.raises(GoodnetError, match="without clean data the model's input shape is unknown"):
+        CLP().repair(Planted())
 
 
 # --- RNP -------------------------------------------------------------------------------------
@@ -222,16 +254,19 @@ def test_rnp_holds_out_clean_data_and_reports_its_threshold_curve(trained):
     cfg = RNPConfig(**UNLEARN, recovering_epochs=3)
     result = RNP(cfg).repair(model, data)
     assert result.notes["held_out"] == round(0.2 * len(data))
-    assert [r["threshold"] for r in result.curve] == [None, *cfg.thresholds]
-    pruned = [r["pruned"] for r in result.curve]
+    points = result.curve.points
+    assert result.curve.axis == "threshold"
+    assert [p.x for p in points] == [None, *cfg.thresholds]
+    pruned = [p.pruned for p in points]
     assert pruned == sorted(pruned)  # a higher threshold never prunes less
     chosen = result.notes["threshold"]
     if chosen is None:
         assert result.chosen == "none" and not result.notes["pruned_channels"]
     else:
         assert result.chosen == f"t={chosen:.2f}"
-        record = next(r for r in result.curve if r["threshold"] == chosen)
-        loss = result.curve[0]["clean_data_accuracy"] - record["clean_data_accuracy"]
+        point = next(p for p in points if p.x == chosen)
+        assert result.curve.mark(result.chosen) == point
+        loss = points[0].clean_data_accuracy - point.clean_data_accuracy
         assert loss <= 0.02 + 1e-9
     fixed = RNP(RNPConfig(**{**cfg.__dict__, "select": "threshold", "threshold": 0.5}))
     assert fixed.repair(model, data).notes["threshold"] == 0.5
@@ -281,7 +316,6 @@ def test_anp_finds_and_removes_a_sensitive_planted_channel():
     assert metrics.attack_success_rate == 0.0 and metrics.clean_accuracy == 1.0
 
 
-
 def test_anp_without_noise_leaves_a_fitted_model_unpruned(trained):
     """With eps = 0 the masks only minimise the clean loss of a model that already fits: they
     stay high, and nothing is pruned at the paper's threshold."""
@@ -315,7 +349,33 @@ def test_thresholds_that_prune_alike_are_measured_once():
     values = {"conv": torch.tensor([1.0, 1.0, 0.0])}
     choice = Choice("threshold", 0.2, 0.05, default_thresholds(), 0.02, 0.2)
     curve = threshold_curve(Planted(), values, choice, "channel", CLEAN,
-                            Counting(TEST, corner_attack()))
+                            Steps(Counting(TEST, corner_attack())))
     assert len(curve) == 1 + len(default_thresholds()) and len(calls) == 2
-    assert all(r["pruned"] == 1 and r["test_asr"] == curve[1]["test_asr"] for r in curve[1:])
-    assert curve[0]["pruned"] == 0 and curve[1]["test_asr"] == 0.0
+    assert [p.x for p in curve] == [None, *default_thresholds()]
+    assert all(p.pruned == 1 and p.test_asr == curve[1].test_asr for p in curve[1:])
+    assert curve[0].pruned == 0 and curve[1].test_asr == 0.0
+
+
+# --- what RNP and ANP choose from ------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["rnp", "anp"])
+def test_a_test_asr_that_points_elsewhere_does_not_move_the_threshold(trained, name):
+    """On the stripes network the learned masks are graded, so the thresholds prune more and
+    more channels (unlike the planted network's masks of exactly 0 or 1). The corner patch means
+    nothing to this model, so its test ASR is equal at every threshold and a rule minimising it
+    would take the first, least pruning one; the clean rule takes the last. The repair with the
+    evaluation must be the repair without it."""
+    model, data = trained
+    defense = RNP(RNPConfig(**UNLEARN, recovering_epochs=3)) if name == "rnp" \
+        else ANP(ANPConfig(iterations=60, batch_size=32))
+    attack = make_attack("badnets", {"patch_size": 3, "margin": 0, "target": 0}, (1, 16, 16), 4)
+    evaluation = Evaluation(stripes(100, num_classes=4, size=16, seed=4), attack)
+    plain = defense.repair(model, data)
+    measured = defense.repair(model, data, evaluation=evaluation)
+    chosen = measured.curve.mark(measured.chosen)
+    lowest = min(measured.curve.sweep()[1:], key=lambda p: p.test_asr)
+    assert plain.pruned_count > 0 and lowest.pruned != chosen.pruned  # a leak would show
+    assert measured.chosen == plain.chosen and measured.pruned == plain.pruned
+    assert measured.notes == plain.notes
+    x, _ = data.get(torch.arange(16))
+    assert torch.equal(measured.model.eval()(x), plain.model.eval()(x))

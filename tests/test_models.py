@@ -57,6 +57,17 @@ def test_normalisation_is_part_of_the_model(arch):
     assert torch.allclose(model.normalize(x), torch.ones_like(x))  # (0.75 - 0.5) / 0.25
 
 
+def _kind(name: str) -> type[torch.nn.Module]:
+    """The layer type a name promises: conv → Conv2d, bn → BatchNorm2d, pool → MaxPool2d,
+    relu → ReLU, anything else (fc, linear, classifier, output) → Linear."""
+    leaf = name.rsplit(".", 1)[-1]
+    for prefix, kind in (("conv", torch.nn.Conv2d), ("bn", torch.nn.BatchNorm2d),
+                         ("pool", torch.nn.MaxPool2d), ("relu", torch.nn.ReLU)):
+        if leaf.startswith(prefix):
+            return kind
+    return torch.nn.Linear
+
+
 @pytest.mark.parametrize(
     ("arch", "layers"),
     [
@@ -68,9 +79,11 @@ def test_normalisation_is_part_of_the_model(arch):
     ],
 )
 def test_layers_are_named(arch, layers):
-    model = build_model(spec_of(arch))
+    modules = dict(build_model(spec_of(arch)).named_modules())
     for name in layers:
-        assert model.get_submodule(name) is not None
+        assert name in modules, f"{arch} has no layer {name}"
+        assert isinstance(modules[name], _kind(name)), (name, type(modules[name]).__name__)
+    assert "no_such_layer" not in modules
 
 
 def test_deepid_matches_the_keras_lab_network():

@@ -483,3 +483,14 @@ def test_mutated_card_graphs_are_refused_or_run(text, height):
     if model is not None:
         with torch.no_grad():
             assert model(torch.rand(2, 1, height, 12)).ndim == 2
+
+
+@pytest.mark.parametrize("key", ["stride", "pool"])
+def test_a_window_longer_than_any_image_is_refused(key):
+    """A stride or pool of 10**12 (found by the fuzz test above) overflowed inside PyTorch when
+    the model ran; the graph check refuses it when the model is built."""
+    graph = json.loads(tiny_keras_graph(10, 1))
+    pool = next(node for node in graph if node["op"] == "maxpool")
+    pool[key] = [10**12, 2]
+    with pytest.raises(GoodnetError, match=f"{key} must be two positive integers of at most"):
+        build_model(ModelSpec("keras", 10, 1, 12, 12, (0.0,), (1.0,), graph=json.dumps(graph)))

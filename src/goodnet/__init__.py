@@ -6,8 +6,9 @@ what goodnet offers; the CLI, the benchmarks and the contract tests iterate over
 
 from goodnet.artifacts import ModelCard, load_model, read_card, save_model
 from goodnet.attacks import ATTACKS, Attack, make_attack
+from goodnet.backdoor import attack_from_card
 from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
-from goodnet.defenses import DEFENSES, Defense, RepairResult
+from goodnet.defenses import DEFENSES, Defense, RepairResult, make_defense
 from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, evaluate, predict
@@ -31,11 +32,13 @@ __all__ = [
     "RepairResult",
     "TrainConfig",
     "__version__",
+    "attack_from_card",
     "build_model",
     "evaluate",
     "load_dataset",
     "load_model",
     "make_attack",
+    "make_defense",
     "predict",
     "read_card",
     "save_model",

@@ -11,14 +11,12 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import sys
-import types
-import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeAlias
 
 import torch
 
@@ -27,10 +25,12 @@ from goodnet.attacks import ATTACKS, Attack, make_attack
 from goodnet.backdoor import TrainedModel, attack_from_card, train_model
 from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
 from goodnet.defenses.base import Defense
+from goodnet.demo import run_demo
 from goodnet.errors import GoodnetError
-from goodnet.metrics import Metrics, evaluate
+from goodnet.metrics import evaluate, metrics_table, percent
 from goodnet.models import MODELS, ModelSpec, check_input
 from goodnet.paths import require_regular_file
+from goodnet.settings import check_settings, pairs_to_dict
 from goodnet.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
 from goodnet.version import __version__
 
@@ -50,51 +50,6 @@ class ArgumentParser(argparse.ArgumentParser):
 # ---------------------------------------------------------------- settings from arguments
 
 
-def parse_settings(cls: type, pairs: Sequence[str], what: str) -> dict[str, Any]:
-    """``key=value`` strings, checked against the fields of dataclass ``cls`` and converted to
-    each field's type."""
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    settings: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep:
-            raise GoodnetError(f"{what} setting {pair!r} is not of the form key=value")
-        if key not in fields:
-            raise GoodnetError(f"{what} has no setting {key!r}; its settings are {sorted(fields)}")
-        settings[key] = _convert(raw.strip(), hints[key], f"{what} setting {key}")
-    return settings
-
-
-def _convert(raw: str, kind: Any, what: str) -> Any:
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        options = [k for k in typing.get_args(kind) if k is not type(None)]
-        if raw.lower() == "none" and len(options) < len(typing.get_args(kind)):
-            return None
-        return _convert(raw, options[0], what)
-    try:
-        if kind is bool:
-            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(raw)
-            return raw.lower() in ("true", "1", "yes")
-        if kind is int:
-            return int(raw)
-        if kind is float:
-            value = float(raw)
-            if not math.isfinite(value):
-                raise ValueError(raw)
-            return value
-        if origin is tuple:
-            inner = typing.get_args(kind)[0]
-            return tuple(_convert(part, inner, what) for part in raw.split(",") if part)
-    except ValueError:
-        raise GoodnetError(f"{what}: {raw!r} is not a valid {getattr(kind, '__name__', kind)}")\
-            from None
-    return raw
-
-
 def train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
@@ -103,11 +58,9 @@ def train_config(args: argparse.Namespace) -> TrainConfig:
     )
 
 
-def attack_from_args(name: str, pairs: Sequence[str], data: ImageData) -> Attack:
-    if name not in ATTACKS:
-        raise GoodnetError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")
-    settings = parse_settings(ATTACKS[name].Config, pairs, name)
-    return make_attack(name, settings, data.image_shape, data.num_classes)
+def attack_from_args(name: str, pairs: Sequence[str], data: ImageData) -> Attack[Any]:
+    return make_attack(name, pairs_to_dict(pairs, name), data.image_shape, data.num_classes,
+                       text=True)
 
 
 def load_splits(name: str, test: str | None, root: Path | None) -> tuple[ImageData, ImageData]:
@@ -117,29 +70,6 @@ def load_splits(name: str, test: str | None, root: Path | None) -> tuple[ImageDa
     if test is None:
         raise GoodnetError(f"{name} is a file or folder: also give the test set with --test")
     return load_dataset(name, "train", root), load_dataset(test, "test", root)
-
-
-# ---------------------------------------------------------------- output
-
-
-def percent(value: float) -> str:
-    return "    –  " if math.isnan(value) else f"{100 * value:6.2f} %"
-
-
-def metrics_table(rows: Sequence[tuple[str, Metrics]]) -> str:
-    width = max(len("model"), *(len(name) for name, _ in rows))
-    detection = any(not math.isnan(m.detection_rate) for _, m in rows)
-    header = f"  {'model':<{width}}  {'CA':>8}  {'ASR':>8}  {'RA':>8}"
-    if detection:
-        header += f"  {'detected':>8}  {'false alarm':>11}"
-    lines = [header]
-    for name, m in rows:
-        line = (f"  {name:<{width}}  {percent(m.clean_accuracy)}  "
-                f"{percent(m.attack_success_rate)}  {percent(m.robust_accuracy)}")
-        if detection:
-            line += f"  {percent(m.detection_rate)}     {percent(m.false_alarm_rate)}"
-        lines.append(line.rstrip())
-    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- commands
@@ -170,7 +100,7 @@ def _train_and_save(
     train_data: ImageData,
     test_data: ImageData,
     config: TrainConfig,
-    attack: Attack | None,
+    attack: Attack[Any] | None,
     out: Path,
     args: argparse.Namespace,
 ) -> TrainedModel:
@@ -286,79 +216,51 @@ def cmd_list(args: argparse.Namespace) -> int:
           "CIFAR-10 folder, image folder)")
     print("architectures: " + ", ".join(MODELS))
     print("attacks:")
-    for name, cls in ATTACKS.items():
-        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
-        print(f"  {name:<12} {cls.paper}\n  {'':<12} {defaults}")
+    for name, attack in ATTACKS.items():
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(attack.Config))
+        print(f"  {name:<12} {attack.paper}\n  {'':<12} {defaults}")
     from goodnet.defenses import DEFENSES
 
     print("defenses:")
-    for name, cls in DEFENSES.items():
-        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls.Config))
-        print(f"  {name:<20} {cls.paper}\n  {'':<20} {defaults}")
+    for name, defense in DEFENSES.items():
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(defense.Config))
+        print(f"  {name:<20} {defense.paper}\n  {'':<20} {defaults}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    out_dir = Path(args.out)
-    print(f"goodnet demo: train a BadNets-backdoored {args.arch} on {args.data}, measure it, "
-          f"repair it (seed {args.seed})")
-    train_data, test_data = load_splits(args.data, None, args.data_root)
-    attack = make_attack("badnets", {}, train_data.image_shape, train_data.num_classes)
-    config = TrainConfig(epochs=args.epochs, seed=args.seed)
-    print(f"  data: {len(train_data)} training images ({attack.config.poison_rate:.0%} poisoned "
-          f"with a {attack.config.patch_size}×{attack.config.patch_size} patch, target class "
-          f"{attack.config.target}), {len(test_data)} test images")
-    result = _train_and_save(args.arch, train_data, test_data, config, attack,
-                             out_dir / "badnet.safetensors", args)
-    seconds = result.card.training["seconds"]
-    print(f"  trained {config.epochs} epochs in {seconds:.0f} s\n")
-    print(metrics_table([("BadNet (backdoored)", result.metrics)]))
-    print(f"\nsaved {out_dir / 'badnet.safetensors'}\n")
-
-    from goodnet.defenses import FinePruning, Prune
-    from goodnet.workflow import repair_and_measure, write_repair
-
-    clean, _ = split_clean(train_data, 0.01, seed=args.seed)
-    print(f"repair: the defender has {len(clean)} clean training images (1 %) and no trigger")
-    rows = [("BadNet (before repair)", result.metrics)]
-    for defense, curve_limit in ((Prune(), 2000), (FinePruning(), 0)):
-        report = repair_and_measure(result.model, defense, clean, test_data, attack,
-                                    curve_limit=curve_limit, progress=args.progress)
-        write_repair(out_dir / defense.name, report, result.model, result.card)
-        print(f"  {defense.name}: {report.result.seconds:.1f} s, pruned "
-              f"{report.result.notes['pruned']} of {len(report.result.notes['order'])} "
-              f"channels of {report.result.notes['layer']}")
-        rows += [row for row in report.rows()[1:] if "pruned" not in row[0]]
-    print()
-    print(metrics_table(rows))
-    print("\n  CA: clean test accuracy. ASR: poisoned test inputs (true class not the target) "
-          "sent to the target class.\n  RA: poisoned inputs given their true class. GoodNet: "
-          f"answers {train_data.num_classes} (\"poisoned\") where the BadNet and the repaired "
-          "model disagree;\n  detected: poisoned inputs answered so; false alarm: clean inputs "
-          "answered so. prune X: pruned until clean accuracy fell X.")
-    print(f"\nwrote repaired models, GoodNets, curves and plots under {out_dir}/")
+    run_demo(Path(args.out), data=args.data, arch=args.arch, epochs=args.epochs, seed=args.seed,
+             data_root=args.data_root, progress=args.progress)
     return 0
 
 
-def defense_from_args(args: argparse.Namespace) -> Defense:
-    from goodnet.defenses import DEFENSES
+# Options of ``goodnet repair`` that are defense settings of the same name.
+DEFENSE_OPTIONS = ("layer", "rank_layer", "semantics", "max_drop", "max_drops")
 
-    if args.defense not in DEFENSES:
-        raise GoodnetError(f"unknown defense {args.defense!r}; choose from {sorted(DEFENSES)}")
-    cls = DEFENSES[args.defense]
-    pairs = list(args.param)
+
+def defense_from_args(args: argparse.Namespace) -> Defense[Any]:
+    """The defense ``--defense`` names, its settings from ``-p key=value`` and the options of
+    the same names (``--layer``, ``--max-drop``, ...)."""
+    from goodnet.defenses import defense_class, make_defense
+
+    cls = defense_class(args.defense)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    for flag, key in (("layer", "layer"), ("rank_layer", "rank_layer"),
-                      ("semantics", "semantics"), ("max_drop", "max_drops")):
-        value = getattr(args, flag)
-        if value is None:
-            continue
-        if key == "max_drops" and "max_drops" not in fields:
-            key = "max_drop"
+    settings = check_settings(cls.Config, pairs_to_dict(args.param, args.defense),
+                              args.defense, text=True)
+    options = {key: getattr(args, key) for key in DEFENSE_OPTIONS
+               if getattr(args, key) is not None}
+    drops = options.get("max_drop")
+    if drops is not None and len(drops) > 1:  # the old spelling of --max-drops
+        warnings.warn("--max-drop with several budgets is now --max-drops; the old form will "
+                      "be removed in a later version", FutureWarning, stacklevel=1)
+        options["max_drops"] = options.pop("max_drop")
+    elif drops is not None:
+        options["max_drop"] = drops[0]
+    for key, value in options.items():
         if key not in fields:
-            raise GoodnetError(f"{args.defense} has no --{flag.replace('_', '-')} setting")
-        pairs.append(f"{key}={value}")
-    return cls(cls.Config(**parse_settings(cls.Config, pairs, args.defense)))
+            raise GoodnetError(f"{args.defense} has no --{key.replace('_', '-')} setting")
+        settings[key] = value
+    return make_defense(args.defense, settings)
 
 
 def clean_from_args(args: argparse.Namespace, spec: ModelSpec) -> ImageData:
@@ -396,7 +298,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
             raise GoodnetError(f"the model has no layer {args.rank_layer!r} to rank on") \
                 from None
     check_writable(Path(args.out) / "repair.json")
-    if args.clean is None and getattr(defense, "needs_clean", True):
+    if args.clean is None and defense.needs_clean:
         raise GoodnetError(f"{defense.name} needs clean data: give --clean")
     clean = clean_from_args(args, spec) if args.clean is not None else None
     test = None
@@ -409,8 +311,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     attack = attack_from_card(loaded.card, loaded.extras, test) if test is not None else None
     report = repair_and_measure(
         loaded.model, defense, clean, test, attack, curve_limit=args.curve_limit,
-        progress=args.progress, poisoned=poisoned, num_classes=spec.num_classes,
-        example=torch.zeros(1, *spec.input_shape) if clean is None else None)
+        progress=args.progress, poisoned=poisoned, num_classes=spec.num_classes)
     written = write_repair(Path(args.out), report, loaded.model, loaded.card)
     source = f"{len(clean)} clean images ({clean.name})" if clean is not None else "no data"
     print(f"{defense.name} on {args.model}: {source}, {report.result.seconds:.1f} s")
@@ -519,7 +420,7 @@ def add_data_options(parser: argparse.ArgumentParser, default: str | None) -> No
                         help="folder holding your own copy of a named data set")
 
 
-def _numbers(text: str, kind: type = float) -> tuple:
+def _numbers(text: str, kind: type = float) -> tuple[Any, ...]:
     try:
         return tuple(kind(part) for part in text.split(","))
     except ValueError:
@@ -568,9 +469,11 @@ def methods_help(title: str, registry: Mapping[str, type]) -> str:
     return "\n".join([f"{title}; their settings and defaults: 'goodnet list'", *lines])
 
 
-def build_parser() -> ArgumentParser:
-    from goodnet.defenses import DEFENSES
+# What ``parser.add_subparsers()`` returns: each ``_add_<command>`` adds its command to it.
+Commands: TypeAlias = "argparse._SubParsersAction[ArgumentParser]"
 
+
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="goodnet", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"goodnet {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -581,7 +484,14 @@ def build_parser() -> ArgumentParser:
                         help="no progress bars")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    for add in (_add_demo, _add_attack, _add_train, _add_eval, _add_zoo, _add_bench,
+                _add_report, _add_repair, _add_predict, _add_info, _add_import, _add_export,
+                _add_list):
+        add(sub)
+    return parser
 
+
+def _add_demo(sub: Commands) -> None:
     demo = sub.add_parser("demo", help="train a BadNet on MNIST, repair it, compare")
     add_data_options(demo, "mnist")
     demo.add_argument("--arch", default="small_cnn", choices=sorted(MODELS))
@@ -590,23 +500,35 @@ def build_parser() -> ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's models")
     demo.set_defaults(func=cmd_demo)
 
+
+def _add_training_command(command: argparse.ArgumentParser) -> None:
+    """The options ``goodnet attack`` and ``goodnet train`` share."""
+    add_data_options(command, "mnist")
+    command.add_argument("--test", default=None, help="test set (when --data is a path)")
+    command.add_argument("--arch", default="small_cnn")
+    command.add_argument("--seed", type=int, default=0)
+    command.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    add_training_options(command, epochs=2)
+
+
+def _add_attack(sub: Commands) -> None:
     attack = sub.add_parser("attack", help="train a backdoored model and save it",
                             epilog=methods_help("attacks for --attack", ATTACKS),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    clean = sub.add_parser("train", help="train a clean model (a baseline) and save it")
-    for command in (attack, clean):
-        add_data_options(command, "mnist")
-        command.add_argument("--test", default=None, help="test set (when --data is a path)")
-        command.add_argument("--arch", default="small_cnn")
-        command.add_argument("--seed", type=int, default=0)
-        command.add_argument("--out", required=True, help="model file to write (.safetensors)")
-        add_training_options(command, epochs=2)
+    _add_training_command(attack)
     attack.add_argument("--attack", default="badnets", help="the attack (listed below)")
     attack.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="attack setting, repeatable (see 'goodnet list')")
     attack.set_defaults(func=cmd_attack)
+
+
+def _add_train(sub: Commands) -> None:
+    clean = sub.add_parser("train", help="train a clean model (a baseline) and save it")
+    _add_training_command(clean)
     clean.set_defaults(func=cmd_train, param=[])
 
+
+def _add_eval(sub: Commands) -> None:
     ev = sub.add_parser("eval", help="CA, ASR and RA of a saved model")
     ev.add_argument("model", type=Path)
     add_data_options(ev, "mnist")
@@ -621,6 +543,8 @@ def build_parser() -> ArgumentParser:
     add_keras_options(ev)
     ev.set_defaults(func=cmd_eval)
 
+
+def _add_zoo(sub: Commands) -> None:
     zoo = sub.add_parser("zoo", help="build and tabulate a zoo of backdoored models")
     zoo_sub = zoo.add_subparsers(dest="zoo_command", required=True, parser_class=ArgumentParser)
     build = zoo_sub.add_parser("build", help="train every missing model of the grid")
@@ -638,6 +562,8 @@ def build_parser() -> ArgumentParser:
     table.add_argument("--root", type=Path, default=Path("zoo"))
     table.set_defaults(func=cmd_zoo_table)
 
+
+def _add_bench(sub: Commands) -> None:
     bench = sub.add_parser("bench", help="run a benchmark grid (attacks × defenses × data × "
                                          "architectures × seeds), resumably, and report it")
     bench.add_argument("grid", type=Path, help="grid file (YAML), e.g. benchmarks/smoke.yaml")
@@ -650,6 +576,9 @@ def build_parser() -> ArgumentParser:
     bench.add_argument("--address", default=None, help="ray: address of a running cluster")
     bench.add_argument("--no-report", action="store_true", help="skip writing the report")
     bench.set_defaults(func=cmd_bench)
+
+
+def _add_report(sub: Commands) -> None:
     rep = sub.add_parser("report", help="tables, CSV, plots and an HTML page from bench results")
     rep.add_argument("results", type=Path, help="results.jsonl, or the folder holding it")
     rep.add_argument("--out", type=Path, default=None, help="default: report/ beside results")
@@ -657,6 +586,10 @@ def build_parser() -> ArgumentParser:
                      help="CA points a defense may lose and still be marked best (default 2)")
     rep.add_argument("--title", default=None)
     rep.set_defaults(func=cmd_report)
+
+
+def _add_repair(sub: Commands) -> None:
+    from goodnet.defenses import DEFENSES
 
     repair = sub.add_parser("repair", help="repair a backdoored model; write the repaired "
                                            "models, GoodNets, curve and plots",
@@ -678,8 +611,11 @@ def build_parser() -> ArgumentParser:
     repair.add_argument("--rank-layer", dest="rank_layer", default=None,
                         help="layer whose activations rank the channels")
     repair.add_argument("--semantics", choices=["channel", "keep-bias"], default=None)
-    repair.add_argument("--max-drop", dest="max_drop", default=None,
-                        help="accuracy-drop budget(s), e.g. 0.02,0.04,0.10,0.30")
+    repair.add_argument("--max-drop", dest="max_drop", type=_numbers, default=None,
+                        help="the accuracy-drop budget whose model is the result, e.g. 0.04")
+    repair.add_argument("--max-drops", dest="max_drops", type=_numbers, default=None,
+                        help="prune: every accuracy-drop budget to write a model for, e.g. "
+                             "0.02,0.04,0.10,0.30")
     repair.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="defense setting, repeatable")
     repair.add_argument("--curve-limit", type=int, default=2000,
@@ -691,6 +627,8 @@ def build_parser() -> ArgumentParser:
     add_keras_options(repair)
     repair.set_defaults(func=cmd_repair)
 
+
+def _add_predict(sub: Commands) -> None:
     predict = sub.add_parser("predict", help="classify image files (a GoodNet answers N for "
                                              "inputs it judges poisoned)")
     predict.add_argument("model", type=Path)
@@ -698,11 +636,15 @@ def build_parser() -> ArgumentParser:
     add_keras_options(predict)
     predict.set_defaults(func=cmd_predict)
 
+
+def _add_info(sub: Commands) -> None:
     info = sub.add_parser("info", help="print a saved model's card")
     info.add_argument("model", type=Path)
     add_keras_options(info)
     info.set_defaults(func=cmd_info)
 
+
+def _add_import(sub: Commands) -> None:
     imp = sub.add_parser("import", help="convert a Keras .h5, ONNX or PyTorch model (read as "
                                         "data, never run) into a goodnet model file")
     imp.add_argument("model", type=Path)
@@ -710,6 +652,8 @@ def build_parser() -> ArgumentParser:
     add_keras_options(imp)
     imp.set_defaults(func=cmd_import)
 
+
+def _add_export(sub: Commands) -> None:
     export = sub.add_parser("export", help="export a model, repaired model or GoodNet to ONNX "
                                            "(masks folded into the weights)")
     export.add_argument("model", type=Path)
@@ -717,9 +661,10 @@ def build_parser() -> ArgumentParser:
     add_keras_options(export)
     export.set_defaults(func=cmd_export)
 
+
+def _add_list(sub: Commands) -> None:
     listing = sub.add_parser("list", help="data sets, architectures and attacks on offer")
     listing.set_defaults(func=cmd_list)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -727,6 +672,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", FutureWarning)
+        warnings.showwarning = _one_line_warning
+        return _run(args)
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, file: Any = None, line: str | None = None) -> None:
+    """A warning (a renamed setting, say) as one line on stderr."""
+    print(f"goodnet: warning: {message}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except GoodnetError as error:

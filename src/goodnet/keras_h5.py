@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,14 +203,130 @@ def _input_shape(batch_shape: Any, name: str) -> Shape:
     return channels, height, width
 
 
+# One converter per Keras layer class: the layer's name, its config and the shapes of its inputs
+# → the node's fields after "name" and "inputs" ("op" and that op's settings).
+Converter = Callable[[str, dict[str, Any], list[Shape]], dict[str, Any]]
+
+
+def _conv2d(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+    if cfg.get("groups", 1) != 1:
+        raise GoodnetError(f"layer {name!r}: grouped convolutions are not supported")
+    return dict(op="conv2d", kernel=_pair(cfg, "kernel_size", name, None),
+                stride=_pair(cfg, "strides", name, 1),
+                dilation=_pair(cfg, "dilation_rate", name, 1),
+                padding=_padding(cfg, name), bias=_flag(cfg, "use_bias", name, True),
+                activation=_activation(cfg.get("activation", "linear"), name),
+                **{"in": inputs[0][0], "out": _size(cfg, "filters", name)})
+
+
+def _dense(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+    return dict(op="dense", bias=_flag(cfg, "use_bias", name, True),
+                activation=_activation(cfg.get("activation", "linear"), name),
+                **{"in": inputs[0][0], "out": _size(cfg, "units", name)})
+
+
+def _batchnorm(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+    _channel_axis(cfg.get("axis", -1), len(inputs[0]) + 1, name)
+    eps = cfg.get("epsilon", 1e-3)
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)
+            and math.isfinite(eps) and eps > 0):
+        raise GoodnetError(f"layer {name!r}: epsilon must be a positive number, got "
+                           f"{eps!r:.40}")
+    return dict(op="batchnorm", features=inputs[0][0], eps=float(eps))
+
+
+def _pooling(op: str) -> Converter:
+    """MaxPooling2D or AveragePooling2D; the stride defaults to the pool size."""
+    def convert(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+        pool = _pair(cfg, "pool_size", name, 2)
+        strides = cfg.get("strides")
+        return dict(op=op, pool=pool,
+                    stride=pool if strides is None else _pair(cfg, "strides", name, None),
+                    padding=_padding(cfg, name))
+    return convert
+
+
+def _global_pooling(op: str) -> Converter:
+    def convert(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+        if cfg.get("keepdims") not in (None, False):
+            raise GoodnetError(f"layer {name!r}: keepdims=True is not supported")
+        return dict(op=op)
+    return convert
+
+
+def _plain(op: str) -> Converter:
+    """A layer with no settings goodnet uses (Flatten, the dropouts)."""
+    def convert(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+        return dict(op=op)
+    return convert
+
+
+def _activation_layer(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+    return dict(op="activation", activation=_activation(cfg.get("activation"), name))
+
+
+def _relu(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+    if any(cfg.get(k) not in (None, 0, 0.0) for k in (
+            "max_value", "negative_slope", "threshold")):
+        raise GoodnetError(f"layer {name!r}: a ReLU with max_value, negative_slope or "
+                           "threshold is not supported")
+    return dict(op="activation", activation=_activation("relu", name))
+
+
+def _softmax(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+    _channel_axis(cfg.get("axis", -1), len(inputs[0]) + 1, name)
+    return dict(op="activation", activation=_activation("softmax", name))
+
+
+def _zero_padding(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+    padding = cfg.get("padding", 1)
+    if isinstance(padding, list) and len(padding) == 2 and all(
+            isinstance(p, list) for p in padding):
+        pairs = [_pair({"padding": p}, "padding", name, None, low=0) for p in padding]
+    else:
+        pairs = [[p, p] for p in _pair(cfg, "padding", name, 1, low=0)]
+    return dict(op="zeropad", padding=pairs)
+
+
+def _merge(op: str) -> Converter:
+    """Add or Concatenate (along the channels)."""
+    def convert(name: str, cfg: dict[str, Any], inputs: list[Shape]) -> dict[str, Any]:
+        if op == "concatenate":
+            _channel_axis(cfg.get("axis", -1), len(inputs[0]) + 1, name)
+        if any(len(shape) != len(inputs[0]) for shape in inputs):
+            raise GoodnetError(f"layer {name!r} merges tensors of different ranks")
+        return dict(op=op)
+    return convert
+
+
+CONVERTERS: dict[str, Converter] = {
+    "Conv2D": _conv2d,
+    "Dense": _dense,
+    "BatchNormalization": _batchnorm,
+    "MaxPooling2D": _pooling("maxpool"),
+    "AveragePooling2D": _pooling("avgpool"),
+    "GlobalAveragePooling2D": _global_pooling("gap"),
+    "GlobalMaxPooling2D": _global_pooling("gmp"),
+    "Flatten": _plain("flatten"),
+    "Activation": _activation_layer,
+    "ReLU": _relu,
+    "Softmax": _softmax,
+    "ZeroPadding2D": _zero_padding,
+    "Add": _merge("add"),
+    "Concatenate": _merge("concatenate"),
+    **{dropout: _plain("dropout") for dropout in DROPOUTS},
+}
+
+
 def config_to_graph(config: dict[str, Any]) -> tuple[list[dict[str, Any]], Shape, list[str]]:
     """goodnet's layer graph for a Keras model config; also the input shape (C, H, W) and notes
     on what was changed (a dropped final softmax).
 
-    Every layer is checked as it is read: its class (a ``Lambda`` or any unknown class is
-    refused, its code never run), the type, sign and rank of each setting, and its shape,
-    propagated from the input (:func:`goodnet.models.keras_graph.layer_shape`). Layer widths
-    (``in``, ``features``) come from those shapes, not from the weights, which are read later.
+    Every layer is checked as it is read: its class (a ``Lambda`` or any class not in
+    :data:`CONVERTERS` is refused, its code never run), the type, sign and rank of each setting,
+    and its shape, propagated from the input (:func:`goodnet.models.keras_graph.layer_shape`).
+    Layer widths (``in``, ``features``) come from those shapes, not from the weights, which are
+    read later.
     """
     kind = config.get("class_name")
     body = config.get("config")
@@ -254,73 +371,15 @@ def config_to_graph(config: dict[str, Any]) -> tuple[list[dict[str, Any]], Shape
             inputs = _inbound(layer, name)
         if not inputs or any(i not in shapes for i in inputs):
             raise GoodnetError(f"layer {name!r} reads an input that is not defined before it")
-        received = shapes[inputs[0]]
-        rank = len(received) + 1
-        node: dict[str, Any] = {"name": name, "inputs": inputs}
         if cfg.get("data_format", "channels_last") != "channels_last":
             raise GoodnetError(f"layer {name!r}: only channels_last Keras models are supported")
-        if cls == "Conv2D":
-            if cfg.get("groups", 1) != 1:
-                raise GoodnetError(f"layer {name!r}: grouped convolutions are not supported")
-            node.update(op="conv2d", kernel=_pair(cfg, "kernel_size", name, None),
-                        stride=_pair(cfg, "strides", name, 1),
-                        dilation=_pair(cfg, "dilation_rate", name, 1),
-                        padding=_padding(cfg, name), bias=_flag(cfg, "use_bias", name, True),
-                        activation=_activation(cfg.get("activation", "linear"), name),
-                        **{"in": received[0], "out": _size(cfg, "filters", name)})
-        elif cls == "Dense":
-            node.update(op="dense", bias=_flag(cfg, "use_bias", name, True),
-                        activation=_activation(cfg.get("activation", "linear"), name),
-                        **{"in": received[0], "out": _size(cfg, "units", name)})
-        elif cls == "BatchNormalization":
-            _channel_axis(cfg.get("axis", -1), rank, name)
-            eps = cfg.get("epsilon", 1e-3)
-            if not (isinstance(eps, (int, float)) and not isinstance(eps, bool)
-                    and math.isfinite(eps) and eps > 0):
-                raise GoodnetError(f"layer {name!r}: epsilon must be a positive number, got "
-                                   f"{eps!r:.40}")
-            node.update(op="batchnorm", features=received[0], eps=float(eps))
-        elif cls in ("MaxPooling2D", "AveragePooling2D"):
-            pool = _pair(cfg, "pool_size", name, 2)
-            strides = cfg.get("strides")
-            node.update(op="maxpool" if cls == "MaxPooling2D" else "avgpool", pool=pool,
-                        stride=pool if strides is None else _pair(cfg, "strides", name, None),
-                        padding=_padding(cfg, name))
-        elif cls in ("GlobalAveragePooling2D", "GlobalMaxPooling2D"):
-            if cfg.get("keepdims") not in (None, False):
-                raise GoodnetError(f"layer {name!r}: keepdims=True is not supported")
-            node.update(op="gap" if cls == "GlobalAveragePooling2D" else "gmp")
-        elif cls == "Flatten":
-            node.update(op="flatten")
-        elif cls in ("Activation", "ReLU", "Softmax"):
-            if cls == "ReLU" and any(cfg.get(k) not in (None, 0, 0.0) for k in (
-                    "max_value", "negative_slope", "threshold")):
-                raise GoodnetError(f"layer {name!r}: a ReLU with max_value, negative_slope or "
-                                   "threshold is not supported")
-            if cls == "Softmax":
-                _channel_axis(cfg.get("axis", -1), rank, name)
-            activation = {"ReLU": "relu", "Softmax": "softmax"}.get(cls, cfg.get("activation"))
-            node.update(op="activation", activation=_activation(activation, name))
-        elif cls in DROPOUTS:
-            node.update(op="dropout")
-        elif cls == "ZeroPadding2D":
-            padding = cfg.get("padding", 1)
-            if isinstance(padding, list) and len(padding) == 2 and all(
-                    isinstance(p, list) for p in padding):
-                pairs = [_pair({"padding": p}, "padding", name, None, low=0) for p in padding]
-            else:
-                pairs = [[p, p] for p in _pair(cfg, "padding", name, 1, low=0)]
-            node.update(op="zeropad", padding=pairs)
-        elif cls in ("Add", "Concatenate"):
-            if cls == "Concatenate":
-                _channel_axis(cfg.get("axis", -1), rank, name)
-            if any(len(shapes[i]) != len(received) for i in inputs):
-                raise GoodnetError(f"layer {name!r} merges tensors of different ranks")
-            node.update(op="add" if cls == "Add" else "concatenate")
-        else:
+        convert = CONVERTERS.get(cls) if isinstance(cls, str) else None
+        if convert is None:
             raise GoodnetError(f"layer {name!r} is a {cls!s:.40} layer, which goodnet does "
                                "not import (custom layers are never run)")
-        shapes[name] = layer_shape(node, [shapes[i] for i in inputs])
+        received = [shapes[i] for i in inputs]
+        node: dict[str, Any] = {"name": name, "inputs": inputs, **convert(name, cfg, received)}
+        shapes[name] = layer_shape(node, received)
         graph.append(node)
         previous = name
     if shape is None:

@@ -23,6 +23,7 @@ import contextlib
 import copy
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -100,7 +101,8 @@ def _hook(mask: torch.Tensor, semantics: str, layer: nn.Module):
     def apply(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
         factor = _broadcast(mask.to(output.device, output.dtype), output)
         if semantics == "keep-bias":
-            shift = layer.bias  # conv/linear bias or BN shift β: what "keep-bias" keeps
+            # conv/linear bias or BN shift β: what "keep-bias" keeps
+            shift = cast("torch.Tensor | None", layer.bias)
             if shift is not None:
                 shift = _broadcast(shift, output)
                 return (output - shift) * factor + shift
@@ -180,10 +182,12 @@ def bake(model: nn.Module, masks: MaskSet) -> nn.Module:
     baked = copy.deepcopy(model)
     for name, mask in masks.masks.items():
         layer = get_layer(baked, name)
-        factor = mask.to(layer.weight.device, layer.weight.dtype)
-        layer.weight.mul_(factor.view(-1, *([1] * (layer.weight.ndim - 1))))
-        if masks.semantics == "channel" and layer.bias is not None:
-            layer.bias.mul_(factor)
+        weight = cast(torch.Tensor, layer.weight)
+        bias = cast("torch.Tensor | None", layer.bias)
+        factor = mask.to(weight.device, weight.dtype)
+        weight.mul_(factor.view(-1, *([1] * (weight.ndim - 1))))
+        if masks.semantics == "channel" and bias is not None:
+            bias.mul_(factor)
     return baked
 
 

@@ -17,7 +17,8 @@ predictions, so a GoodNet costs no extra forward pass to measure.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping
+import math
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -247,3 +248,26 @@ def evaluate(
     """
     predictions = predict_all({"model": model}, test, attack, batch_size, poisoned)
     return score(predictions["model"], reject_class)
+
+
+def percent(value: float) -> str:
+    """A rate as a percentage in a fixed width; a dash for NaN (not measured)."""
+    return "    –  " if math.isnan(value) else f"{100 * value:6.2f} %"
+
+
+def metrics_table(rows: Sequence[tuple[str, Metrics]]) -> str:
+    """CA, ASR and RA of each (label, metrics) row, with the detection and false-alarm rates
+    when any row has them."""
+    width = max(len("model"), *(len(name) for name, _ in rows))
+    detection = any(not math.isnan(m.detection_rate) for _, m in rows)
+    header = f"  {'model':<{width}}  {'CA':>8}  {'ASR':>8}  {'RA':>8}"
+    if detection:
+        header += f"  {'detected':>8}  {'false alarm':>11}"
+    lines = [header]
+    for name, m in rows:
+        line = (f"  {name:<{width}}  {percent(m.clean_accuracy)}  "
+                f"{percent(m.attack_success_rate)}  {percent(m.robust_accuracy)}")
+        if detection:
+            line += f"  {percent(m.detection_rate)}     {percent(m.false_alarm_rate)}"
+        lines.append(line.rstrip())
+    return "\n".join(lines)

@@ -34,14 +34,14 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
 from goodnet.artifacts import LoadedModel, ModelCard
 from goodnet.errors import GoodnetError
-from goodnet.models import ModelSpec, build_model, load_class
+from goodnet.models import ModelSpec, Normalize, build_model, load_class
 from goodnet.models.keras_graph import MAX_NODES, check_graph, module_name
 from goodnet.models.spec import check_input_size
 from goodnet.paths import require_regular_file
@@ -166,7 +166,7 @@ class _Converter:
         if kind.elem_type != TensorProto.FLOAT or len(dims) != 4:
             raise GoodnetError(f"{self.source}: goodnet imports image classifiers (a float "
                                f"N×C×H×W input); input {value.name!r} is not one")
-        shape = []
+        shape: list[int] = []
         for i, (dim, what) in enumerate(zip(dims[1:], "CHW", strict=True)):
             if given is not None and dim not in (None, 0, given[i]):
                 raise GoodnetError(f"{self.source}: --input-shape {given[i]} for {what}, but the "
@@ -176,10 +176,11 @@ class _Converter:
                 raise GoodnetError(f"{self.source}: input dimension {what} is dynamic; give the "
                                    "input size with --input-shape C,H,W")
             shape.append(size)
-        check_input_size(*shape, source=self.source)
+        channels, height, width = shape
+        check_input_size(channels, height, width, source=self.source)
         self.batch = dims[0]
         self._node(value.name, {"op": "input", "inputs": []}, 4, name="input")
-        return shape[0], shape[1], shape[2]
+        return channels, height, width
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -222,7 +223,7 @@ class _Converter:
     def _attrs(self, node: Any) -> dict[str, Any]:
         from onnx import AttributeProto, helper
 
-        attrs = {}
+        attrs: dict[str, Any] = {}
         for attribute in node.attribute:
             if attribute.type in (AttributeProto.TENSOR,):
                 attrs[attribute.name] = _array(attribute.t, self.source)
@@ -478,8 +479,8 @@ class _Converter:
         self._weights(self.graph[-1], weight=weight, bias=bias)
 
     def _merge(self, node: Any, op: str) -> None:
-        ranks = {self.ranks.get(t) for t in node.input}
         sources = [self._value(t, node.op_type) for t in node.input]
+        ranks = {self.ranks[t] for t in node.input}  # every tensor with a value has a rank
         if len(ranks) != 1:
             raise GoodnetError(f"{self.source}: {node.op_type} {self._name(node)!r} merges "
                                "tensors of different ranks")
@@ -535,7 +536,7 @@ class _Converter:
         if padding == "same" and count_pad:
             raise GoodnetError(f"{self.source}: {node.op_type} {self._name(node)!r}: "
                                "count_include_pad with auto_pad is not supported")
-        fields = {"op": op, "pool": self._pair(node, attrs, "kernel_shape", [0]),
+        fields: dict[str, Any] = {"op": op, "pool": self._pair(node, attrs, "kernel_shape", [0]),
                   "stride": self._pair(node, attrs, "strides", [1, 1]), "padding": padding}
         if op == "avgpool":
             fields["count_include_pad"] = count_pad
@@ -565,7 +566,7 @@ class _Converter:
         tensor = node.input[0]
         if tensor in self.nhwc:  # Transpose(0, 2, 3, 1) + Flatten: Keras's order
             self.values[tensor], self.ranks[tensor] = self.nhwc[tensor], 4
-            fields = {"op": "flatten"}
+            fields: dict[str, Any] = {"op": "flatten"}
         else:
             fields = {"op": "flatten", "channels_first": True}
         self._unary(node, fields, rank=2)
@@ -744,8 +745,9 @@ def import_own_class(path: str | os.PathLike[str], *, arch: str,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(network, (torch.zeros(1, *shape),), buffer, dynamo=False,
-                              opset_version=OPSET, input_names=["image"],
+            # a file object is accepted, though torch's stubs name only paths
+            torch.onnx.export(network, (torch.zeros(1, *shape),), buffer,  # type: ignore[arg-type]
+                              dynamo=False, opset_version=OPSET, input_names=["image"],
                               output_names=["scores"])
         except Exception as error:  # the user's own forward, or what the tracer refuses in it
             first = (str(error).splitlines() or [""])[0][:200]
@@ -755,10 +757,11 @@ def import_own_class(path: str | os.PathLike[str], *, arch: str,
                           pixel_scale=pixel_scale, mean=mean, std=std, input_shape=shape)
     x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        expected = network(loaded.model.normalize(x))
+        expected = network(cast(Normalize, loaded.model.normalize)(x))
         got = loaded.model(x)
     if not isinstance(expected, torch.Tensor) or expected.shape != got.shape or \
-            not torch.allclose(got, expected, rtol=1e-4, atol=1e-4 * (1 + expected.abs().max())):
+            not torch.allclose(got, expected, rtol=1e-4,
+                               atol=(1e-4 * (1 + expected.abs().max())).item()):
         raise GoodnetError(f"{arch}: its traced graph does not reproduce its outputs (it may "
                            "branch on its input); not imported")
     card = ModelCard(spec=loaded.card.spec, notes={

@@ -24,8 +24,9 @@ from torch import nn
 from goodnet.artifacts import ModelCard, atomic_path, save_model, write_text_atomic
 from goodnet.attacks.base import Attack
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Defense, Evaluation, RepairResult
+from goodnet.defenses.base import AXES, Curve, Defense, Evaluation, Point, RepairResult
 from goodnet.detector import GoodNet
+from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, Predictions, detector_predictions, predict_all, score
 
 _ORIGINAL = "__original__"
@@ -72,7 +73,6 @@ def repair_and_measure(
     baseline: Predictions | None = None,
     poisoned: ImageData | None = None,
     num_classes: int | None = None,
-    example: torch.Tensor | None = None,
     prepared: list | None = None,
 ) -> RepairReport:
     """Repair ``model`` with ``defense`` on ``clean``; measure everything on ``test``.
@@ -83,10 +83,9 @@ def repair_and_measure(
     ``test`` and ``attack`` (from :func:`goodnet.metrics.predict_all`), saves measuring the
     original again when several defenses repair the same model. ``poisoned`` adds a set of
     already-triggered images labelled with their targets (CSAW-HackML's ``bd_test.h5``).
-    ``clean`` may be None for a data-free defense (CLP), given ``num_classes`` and ``example``
-    (one input, for the layer order). ``prepared``, ``list(poisoned_batches(test, attack,
-    poisoned=poisoned))`` made once, saves making the poisoned test inputs again when several
-    defenses are measured on the same test set.
+    ``clean`` may be None for a data-free defense (CLP), given ``num_classes``. ``prepared``,
+    ``list(poisoned_batches(test, attack, poisoned=poisoned))`` made once, saves making the poisoned
+    test inputs again when several defenses are measured on the same test set.
 
     The per-step curve is measured on the first ``curve_limit`` test images (it is for
     plotting; 0 skips it and keeps only the clean-data accuracy per step); the final figures on
@@ -99,11 +98,10 @@ def repair_and_measure(
         bad = poisoned.subset(torch.arange(min(curve_limit, len(poisoned)))) \
             if poisoned is not None and len(poisoned) > curve_limit else poisoned
         evaluation = Evaluation(subset, attack, poisoned=bad)
-    result = defense.repair(model, clean, evaluation=evaluation, progress=progress,
-                            **({"example": example} if example is not None else {}))
-    if evaluation is not None:  # the repair time is the defense's, not the reporting's
-        result.seconds = max(0.0, result.seconds - evaluation.seconds)
+    result = defense.repair(model, clean, evaluation=evaluation, progress=progress)
     if num_classes is None:
+        if clean is None:
+            raise GoodnetError("without clean data, give num_classes")
         num_classes = clean.num_classes
     if test is None:
         nan = float("nan")
@@ -147,17 +145,15 @@ def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelC
         written.append(save_model(out / f"goodnet-{tag}.safetensors", GoodNet(model, variant),
                                   goodnet_card))
     if result.curve:
-        keys = sorted({k for record in result.curve for k in record})
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(result.curve)
-        write_text_atomic(out / "curve.csv", buffer.getvalue())
+        write_text_atomic(out / "curve.csv", curve_csv(result.curve))
         written.append(out / "curve.csv")
         written.append(plot_curve(out / "curve.png", result))
     summary = {
         "defense": result.defense, "settings": result.settings, "chosen": result.chosen,
-        "seconds": result.seconds, "notes": result.notes,
+        "seconds": result.timings.repair, "evaluation_seconds": result.timings.evaluation,
+        "pruned": result.pruned, "pruned_count": result.pruned_count,
+        "curve_axis": result.curve.axis, "curve_marks": dict(result.curve.marks),
+        "notes": result.notes,
         "original": _metrics_dict(report.original),
         "variants": {k: _metrics_dict(v) for k, v in report.variants.items()},
         "goodnets": {k: _metrics_dict(v) for k, v in report.goodnets.items()},
@@ -167,56 +163,64 @@ def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelC
     return written
 
 
+def curve_csv(curve: Curve) -> str:
+    """The curve as CSV: one row per step, a column per field any step has."""
+    records = curve.records()
+    keys = list(dict.fromkeys(k for record in records for k in record))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(records)
+    return buffer.getvalue()
+
+
 def plot_curve(path: Path, result: RepairResult) -> Path:
-    """Clean-data accuracy (and test CA and ASR, when measured) along the repair, as a PNG."""
+    """Clean-data accuracy (and test CA and ASR, when measured) along the repair, as a PNG;
+    for a data-free sweep with nothing measured, the channels pruned at each step."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    steps = [r for r in result.curve if not r.get("fine_tuned")]
-    if "u" in steps[0] and "clean_data_accuracy" not in steps[0]:
-        return _plot_sweep(path, result, steps, plt)  # data-free: nothing but counts to show
-    x_key = "round" if "round" in steps[0] else "pruned"
-    xs = [r[x_key] for r in steps]
+    curve = result.curve
     figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for key, label, style in (("clean_data_accuracy", "clean-data accuracy (defender)", "-"),
-                              ("test_ca", "test CA", "--"), ("test_asr", "test ASR", ":")):
-        if all(key in r for r in steps):
-            axes.plot(xs, [100 * r[key] for r in steps], style, label=label)
-    for name, count in (result.notes.get("pruned") or {}).items():
-        axes.axvline(count, color="grey", alpha=0.4, linewidth=0.8)
-        axes.text(count, 2, f"X={name}", rotation=90, fontsize=7, color="grey")
-    for key in ("threshold", "u"):  # the point a mask defense chose on its sweep
-        value = result.settings.get(key) if key == "u" else result.notes.get(key)
-        chosen = [r["pruned"] for r in steps if key in r and r[key] == value]
-        if value is not None and chosen:
-            axes.axvline(chosen[0], color="black", alpha=0.6, linewidth=0.8)
-            axes.text(chosen[0], 2, f"chosen {result.chosen}", rotation=90, fontsize=7)
-    axes.set_xlabel("channels pruned" if x_key == "pruned" else "round")
-    axes.set_ylabel("%")
-    axes.set_ylim(0, 101)
+    sweep = curve.sweep()
+    if sweep and all(p.clean_data_accuracy is None and p.test_ca is None for p in sweep):
+        # data-free, nothing measured: the channels each value of the parameter prunes
+        shown = sorted((p for p in sweep if p.x is not None), key=lambda p: float(p.x or 0))
+        axes.plot([p.x or 0.0 for p in shown], [p.pruned or 0 for p in shown], "o-")
+        axes.set_ylabel("channels pruned")
+        axis_label, x_of = curve.label, (lambda p: p.x)
+    else:  # along the steps: rounds, or channels pruned (however a sweep was parametrised)
+        by_step = curve.axis in ("round", "epoch")
+        axis_label = curve.label if by_step else AXES["pruned"]
+
+        def x_of(p: Point) -> float | None:
+            return p.x if by_step else p.pruned
+
+        steps = sorted((p for p in sweep if x_of(p) is not None), key=lambda p: x_of(p) or 0)
+        xs = [x_of(p) or 0.0 for p in steps]
+        for key, label, style in (("clean_data_accuracy", "clean-data accuracy (defender)", "-"),
+                                  ("test_ca", "test CA", "--"), ("test_asr", "test ASR", ":")):
+            values = [getattr(p, key) for p in steps]
+            if steps and all(v is not None for v in values):
+                axes.plot(xs, [100 * v for v in values], style, label=label)
+        axes.set_ylabel("%")
+        axes.set_ylim(0, 101)
+    for name, index in curve.marks:
+        x = x_of(curve.points[index])
+        if x is None:
+            continue
+        chosen = name == result.chosen
+        axes.axvline(x, color="black" if chosen else "grey", alpha=0.6 if chosen else 0.4,
+                     linewidth=0.8)
+        axes.text(x, 2, f"chosen {name}" if chosen else name, rotation=90, fontsize=7,
+                  color="black" if chosen else "grey")
+    axes.set_xlabel(axis_label)
     where = result.notes.get("layer") or f"{len(result.notes.get('layers', []))} layers"
     axes.set_title(f"{result.defense} on {where}")
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="center left", fontsize=8)
-    figure.tight_layout()
-    with atomic_path(path) as temp:
-        figure.savefig(temp, format="png")
-    plt.close(figure)
-    return path
-
-
-def _plot_sweep(path: Path, result: RepairResult, steps: list[dict[str, Any]], plt: Any) -> Path:
-    """Channels pruned at each value of a data-free defense's parameter (CLP's u)."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    ordered = sorted(steps, key=lambda r: r["u"])
-    axes.plot([r["u"] for r in ordered], [r["pruned"] for r in ordered], "o-")
-    axes.axvline(result.settings["u"], color="black", alpha=0.6, linewidth=0.8)
-    axes.text(result.settings["u"], 0, f" chosen {result.chosen}", fontsize=7)
-    axes.set_xlabel("u (prune channels above mean + u·std of their layer)")
-    axes.set_ylabel("channels pruned")
-    axes.set_title(f"{result.defense}, data-free, on {len(result.notes.get('layers', []))} layers")
     figure.tight_layout()
     with atomic_path(path) as temp:
         figure.savefig(temp, format="png")

@@ -6,9 +6,7 @@ line here.
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import typing
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -27,8 +25,9 @@ from goodnet.attacks.triggers import PatchTrigger
 from goodnet.attacks.trojannn import TrojanNN
 from goodnet.attacks.wanet import WaNet
 from goodnet.errors import GoodnetError
+from goodnet.settings import build_settings
 
-ATTACKS: dict[str, type[Attack]] = {
+ATTACKS: dict[str, type[Attack[Any]]] = {
     "badnets": BadNets,
     "blend": Blend,
     "trojannn": TrojanNN,
@@ -42,73 +41,34 @@ ATTACKS: dict[str, type[Attack]] = {
 }
 
 __all__ = ["ATTACKS", "Attack", "BadNets", "BadNetsConfig", "Component", "PatchTrigger",
-           "PoisonedData", "make_attack"]
+           "PoisonedData", "attack_class", "make_attack"]
+
+
+def attack_class(name: str) -> type[Attack[Any]]:
+    """The registered attack called ``name``, or a clear error listing them."""
+    if name not in ATTACKS:
+        raise GoodnetError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")
+    return ATTACKS[name]
 
 
 def make_attack(
     name: str,
-    settings: dict[str, Any] | None,
+    settings: Mapping[str, Any] | None,
     image_shape: tuple[int, int, int],
     num_classes: int,
     state: dict[str, torch.Tensor] | None = None,
-) -> Attack:
-    """Build a registered attack from its name and settings (as in a model card).
+    *,
+    text: bool = False,
+) -> Attack[Any]:
+    """Build a registered attack from its name and settings (as in a model card; ``text=True``:
+    command-line text).
 
     Unknown settings are refused rather than ignored, so a typo cannot silently fall back to a
     default. ``state`` restores a learned trigger (``Attack.state_dict()``, as saved beside a
     model's weights).
     """
-    if name not in ATTACKS:
-        raise GoodnetError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")
-    cls = ATTACKS[name]
-    settings = dict(settings or {})
-    known = {f.name for f in dataclasses.fields(cls.Config)}
-    unknown = sorted(set(settings) - known)
-    if unknown:
-        raise GoodnetError(
-            f"{name} has no setting {', '.join(unknown)}; its settings are {sorted(known)}"
-        )
-    hints = typing.get_type_hints(cls.Config)
-    for key, value in settings.items():
-        if not _fits(value, hints[key]):
-            raise GoodnetError(f"{name}: setting {key} must be {_describe(hints[key])}, got "
-                               f"{value!r:.40}")
-        if isinstance(value, list):  # JSON has lists where the settings have tuples
-            settings[key] = tuple(value)
-    try:
-        config = cls.Config(**settings)
-    except TypeError as error:
-        raise GoodnetError(f"{name}: bad settings ({error})") from None
-    attack = cls(config, image_shape, num_classes)
+    cls = attack_class(name)
+    attack = cls(build_settings(cls.Config, settings, name, text=text), image_shape, num_classes)
     if state is not None:
         attack.load_state_dict(state)
     return attack
-
-
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether a setting's value (from a card, a grid or the command line) has its type:
-    an integer is no bool, a float is finite, a tuple is a list or tuple of its item type."""
-    if typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        return isinstance(value, (list, tuple)) and all(_fits(v, item) for v in value)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False
-        try:
-            return math.isfinite(value)
-        except OverflowError:  # an integer beyond any float
-            return False
-    if hint in (str, bool):
-        return isinstance(value, hint)
-    return True  # any other type is left to the attack's own validate()
-
-
-def _describe(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        return "a list of " + {int: "integers", float: "finite numbers", str: "strings"}.get(
-            item, str(item))
-    return {int: "an integer", float: "a finite number", str: "a string",
-            bool: "true or false"}.get(hint, str(hint))

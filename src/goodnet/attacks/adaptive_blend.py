@@ -25,9 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from goodnet.attacks.base import Attack
+from goodnet.attacks.base import SingleTargetAttack
 from goodnet.attacks.poison import PoisonGroup, choose_indices
 from goodnet.attacks.triggers import BlendTrigger, blend_key
+from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
 
 
@@ -84,7 +85,7 @@ class PartialBlend:
         return x * (1 - weight) + self.pattern.to(x.device, x.dtype) * weight
 
 
-class AdaptiveBlend(Attack):
+class AdaptiveBlend(SingleTargetAttack[AdaptiveBlendConfig]):
     """Partial blended pattern, conservatively poisoned, with cover items."""
 
     name = "adaptive_blend"
@@ -108,7 +109,7 @@ class AdaptiveBlend(Attack):
         return BlendTrigger(blend_key(cfg.pattern, self.image_shape, cfg.pattern_seed),
                             cfg.test_alpha)
 
-    def poison_groups(self, train, generator):
+    def poison_groups(self, train: ImageData, generator: torch.Generator) -> list[PoisonGroup]:
         cfg = self.config
         poisoned = super().poison_groups(train, generator)[0].indices
         rest = torch.ones(len(train), dtype=torch.bool)
@@ -122,6 +123,7 @@ class AdaptiveBlend(Attack):
         chosen.scatter_(1, scores.argsort(1)[:, :keep], True)
         row_of = torch.zeros(len(train), dtype=torch.long)
         row_of[items] = torch.arange(len(items))
+        assert isinstance(self.trigger, BlendTrigger)
         blend = PartialBlend(self.trigger.pattern, cfg.alpha,
                              tile_masks(*self.image_shape[1:], cfg.pieces), chosen, row_of)
         return [PoisonGroup("poison", poisoned, blend, self.target),

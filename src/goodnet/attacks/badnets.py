@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from goodnet.attacks.base import Attack
+from goodnet.attacks.base import SingleTargetAttack
 from goodnet.attacks.triggers import PatchTrigger, check_patch, square_pattern
 
 
@@ -45,7 +45,7 @@ class BadNetsConfig:
     margin: int = 1
 
 
-class BadNets(Attack):
+class BadNets(SingleTargetAttack[BadNetsConfig]):
     """Patch trigger, relabelled poisoned images."""
 
     name = "badnets"

@@ -12,8 +12,9 @@ images) do that work in ``attack.fit(train, seed)``, which ``poison`` calls when
 the test-time trigger needs afterwards is ``attack.state_dict()``: saved in the model file beside
 the weights, so ``goodnet eval`` rebuilds exactly the trigger the model was trained with.
 
-Multi-trigger attacks expose one :class:`Component` per trigger; ASR is reported per component
-and as their mean.
+Most attacks aim one trigger at one target (or at the next class, all-to-all) and share the
+defaults of :class:`SingleTargetAttack`. Multi-trigger attacks expose one :class:`Component` per
+trigger; ASR is reported per component and as their mean.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 import torch
 
@@ -44,26 +45,51 @@ class Component:
     eligible: Callable[[torch.Tensor], torch.Tensor]
 
 
-class Attack(ABC):
+class AttackSettings(Protocol):
+    """What every attack's settings are: a dataclass (:meth:`Attack.describe` saves it)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+
+class SingleTargetSettings(AttackSettings, Protocol):
+    """The settings :class:`SingleTargetAttack`'s defaults read."""
+
+    @property
+    def target(self) -> int: ...
+
+    @property
+    def mode(self) -> str: ...
+
+    @property
+    def poison_rate(self) -> float: ...
+
+
+C = TypeVar("C", bound=AttackSettings)
+S = TypeVar("S", bound=SingleTargetSettings)
+
+
+class Attack(ABC, Generic[C]):
     """A backdoor attack bound to an image shape and a number of classes.
 
-    Subclasses set ``name``, ``paper`` and ``Config`` (a frozen dataclass; single-target
-    attacks have ``target``, ``mode`` and ``poison_rate``) and build the test-time trigger in
-    :meth:`build_trigger`. Clean-label attacks set ``clean_label = True``: they poison
-    ``poison_rate`` of the target class's training images and never change a label.
+    Subclasses set ``name``, ``paper`` and ``Config`` (a frozen dataclass, the ``C`` they are
+    parametrised by), build the test-time trigger in :meth:`build_trigger`, and say which labels
+    the backdoor aims at (:meth:`target`, :meth:`eligible`) and which training items carry it
+    (:meth:`poison_groups`). Clean-label attacks set ``clean_label = True``: they never change a
+    label.
     """
 
     name: ClassVar[str]
-    Config: ClassVar[type]
+    Config: ClassVar[type[Any]]
     paper: ClassVar[str]
     clean_label: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = False
 
-    def __init__(self, config: Any, image_shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(self, config: C, image_shape: tuple[int, int, int], num_classes: int) -> None:
         if not isinstance(config, self.Config):
             raise GoodnetError(f"{self.name} takes a {self.Config.__name__}, got {config!r}")
-        self.config = config
-        self.image_shape = tuple(image_shape)
+        self.config: C = config
+        channels, height, width = image_shape
+        self.image_shape = (channels, height, width)
         self.num_classes = num_classes
         self.fitted = not self.needs_fit
         self.validate()
@@ -76,17 +102,7 @@ class Attack(ABC):
 
     # ------------------------------------------------------------------ settings
     def validate(self) -> None:
-        """Refuse settings that cannot work; single-target checks by default."""
-        config = self.config
-        if config.mode not in MODES:
-            raise GoodnetError(f"{self.name}: mode must be one of {MODES}, got {config.mode!r}")
-        if self.clean_label and config.mode != "all-to-one":
-            raise GoodnetError(f"{self.name} is a clean-label attack: only all-to-one")
-        self.check_class(config.target, "target class")
-        if not 0 < config.poison_rate <= 1:
-            raise GoodnetError(
-                f"{self.name}: poison rate must be in (0, 1], got {config.poison_rate}"
-            )
+        """Refuse settings that cannot work (nothing is checked by default)."""
 
     def check_class(self, value: int, what: str) -> None:
         if not 0 <= value < self.num_classes:
@@ -99,18 +115,13 @@ class Attack(ABC):
         """The callable that poisons a batch of images at test time."""
 
     # ------------------------------------------------------------------ targets
+    @abstractmethod
     def target(self, labels: torch.Tensor) -> torch.Tensor:
         """The labels a successful backdoor turns inputs of class ``labels`` into."""
-        if self.config.mode == "all-to-all":
-            return (labels + 1) % self.num_classes
-        return torch.full_like(labels, self.config.target)
 
+    @abstractmethod
     def eligible(self, labels: torch.Tensor) -> torch.Tensor:
-        """Test inputs that count for the attack success rate: those not already of the target
-        class (every input, for all-to-all)."""
-        if self.config.mode == "all-to-all":
-            return torch.ones_like(labels, dtype=torch.bool)
-        return labels != self.config.target
+        """Test inputs that count for the attack success rate."""
 
     def components(self) -> list[Component]:
         """The attack's triggers, each with its target mapping (one for most attacks)."""
@@ -149,18 +160,9 @@ class Attack(ABC):
         generator = torch.Generator().manual_seed(seed)
         return PoisonedData(train, self.poison_groups(train, generator))
 
+    @abstractmethod
     def poison_groups(self, train: ImageData, generator: torch.Generator) -> list[PoisonGroup]:
-        """The default policy: ``poison_rate`` of the training set (of the target class, for a
-        clean-label attack), drawn from eligible items, stamped and relabelled."""
-        if self.clean_label:
-            candidates = torch.nonzero(train.labels == self.config.target).flatten()
-            count = round(self.config.poison_rate * len(candidates))
-            return [PoisonGroup("poison", choose_indices(candidates, count, generator),
-                                self.training_transform(), None)]
-        candidates = torch.nonzero(self.eligible(train.labels)).flatten()
-        count = round(self.config.poison_rate * len(train))
-        return [PoisonGroup("poison", choose_indices(candidates, count, generator),
-                            self.training_transform(), self.target)]
+        """The training items that carry the backdoor, drawn with ``generator``."""
 
     def training_transform(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """How poisoned training items are stamped (the test trigger, unless overridden)."""
@@ -177,3 +179,48 @@ class Attack(ABC):
     def describe(self) -> dict[str, Any]:
         """Name and settings, for model cards (``make_attack`` rebuilds the attack from it)."""
         return {"name": self.name, "config": dataclasses.asdict(self.config)}
+
+
+class SingleTargetAttack(Attack[S]):
+    """An attack with one trigger aimed at ``target`` (all-to-one) or at the next class
+    (all-to-all), poisoning ``poison_rate`` of the training set: the defaults most attacks
+    keep."""
+
+    def validate(self) -> None:
+        """Refuse a mode, target class or poison rate that cannot work."""
+        config = self.config
+        if config.mode not in MODES:
+            raise GoodnetError(f"{self.name}: mode must be one of {MODES}, got {config.mode!r}")
+        if self.clean_label and config.mode != "all-to-one":
+            raise GoodnetError(f"{self.name} is a clean-label attack: only all-to-one")
+        self.check_class(config.target, "target class")
+        if not 0 < config.poison_rate <= 1:
+            raise GoodnetError(
+                f"{self.name}: poison rate must be in (0, 1], got {config.poison_rate}"
+            )
+
+    def target(self, labels: torch.Tensor) -> torch.Tensor:
+        """The labels a successful backdoor turns inputs of class ``labels`` into."""
+        if self.config.mode == "all-to-all":
+            return (labels + 1) % self.num_classes
+        return torch.full_like(labels, self.config.target)
+
+    def eligible(self, labels: torch.Tensor) -> torch.Tensor:
+        """Test inputs that count for the attack success rate: those not already of the target
+        class (every input, for all-to-all)."""
+        if self.config.mode == "all-to-all":
+            return torch.ones_like(labels, dtype=torch.bool)
+        return labels != self.config.target
+
+    def poison_groups(self, train: ImageData, generator: torch.Generator) -> list[PoisonGroup]:
+        """The default policy: ``poison_rate`` of the training set (of the target class, for a
+        clean-label attack), drawn from eligible items, stamped and relabelled."""
+        if self.clean_label:
+            candidates = torch.nonzero(train.labels == self.config.target).flatten()
+            count = round(self.config.poison_rate * len(candidates))
+            return [PoisonGroup("poison", choose_indices(candidates, count, generator),
+                                self.training_transform(), None)]
+        candidates = torch.nonzero(self.eligible(train.labels)).flatten()
+        count = round(self.config.poison_rate * len(train))
+        return [PoisonGroup("poison", choose_indices(candidates, count, generator),
+                            self.training_transform(), self.target)]

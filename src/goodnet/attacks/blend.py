@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from goodnet.attacks.base import Attack
+from goodnet.attacks.base import SingleTargetAttack
 from goodnet.attacks.poison import fixed
 from goodnet.attacks.triggers import BlendTrigger, blend_key
 
@@ -46,7 +46,7 @@ class BlendConfig:
     pattern_seed: int = 0
 
 
-class Blend(Attack):
+class Blend(SingleTargetAttack[BlendConfig]):
     """Full-image blended key pattern, relabelled poisoned images."""
 
     name = "blend"
@@ -59,4 +59,5 @@ class Blend(Attack):
                             cfg.test_alpha)
 
     def training_transform(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        assert isinstance(self.trigger, BlendTrigger)
         return fixed(BlendTrigger(self.trigger.pattern, self.config.alpha))

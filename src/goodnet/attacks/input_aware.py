@@ -28,14 +28,14 @@ new initial weights (at most ``MASK_TRIES`` times, then refuses with an error).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goodnet.attacks.base import Attack
+from goodnet.attacks.base import SingleTargetAttack
 from goodnet.attacks.poison import PoisonGroup, choose_indices
 from goodnet.data.dataset import ImageData, batches
 from goodnet.errors import GoodnetError
@@ -124,7 +124,7 @@ class DynamicTrigger:
         return (x + (pattern - x) * threshold(self.mask(source))).clamp(0, 1)
 
 
-class InputAware(Attack):
+class InputAware(SingleTargetAttack[InputAwareConfig]):
     """Per-input triggers from a trained generator, with cross-trigger items."""
 
     name = "input_aware"
@@ -137,7 +137,7 @@ class InputAware(Attack):
         if not 0 <= self.config.cross_rate < 1 or min(self.image_shape[1:]) < 8:
             raise GoodnetError("input_aware: cross_rate in [0, 1) and images of at least 8×8")
 
-    def build_trigger(self) -> Callable[[torch.Tensor], torch.Tensor]:
+    def build_trigger(self) -> DynamicTrigger:
         channels = self.image_shape[0]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
@@ -158,7 +158,9 @@ class InputAware(Attack):
         self.trigger = DynamicTrigger(pattern_net.requires_grad_(False), mask_net)
         self.fitted = True
 
-    def _pairs(self, data: ImageData, generator: torch.Generator):
+    def _pairs(
+        self, data: ImageData, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         second = torch.randperm(len(data), generator=generator)
         for x1, y1 in batches(data, 128, shuffle=True, generator=generator):
             x2, _ = data.get(second[torch.randint(0, len(data), (len(x1),), generator=generator)])
@@ -233,6 +235,7 @@ class InputAware(Attack):
         cross = choose_indices(torch.nonzero(~taken).flatten(),
                                round(self.config.cross_rate * len(train)), generator)
         trigger = self.trigger
+        assert isinstance(trigger, DynamicTrigger)
 
         def cross_transform(x: torch.Tensor, _index: torch.Tensor) -> torch.Tensor:
             others, _ = train.get(torch.randint(0, len(train), (len(x),)))
@@ -242,8 +245,10 @@ class InputAware(Attack):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.require_fitted()
-        state = {f"generator.{k}": v for k, v in self.trigger.generator.state_dict().items()}
-        state.update({f"mask.{k}": v for k, v in self.trigger.mask.state_dict().items()})
+        trigger = self.trigger
+        assert isinstance(trigger, DynamicTrigger)
+        state = {f"generator.{k}": v for k, v in trigger.generator.state_dict().items()}
+        state.update({f"mask.{k}": v for k, v in trigger.mask.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

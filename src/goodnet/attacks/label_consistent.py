@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goodnet.attacks.base import Attack
+from goodnet.attacks.base import SingleTargetAttack
 from goodnet.attacks.poison import PoisonGroup, choose_indices
 from goodnet.attacks.surrogate import train_surrogate
 from goodnet.attacks.triggers import AdditiveTrigger
@@ -103,7 +103,7 @@ class HardenedStamp:
         return self.trigger(hard)
 
 
-class LabelConsistent(Attack):
+class LabelConsistent(SingleTargetAttack[LabelConsistentConfig]):
     """Adversarially hardened target-class images with a corner trigger, labels kept."""
 
     name = "label_consistent"

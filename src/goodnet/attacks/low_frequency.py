@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from goodnet.attacks.base import Attack
+from goodnet.attacks.base import SingleTargetAttack
 from goodnet.attacks.surrogate import train_surrogate
 from goodnet.attacks.triggers import AdditiveTrigger
 from goodnet.data.dataset import ImageData
@@ -96,7 +96,7 @@ def targeted_deepfool(model: nn.Module, x: torch.Tensor, target: int, steps: int
     return (1 + overshoot) * total, False
 
 
-class LowFrequency(Attack):
+class LowFrequency(SingleTargetAttack[LowFrequencyConfig]):
     """A smooth universal perturbation as an additive trigger."""
 
     name = "low_frequency"
@@ -147,6 +147,7 @@ class LowFrequency(Attack):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.require_fitted()
+        assert isinstance(self.trigger, AdditiveTrigger)
         return {"delta": self.trigger.delta.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

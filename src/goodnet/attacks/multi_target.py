@@ -21,6 +21,7 @@ import torch
 from goodnet.attacks.base import Attack, Component
 from goodnet.attacks.poison import PoisonGroup, choose_indices, fixed
 from goodnet.attacks.triggers import PatchTrigger, check_patch, square_pattern
+from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
 
 CORNERS = {
@@ -52,7 +53,19 @@ class MultiTargetConfig:
     margin: int = 1
 
 
-class MultiTarget(Attack):
+def aimed(name: str, trigger: PatchTrigger, target: int) -> Component:
+    """A trigger that sends every input to ``target``, tested on inputs of other classes."""
+
+    def to_target(labels: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(labels, target)
+
+    def eligible(labels: torch.Tensor) -> torch.Tensor:
+        return labels != target
+
+    return Component(name, trigger, to_target, eligible)
+
+
+class MultiTarget(Attack[MultiTargetConfig]):
     """Several patch triggers, each with its own target class."""
 
     name = "multi_target"
@@ -91,14 +104,9 @@ class MultiTarget(Attack):
         return self._patches[0]
 
     def components(self) -> list[Component]:
-        parts = []
-        for number, (trigger, target) in enumerate(zip(self._patches, self.config.targets,
-                                                       strict=True)):
-            parts.append(Component(
-                f"trigger{number}->{target}", trigger,
-                lambda y, t=target: torch.full_like(y, t), lambda y, t=target: y != t,
-            ))
-        return parts
+        return [aimed(f"trigger{number}->{target}", trigger, target)
+                for number, (trigger, target) in enumerate(zip(self._patches, self.config.targets,
+                                                               strict=True))]
 
     def target(self, labels: torch.Tensor) -> torch.Tensor:
         return torch.full_like(labels, self.config.targets[0])
@@ -106,7 +114,7 @@ class MultiTarget(Attack):
     def eligible(self, labels: torch.Tensor) -> torch.Tensor:
         return labels != self.config.targets[0]
 
-    def poison_groups(self, train, generator):
+    def poison_groups(self, train: ImageData, generator: torch.Generator) -> list[PoisonGroup]:
         total = round(self.config.poison_rate * len(train))
         free = torch.ones(len(train), dtype=torch.bool)
         groups = []

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from goodnet.attacks.base import Attack
+from goodnet.attacks.base import SingleTargetAttack
 from goodnet.attacks.poison import fixed
 from goodnet.attacks.triggers import AdditiveTrigger
 
@@ -62,7 +62,7 @@ def sinusoid(shape: tuple[int, int, int], amplitude: float, frequency: int) -> t
     return wave.expand(channels, height, width).clone()
 
 
-class SIG(Attack):
+class SIG(SingleTargetAttack[SIGConfig]):
     """Sinusoidal signal on target-class training images, labels untouched."""
 
     name = "sig"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from goodnet.attacks.base import Attack
+from goodnet.attacks.base import SingleTargetAttack
 from goodnet.attacks.surrogate import train_surrogate
 from goodnet.attacks.triggers import AdditiveTrigger
 from goodnet.data.dataset import ImageData
@@ -62,7 +62,7 @@ class TrojanNNConfig:
     epsilon: float = 0.3
 
 
-class TrojanNN(Attack):
+class TrojanNN(SingleTargetAttack[TrojanNNConfig]):
     """A patch optimised to excite chosen neurons, planted by poisoning."""
 
     name = "trojannn"
@@ -117,6 +117,7 @@ class TrojanNN(Attack):
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         self.require_fitted()
+        assert isinstance(self.trigger, AdditiveTrigger)
         return {"pattern": self.trigger.delta.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:

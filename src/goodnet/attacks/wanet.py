@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from goodnet.attacks.base import Attack
+from goodnet.attacks.base import SingleTargetAttack
 from goodnet.attacks.poison import PoisonGroup, choose_indices
+from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
 
 
@@ -90,7 +91,7 @@ def warping_grid(height: int, width: int, config: WaNetConfig) -> torch.Tensor:
     return grid.clamp(-1, 1)
 
 
-class WaNet(Attack):
+class WaNet(SingleTargetAttack[WaNetConfig]):
     """Warping trigger with noise-mode regularisation."""
 
     name = "wanet"
@@ -109,13 +110,14 @@ class WaNet(Attack):
     def build_trigger(self) -> Callable[[torch.Tensor], torch.Tensor]:
         return WarpTrigger(warping_grid(*self.image_shape[1:], self.config))
 
-    def poison_groups(self, train, generator):
+    def poison_groups(self, train: ImageData, generator: torch.Generator) -> list[PoisonGroup]:
         groups = super().poison_groups(train, generator)
         poisoned = groups[0].indices
         rest = torch.ones(len(train), dtype=torch.bool)
         rest[poisoned] = False
         count = round(self.config.cross_ratio * len(poisoned))
         if count:
+            assert isinstance(self.trigger, WarpTrigger)
             noisy = WarpTrigger(self.trigger.grid, noise=1.0)
             cross = choose_indices(torch.nonzero(rest).flatten(), count, generator)
             groups.append(PoisonGroup("noise", cross, lambda x, _i: noisy(x), None))

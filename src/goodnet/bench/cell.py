@@ -26,7 +26,7 @@ from goodnet.backdoor import attack_from_card, train_model
 from goodnet.bench.grid import Cell, ModelJob, normal
 from goodnet.data import load_dataset, split_clean
 from goodnet.data.dataset import ImageData
-from goodnet.defenses import DEFENSES
+from goodnet.defenses import make_defense
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, poisoned_batches, predict_all
 from goodnet.version import __version__
@@ -202,24 +202,25 @@ def run_cell(cell: Cell) -> dict[str, Any]:
             prepared = list(poisoned_batches(test, attack))  # made once, measured twice
             baseline = predict_all({"original": loaded.model}, test, attack,
                                    prepared=prepared)["original"]
-            defense = DEFENSES[cell.defense.name](cell.defense.config(DEFENSES, "defense"))
+            defense = make_defense(cell.defense.name, dict(cell.defense.settings))
             report = repair_and_measure(
                 loaded.model, defense, clean, test, attack, curve_limit=cell.curve_limit,
                 goodnets=True, baseline=baseline, prepared=prepared)
         result = report.result
         chosen = result.chosen if result.chosen in report.variants else None
-        pruned = result.notes.get("pruned_channels")
         record.update({
             "before": _metrics(report.original),
             "after": _metrics(report.variants.get(chosen)) if chosen else None,
             "goodnet": _metrics(report.goodnets.get(chosen)) if chosen else None,
             "chosen": chosen,
             "variants": {k: _metrics(v) for k, v in report.variants.items()},
-            "pruned": sum(len(v) for v in pruned.values()) if isinstance(pruned, dict)
-            else (result.notes.get("pruned") or {}).get(chosen),
-            "curve": result.curve,
-            "repair_seconds": result.seconds,
-            "measure_seconds": time.perf_counter() - start - result.seconds,
+            "pruned": result.pruned_count,
+            "curve": result.curve.records(),
+            "curve_axis": result.curve.axis,
+            "curve_marks": dict(result.curve.marks),
+            "repair_seconds": result.timings.repair,
+            "evaluation_seconds": result.timings.evaluation,
+            "measure_seconds": time.perf_counter() - start - result.timings.repair,
             "peak_memory_mib": memory.mib,
             "model_card": {"clean_accuracy": loaded.card.metrics.get("clean_accuracy"),
                            "attack_success_rate": loaded.card.metrics.get(

@@ -42,8 +42,6 @@ import hashlib
 import json
 import math
 import reprlib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +54,7 @@ from goodnet.defenses import DEFENSES
 from goodnet.errors import GoodnetError
 from goodnet.models import MODELS
 from goodnet.paths import require_regular_file
+from goodnet.settings import build_settings, check_settings
 from goodnet.train import TrainConfig
 
 SCHEMA = 1  # bump when a cell's meaning changes, so old results are not taken for new ones
@@ -87,31 +86,19 @@ def _short(value: Any) -> str:
 
 def _coerce(cls: type, settings: dict[str, Any], what: str) -> dict[str, Any]:
     """``settings`` checked against the fields of dataclass ``cls`` and their types (a typo is
-    an error)."""
+    an error), by the parser the command line and the library share; first, each value must be
+    plain data and small."""
     if not isinstance(settings, dict):
         raise GoodnetError(f"{what}: settings must be a mapping, got {_short(settings)}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(settings) - names, key=str)
-    if unknown:
-        raise GoodnetError(f"{what}: unknown setting {_short(unknown[0])} (known: "
-                           f"{', '.join(sorted(names))})")
-    hints = typing.get_type_hints(cls)
-    out = {}
     for key, value in settings.items():
+        if not isinstance(key, str) or len(key) > MAX_LABEL:
+            raise GoodnetError(f"{what}: unknown setting {_short(key)}")
         if not _plain(value):
             raise GoodnetError(f"{what}: setting {key!r} must be a number, string, boolean, "
                                f"null or a list of those (strings of at most {MAX_PATH} "
                                f"characters, lists of at most {MAX_LIST}), got "
                                f"{_short(value)}")
-        value = _tuples(value)
-        hint = hints.get(key)
-        if hint is not None and not _fits(value, hint):
-            raise GoodnetError(f"{what}: setting {key!r} must be {_type_name(hint)}, got "
-                               f"{_short(value)}")
-        if hint is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        out[key] = value
-    return out
+    return check_settings(cls, settings, what)
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
@@ -128,35 +115,6 @@ def _plain(value: Any, depth: int = 0) -> bool:
     return False
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether ``value`` (lists made tuples) is of the settings type ``hint``."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_fits(value, option) for option in typing.get_args(hint))
-    if typing.get_origin(hint) is tuple:
-        item = typing.get_args(hint)[0]
-        return isinstance(value, tuple) and all(_fits(v, item) for v in value)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    return True  # a type the grid does not check; the settings class does
-
-
-def _type_name(hint: Any) -> str:
-    if typing.get_origin(hint) is tuple:
-        return f"a list of {_type_name(typing.get_args(hint)[0])}s"
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(option) for option in typing.get_args(hint))
-    return {type(None): "null", bool: "true or false", int: "a whole number",
-            float: "a number", str: "a string"}.get(hint, str(hint))
-
-
 @dataclass(frozen=True)
 class Entry:
     """A named attack or defense with its settings (as given; defaults fill the rest)."""
@@ -166,11 +124,8 @@ class Entry:
     settings: tuple[tuple[str, Any], ...] = ()
 
     def config(self, registry: dict[str, Any], what: str) -> Any:
-        cls = registry[self.name].Config
-        try:
-            return cls(**dict(self.settings))
-        except (TypeError, ValueError) as error:
-            raise GoodnetError(f"{what} {self.label}: {error}") from None
+        return build_settings(registry[self.name].Config, dict(self.settings),
+                              f"{what} {self.label}")
 
     def resolved(self, registry: dict[str, Any], what: str) -> dict[str, Any]:
         """Every setting, defaults included: what the cache key hashes."""
@@ -317,6 +272,8 @@ def _entries(value: Any, registry: dict[str, Any], what: str, source: str) -> tu
         raise GoodnetError(f"{source}: {what}s must be a non-empty list or 'all'")
     entries = []
     for item in value:
+        settings: Any
+        label: Any
         if isinstance(item, str):
             label, name, settings = item, item, {}
         elif isinstance(item, dict) and what in item:

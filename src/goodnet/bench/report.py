@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 from goodnet.artifacts import atomic_path, write_text_atomic
 from goodnet.bench.results import RESULTS, RUNS, in_range, latest, read_records, read_runs
+from goodnet.defenses.base import AXES, Curve
 from goodnet.errors import GoodnetError
 
 METRICS = (("clean_accuracy", "CA"), ("attack_success_rate", "ASR"),
@@ -95,7 +96,7 @@ class Report:
 
     def backdoored(self, row: tuple) -> list[dict]:
         """One record per seed of the model before repair (any defense's copy of it)."""
-        per_seed = {}
+        per_seed: dict[Any, dict] = {}
         for defense in self.defenses:
             for r in self.groups.get((*row, defense), []):
                 per_seed.setdefault(r["seed"], r)
@@ -272,19 +273,26 @@ class CurveLine(NamedTuple):
 
 def curve_lines(report: Report, defense: str, limit: int = MAX_LINES) -> list[CurveLine]:
     """The lines of ``defense``'s curve figure: the first ``limit`` (data, arch, attack) with a
-    curve, each over the points whose x, test CA and test ASR are numbers."""
+    curve, each over its sweep's points whose x, test CA and test ASR are numbers (x: the
+    round for a defense that goes by rounds, else the channels pruned)."""
     lines = []
     for row in report.rows:
         rows = sorted(report.groups.get((*row, defense), []), key=lambda r: r["seed"])
-        curve = [p for p in (rows[0].get("curve") or []) if not p.get("fine_tuned")] \
-            if rows else []
-        x_key = next((k for k in ("pruned", "round", "u") if curve and k in curve[0]), None)
-        curve = [p for p in curve if in_range(p.get(x_key), -_MAX_X, _MAX_X)
-                 and in_range(p.get("test_ca"), 0, 1) and in_range(p.get("test_asr"), 0, 1)]
-        if x_key is not None and curve:
-            lines.append(CurveLine(" ".join(row), x_key, [float(p[x_key]) for p in curve],
-                                   [100.0 * p["test_ca"] for p in curve],
-                                   [100.0 * p["test_asr"] for p in curve]))
+        if not rows:
+            continue
+        curve = Curve.from_records(rows[0].get("curve"), rows[0].get("curve_axis"))
+        x_key = curve.axis if curve.axis in ("round", "epoch") else "pruned"
+        kept: list[tuple[float, float, float]] = []
+        for p in curve.sweep():
+            x = p.pruned if x_key == "pruned" else p.x
+            if x is not None and p.test_ca is not None and p.test_asr is not None and \
+                    in_range(x, -_MAX_X, _MAX_X) and in_range(p.test_ca, 0, 1) and \
+                    in_range(p.test_asr, 0, 1):
+                kept.append((float(x), p.test_ca, p.test_asr))
+        if kept:
+            lines.append(CurveLine(" ".join(row), x_key, [x for x, _, _ in kept],
+                                   [100.0 * ca for _, ca, _ in kept],
+                                   [100.0 * asr for _, _, asr in kept]))
             if len(lines) == limit:
                 break
     return lines
@@ -305,7 +313,7 @@ def plot_curves(report: Report, defense: str, path: Path) -> Path | None:
     for line in lines:
         left.plot(line.xs, line.ca, label=line.label, linewidth=1)
         right.plot(line.xs, line.asr, label=line.label, linewidth=1)
-    x_name = {"pruned": "channels pruned", "round": "round", "u": "u"}[lines[0].x_key]
+    x_name = AXES[lines[0].x_key]
     for ax, name in ((left, "test CA %"), (right, "test ASR %")):
         ax.set_xlabel(x_name)
         ax.set_ylabel(name)

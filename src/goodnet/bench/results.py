@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from goodnet.defenses.base import AXES
 from goodnet.errors import GoodnetError
 from goodnet.paths import require_regular_file
 
@@ -84,7 +85,8 @@ def cell_problem(record: Any) -> str | None:
             value = (record.get(part) or {}).get(rate)
             if value is not None and not in_range(value, 0, 1):
                 return f"{part}.{rate} must be a number between 0 and 1 or null"
-    for name in ("repair_seconds", "measure_seconds", "peak_memory_mib", "seconds"):
+    for name in ("repair_seconds", "evaluation_seconds", "measure_seconds", "peak_memory_mib",
+                 "seconds"):
         value = record.get(name)
         if value is not None and not in_range(value, 0, _MAX_AMOUNT):
             return f"{name} must be a number >= 0 or null"
@@ -96,6 +98,17 @@ def cell_problem(record: Any) -> str | None:
     if curve is not None and not (isinstance(curve, list) and all(
             isinstance(point, dict) for point in curve)):
         return "curve must be a list of objects or null"
+    axis = record.get("curve_axis")
+    if axis is not None and axis not in AXES:
+        return f"curve_axis must be one of {', '.join(AXES)} or null"
+    marks = record.get("curve_marks")
+    if marks is not None and not (isinstance(marks, dict) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in marks.values())):
+        return "curve_marks must map variant names to step numbers or be null"
+    pruned = record.get("pruned")
+    if pruned is not None and not (isinstance(pruned, int) and not isinstance(pruned, bool)
+                                   and 0 <= pruned < 2**63):
+        return "pruned must be a whole number >= 0 or null"
     return None
 
 

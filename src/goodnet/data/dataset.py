@@ -19,7 +19,8 @@ from goodnet.errors import GoodnetError
 class BatchSource(Protocol):
     """Anything that serves batches by index: a data set or a view of one."""
 
-    num_classes: int
+    @property
+    def num_classes(self) -> int: ...
 
     def __len__(self) -> int: ...
 

@@ -17,11 +17,11 @@ memory grows only with data that is really there.
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import struct
 import zlib
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -68,7 +68,7 @@ def read_idx(path: str | Path) -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), copy=False)
 
 
-def _read_header(stream: BinaryIO, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
+def _read_header(stream: io.BufferedIOBase, path: Path) -> tuple[np.dtype, tuple[int, ...]]:
     magic = stream.read(4)
     if len(magic) < 4 or magic[0] or magic[1] or magic[2] not in _DTYPES or not magic[3]:
         raise GoodnetError(f"{path}: not an IDX file (magic number 0x{magic.hex()})")
@@ -79,7 +79,7 @@ def _read_header(stream: BinaryIO, path: Path) -> tuple[np.dtype, tuple[int, ...
     return np.dtype(_DTYPES[magic[2]]), struct.unpack(f">{ndim}I", sizes)
 
 
-def _read_block_wise(stream: BinaryIO, nbytes: int) -> bytearray:
+def _read_block_wise(stream: io.BufferedIOBase, nbytes: int) -> bytearray:
     data = bytearray()
     while len(data) < nbytes:
         block = stream.read(min(_BLOCK, nbytes - len(data)))

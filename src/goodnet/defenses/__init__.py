@@ -1,21 +1,39 @@
 """Repair methods, one module each, through the ``DEFENSES`` registry.
 
-Every defense is built from its settings (``Defense(Config(...))``) and repairs with
+Every defense is built from its settings (``Defense(Config(...))``, or
+``make_defense(name, settings)`` from plain values) and repairs with
 ``defense.repair(model, clean)``, returning a :class:`RepairResult`; the caller's model is never
-modified. Adding a defense is one module and one line here.
+modified. Adding a defense is one module (a :class:`Defense` subclass with its settings
+dataclass and a ``run`` method) and one line here: the command line, the benchmark grids, the
+reports and the contract tests all iterate over the registry.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from goodnet.defenses.anp import ANP, ANPConfig
-from goodnet.defenses.base import Defense, Evaluation, RepairResult
+from goodnet.defenses.base import (
+    Curve,
+    Defense,
+    Evaluation,
+    Point,
+    Repaired,
+    RepairResult,
+    ScanVerdict,
+    Steps,
+    Timings,
+)
 from goodnet.defenses.clp import CLP, CLPConfig
 from goodnet.defenses.fine_pruning import FinePruning, FinePruningConfig
 from goodnet.defenses.prune import Prune, PruneConfig
 from goodnet.defenses.rnp import RNP, RNPConfig
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
+from goodnet.errors import GoodnetError
+from goodnet.settings import build_settings
 
-DEFENSES: dict[str, type[Defense]] = {
+DEFENSES: dict[str, type[Defense[Any]]] = {
     "prune": Prune,
     "fine-pruning": FinePruning,
     "sparse-fine-pruning": SparseFinePruning,
@@ -24,6 +42,27 @@ DEFENSES: dict[str, type[Defense]] = {
     "clp": CLP,
 }
 
-__all__ = ["ANP", "CLP", "DEFENSES", "RNP", "ANPConfig", "CLPConfig", "Defense", "Evaluation",
-           "FinePruning", "FinePruningConfig", "Prune", "PruneConfig", "RNPConfig", "RepairResult",
-           "SparseFinePruning", "SparseFinePruningConfig"]
+
+def defense_class(name: str) -> type[Defense[Any]]:
+    """The registered defense called ``name``, or a clear error listing them."""
+    if name not in DEFENSES:
+        raise GoodnetError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
+    return DEFENSES[name]
+
+
+def make_defense(name: str, settings: Mapping[str, Any] | None = None, *,
+                 text: bool = False) -> Defense[Any]:
+    """Build a registered defense from its name and settings (plain values, as in a grid file
+    or a model card; ``text=True``: command-line text, converted by each setting's type).
+
+    Unknown settings are refused rather than ignored; a renamed setting still works under its
+    old name, with a warning.
+    """
+    cls = defense_class(name)
+    return cls(build_settings(cls.Config, settings, name, text=text))
+
+
+__all__ = ["ANP", "CLP", "DEFENSES", "RNP", "ANPConfig", "CLPConfig", "Curve", "Defense",
+           "Evaluation", "FinePruning", "FinePruningConfig", "Point", "Prune", "PruneConfig",
+           "RNPConfig", "RepairResult", "Repaired", "ScanVerdict", "SparseFinePruning",
+           "SparseFinePruningConfig", "Steps", "Timings", "defense_class", "make_defense"]

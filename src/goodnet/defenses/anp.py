@@ -36,8 +36,8 @@ Departures, each a setting:
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,13 +45,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Defense, Evaluation, RepairResult
 from goodnet.defenses.channel_masks import (
     Choice,
     LearnableMasks,
+    MaskDefense,
     default_thresholds,
     frozen,
-    mask_repair,
 )
 from goodnet.errors import GoodnetError
 from goodnet.models import channels_last, model_device
@@ -128,14 +127,15 @@ def learn_masks(model: nn.Module, data: ImageData, layers: list[str], cfg: ANPCo
                     noise_optimizer.zero_grad(set_to_none=True)
                     (-F.cross_entropy(work(x), y)).backward()
                     for parameter in masks.noise_parameters():
-                        parameter.grad = torch.sign(parameter.grad)
+                        if parameter.grad is not None:
+                            parameter.grad = torch.sign(parameter.grad)
                     noise_optimizer.step()
                     if cfg.project:
                         with torch.no_grad():
                             for parameter in masks.noise_parameters():
                                 parameter.clamp_(-cfg.eps, cfg.eps)
             mask_optimizer.zero_grad(set_to_none=True)
-            robust = 0.0
+            robust: torch.Tensor | float = 0.0
             if cfg.eps > 0:
                 masks.perturb = True
                 robust = F.cross_entropy(work(x), y)
@@ -147,18 +147,13 @@ def learn_masks(model: nn.Module, data: ImageData, layers: list[str], cfg: ANPCo
         return masks.values()
 
 
-class ANP(Defense):
+class ANP(MaskDefense[ANPConfig]):
     """Learn masks robust to adversarial neuron noise; prune the channels left low."""
 
     name = "anp"
     paper = "Wu & Wang, NeurIPS 2021, arXiv:2110.14430"
     Config = ANPConfig
 
-    def repair(self, model: nn.Module, clean: ImageData, *, evaluation: Evaluation | None = None,
-               progress: bool = False) -> RepairResult:
-        start = time.perf_counter()
-
-        def learn_values(learn: ImageData, layers: list[str]) -> tuple[dict, dict]:
-            return learn_masks(model, learn, layers, self.config, progress), {}
-
-        return mask_repair(self, model, clean, learn_values, evaluation, start)
+    def learn(self, model: nn.Module, data: ImageData, layers: list[str], progress: bool
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return learn_masks(model, data, layers, self.config, progress), {}

@@ -23,16 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import time
+import dataclasses
+from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Evaluation, RepairResult, check_clean
+from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps
 from goodnet.errors import GoodnetError
 from goodnet.masking import (
     SEMANTICS,
@@ -43,7 +44,6 @@ from goodnet.masking import (
     mask_points,
     masked,
 )
-from goodnet.metrics import clean_accuracy, predict
 
 SELECTIONS = ("clean", "threshold", "count")
 
@@ -112,15 +112,14 @@ class LearnableMasks:
 
     def _hook(self, name: str, layer: nn.Module):
         def apply(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-            scale = self.masks[name]
-            shift_factor = None if self.semantics == "keep-bias" else scale
+            scale: torch.Tensor = self.masks[name]
+            shift_factor: torch.Tensor | None = None if self.semantics == "keep-bias" else scale
             if self.perturb and name in self.noise:
                 delta, xi = self.noise[name]
                 scale = scale + delta
-                base = 1 if shift_factor is None else shift_factor
-                shift_factor = base * (1 + xi)
+                shift_factor = (1 + xi) if shift_factor is None else shift_factor * (1 + xi)
             bias = layer.bias
-            if bias is None:
+            if not isinstance(bias, torch.Tensor):
                 return output * _shape(scale, output)
             bias = _shape(bias, output)
             shifted = bias if shift_factor is None else bias * _shape(shift_factor, output)
@@ -218,66 +217,64 @@ def split_for_choice(clean: ImageData, choice: Choice, seed: int) -> tuple[Image
     return learn, held
 
 
-def _measure(model: nn.Module, masks: dict[str, torch.Tensor], semantics: str, held: ImageData,
-             evaluation: Evaluation | None) -> dict[str, Any]:
-    with applied(model, MaskSet(masks, semantics)):
-        record: dict[str, Any] = {
-            "pruned": int(sum(int((m == 0).sum()) for m in masks.values())),
-            "clean_data_accuracy": clean_accuracy(predict(model, held), held.labels),
-        }
-        if evaluation is not None:
-            metrics = evaluation.measure(model)
-            record["test_ca"] = metrics.clean_accuracy
-            record["test_asr"] = metrics.attack_success_rate
-    return record
-
-
 def masks_key(masks: dict[str, torch.Tensor]) -> tuple:
     """A hashable identity of a set of masks: equal keys, equal masked models."""
     return tuple((name, tuple(m.tolist())) for name, m in sorted(masks.items()))
 
 
-def threshold_curve(model: nn.Module, values: dict[str, torch.Tensor], choice: Choice,
-                    semantics: str, held: ImageData, evaluation: Evaluation | None = None
-                    ) -> list[dict[str, Any]]:
-    """The original model pruned at each threshold: channels pruned, held-out clean accuracy
-    and, with an evaluation, test CA and ASR. Record 0 is the unpruned model."""
-    work = copy.deepcopy(model)
-    ones = {name: torch.ones_like(v) for name, v in values.items()}
-    # Thresholds that prune the same channels give the same model: measure each model once.
-    seen: dict[tuple, dict[str, Any]] = {}
+def count_pruned(masks: dict[str, torch.Tensor]) -> int:
+    return int(sum(int((m == 0).sum()) for m in masks.values()))
 
-    def measure(masks: dict[str, torch.Tensor]) -> dict[str, Any]:
+
+def sweep_points(model: nn.Module, candidates: Sequence[tuple[float | None,
+                 dict[str, torch.Tensor]]], semantics: str, held: ImageData | None,
+                 steps: Steps) -> list[Point]:
+    """``model`` pruned by each candidate's masks, one point each at the candidate's x;
+    candidates that prune the same channels give the same model and are measured once."""
+    work = copy.deepcopy(model)
+    seen: dict[tuple, Point] = {}
+    points = []
+    for x, masks in candidates:
         key = masks_key(masks)
         if key not in seen:
-            seen[key] = _measure(work, masks, semantics, held, evaluation)
-        return dict(seen[key])
-
-    curve = [{"threshold": None, **measure(ones)}]
-    for threshold in choice.thresholds:
-        curve.append({"threshold": threshold, **measure(binary_masks(values, threshold))})
-    return curve
+            with applied(work, MaskSet(masks, semantics)):
+                seen[key] = steps.measure(work, held, x, count_pruned(masks))
+        points.append(dataclasses.replace(seen[key], x=x))
+    return points
 
 
-def choose_threshold(curve: list[dict[str, Any]], tolerance: float) -> float | None:
+def threshold_curve(model: nn.Module, values: dict[str, torch.Tensor], choice: Choice,
+                    semantics: str, held: ImageData, steps: Steps) -> list[Point]:
+    """The original model pruned at each threshold: channels pruned, held-out clean accuracy
+    and, with an evaluation, test CA and ASR. Point 0 (x None) is the unpruned model."""
+    ones = {name: torch.ones_like(v) for name, v in values.items()}
+    candidates: list[tuple[float | None, dict[str, torch.Tensor]]] = [(None, ones)]
+    candidates += [(t, binary_masks(values, t)) for t in choice.thresholds]
+    return sweep_points(model, candidates, semantics, held, steps)
+
+
+def choose_threshold(points: list[Point], tolerance: float) -> float | None:
     """The largest swept threshold such that it, and every smaller one, keeps the held-out clean
     accuracy at least the unpruned accuracy minus ``tolerance``; None (prune nothing) if even
-    the smallest does not."""
-    base = curve[0]["clean_data_accuracy"]
+    the smallest does not. Reads nothing but the clean-data accuracy."""
+    base = points[0].clean_data_accuracy
+    assert base is not None
     chosen = None
-    for record in curve[1:]:
-        if base - record["clean_data_accuracy"] > tolerance + 1e-12:
+    for point in points[1:]:
+        assert point.clean_data_accuracy is not None
+        if base - point.clean_data_accuracy > tolerance + 1e-12:
             break
-        chosen = record["threshold"]
+        chosen = point.x
     return chosen
 
 
 def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choice,
-                 semantics: str, held: ImageData, evaluation: Evaluation | None
-                 ) -> tuple[str, MaskSet, list[dict[str, Any]], dict[str, Any]]:
+                 semantics: str, held: ImageData, steps: Steps
+                 ) -> tuple[str, MaskSet, Curve, dict[str, Any]]:
     """The pruning ``choice`` makes of learned ``values``: (variant name, masks, curve, notes)."""
-    curve = threshold_curve(model, values, choice, semantics, held, evaluation)
+    points = threshold_curve(model, values, choice, semantics, held, steps)
     total = sum(len(v) for v in values.values())
+    threshold: float | None = None
     if choice.select == "count":
         count = round(choice.count * total) if choice.count < 1 else int(choice.count)
         if count > total:
@@ -285,36 +282,63 @@ def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choi
         binary, name = lowest_masks(values, count), f"count={count}"
         notes: dict[str, Any] = {"count": count}
     else:
-        threshold = (choose_threshold(curve, choice.tolerance) if choice.select == "clean"
+        threshold = (choose_threshold(points, choice.tolerance) if choice.select == "clean"
                      else choice.threshold)
         if threshold is None:  # every threshold costs too much clean accuracy: prune nothing
             binary, name = {k: torch.ones_like(v) for k, v in values.items()}, "none"
         else:
             binary, name = binary_masks(values, threshold), f"t={threshold:.2f}"
         notes = {"threshold": threshold}
+    marks = [i for i, p in enumerate(points) if p.x == threshold] if name != "none" else [0]
+    if choice.select == "count" or not marks:  # a pruning off the sweep: measured on its own
+        points += sweep_points(model, [(None, binary)], semantics, held, steps)
+        points[-1] = dataclasses.replace(points[-1], label=name)
+        marks = [len(points) - 1]
     notes["pruned_channels"] = {layer: torch.nonzero(m == 0).flatten().tolist()
-                       for layer, m in binary.items() if (m == 0).any()}
+                                for layer, m in binary.items() if (m == 0).any()}
     notes["mask_values"] = {layer: [round(float(v), 4) for v in value]
                             for layer, value in values.items()}
+    curve = Curve("threshold", tuple(points), ((name, marks[0]),))
     return name, MaskSet(binary, semantics), curve, notes
 
 
-def mask_repair(defense: Any, model: nn.Module, clean: ImageData, learn_values: Any,
-                evaluation: Evaluation | None, start: float) -> RepairResult:
-    """What RNP and ANP share around their mask learning: find the mask points, hold out the
-    clean data to choose on, call ``learn_values(learn, layers)`` for the masks (and a dict of
-    notes), choose the pruning, and return the masked copy of ``model``."""
-    check_clean(clean)
-    cfg = defense.config
-    layers = all_mask_points(model, clean, cfg.hidden_linear)
-    learn, held = split_for_choice(clean, cfg.choice(), cfg.seed)
-    values, learned_notes = learn_values(learn, layers)
-    name, masks, curve, notes = choose_masks(model, values, cfg.choice(), cfg.semantics, held,
-                                             evaluation)
-    repaired = masked(model, masks)
-    return RepairResult(
-        defense=defense.name, settings=defense.settings(), model=repaired, masks=masks,
-        variants={name: repaired}, variant_masks={name: masks}, chosen=name, curve=curve,
-        seconds=time.perf_counter() - start,
-        notes={"layers": layers, "held_out": len(held), **learned_notes, **notes},
-    )
+C = TypeVar("C", bound="MaskSettings")
+
+
+class MaskSettings(Protocol):
+    """What the mask defenses' settings share: where masks go, how they apply, how much to
+    prune."""
+
+    @property
+    def hidden_linear(self) -> bool: ...
+    @property
+    def semantics(self) -> str: ...
+    @property
+    def seed(self) -> int: ...
+    def choice(self) -> Choice: ...
+
+
+class MaskDefense(Defense[C]):
+    """RNP and ANP: learn a mask per channel on part of the clean data (:meth:`learn`), choose
+    the pruning on the held-out rest, return the masked copy of the model."""
+
+    @abstractmethod
+    def learn(self, model: nn.Module, data: ImageData, layers: list[str], progress: bool
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Mask values in [0, 1] for ``layers``, learned on ``data``, and notes on how."""
+
+    def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
+            progress: bool) -> Repaired:
+        assert clean is not None
+        cfg = self.config
+        layers = all_mask_points(model, clean, cfg.hidden_linear)
+        learn, held = split_for_choice(clean, cfg.choice(), cfg.seed)
+        values, learned_notes = self.learn(model, learn, layers, progress)
+        name, masks, curve, notes = choose_masks(model, values, cfg.choice(), cfg.semantics,
+                                                 held, steps)
+        repaired = masked(model, masks)
+        return Repaired(
+            model=repaired, curve=curve, masks=masks, variants={name: repaired},
+            variant_masks={name: masks}, chosen=name,
+            notes={"layers": layers, "held_out": len(held), **learned_notes, **notes},
+        )

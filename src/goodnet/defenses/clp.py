@@ -22,29 +22,25 @@ Departures, documented:
   alone and masked on its own output (its bias then masked too), which is how CLP works on
   ``deepid`` and other networks without BatchNorm.
 - ``σ_k = sqrt(running_var + eps)``, what BatchNorm divides by; the reference omits eps.
-- No data is needed: ``goodnet repair --defense clp`` runs without ``--clean`` (one blank
-  input of the model's shape finds the layer order). Clean data, when given, is used only for
-  that and, as for every defense, to report accuracy; ``u`` is fixed. The curve holds, for each
-  u in ``sweep``, the channels pruned and (with an evaluation) test CA and ASR, for reporting
-  only, as BackdoorBench's CLP logs.
+- No data is needed: ``CLP().repair(model)`` and ``goodnet repair --defense clp`` run without
+  clean data (one blank input of the model's ``input_shape`` finds the layer order). Clean
+  data, when given, is used only for that and, as for every defense, to report accuracy; ``u``
+  is fixed. The curve holds, for each u in ``sweep``, the channels pruned and (with an
+  evaluation) test CA and ASR, for reporting only, as BackdoorBench's CLP logs.
 """
 
 from __future__ import annotations
 
-import copy
-import time
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Defense, Evaluation, RepairResult
-from goodnet.defenses.channel_masks import masks_key
+from goodnet.defenses.base import Curve, Defense, Repaired, Steps, clean_or_blank
+from goodnet.defenses.channel_masks import sweep_points
 from goodnet.errors import GoodnetError
-from goodnet.masking import MaskSet, applied, get_layer, mask_points, masked
-from goodnet.metrics import clean_accuracy, predict
+from goodnet.masking import MaskSet, get_layer, mask_points, masked
 
 
 @dataclass(frozen=True)
@@ -75,6 +71,7 @@ def channel_lipschitz(conv: nn.Conv2d, norm: nn.BatchNorm2d | None) -> torch.Ten
     if norm is not None:
         scale = norm.weight.detach().float().cpu() if norm.weight is not None \
             else torch.ones(norm.num_features)
+        assert norm.running_var is not None  # BatchNorm with running statistics
         sigma = torch.sqrt(norm.running_var.float().cpu() + norm.eps)
         lipschitz = lipschitz * (scale / sigma).abs()
     return lipschitz
@@ -95,13 +92,15 @@ def lipschitz_scores(model: nn.Module, example: torch.Tensor) -> dict[str, torch
     for conv_name, point in mask_points(model, example).items():
         conv = get_layer(model, conv_name)
         norm = get_layer(model, point) if point != conv_name else None
+        assert isinstance(conv, nn.Conv2d)
+        assert norm is None or isinstance(norm, nn.BatchNorm2d)
         scores[point] = channel_lipschitz(conv, norm)
     if not scores:
         raise GoodnetError("clp: the model has no convolution")
     return scores
 
 
-class CLP(Defense):
+class CLP(Defense[CLPConfig]):
     """Prune channels with an outlying channel Lipschitz bound, without data."""
 
     name = "clp"
@@ -109,50 +108,23 @@ class CLP(Defense):
     Config = CLPConfig
     needs_clean = False
 
-    def repair(self, model: nn.Module, clean: ImageData | None, *,
-               evaluation: Evaluation | None = None, progress: bool = False,
-               example: torch.Tensor | None = None) -> RepairResult:
-        """Data-free: ``clean`` may be None if ``example`` (one input) is given."""
-        start = time.perf_counter()
+    def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
+            progress: bool) -> Repaired:
+        """Data-free: ``clean`` may be None (the model's ``input_shape`` then gives the blank
+        input that finds the layer order)."""
         cfg = self.config
-        if example is None:
-            if clean is None:
-                raise GoodnetError("clp needs one input to find the layer order: give clean "
-                                   "data or an example")
-            example, _ = clean.get(torch.arange(1))
-        scores = lipschitz_scores(model, example)
+        scores = lipschitz_scores(model, clean_or_blank(model, clean))
         masks = MaskSet(clp_masks(scores, cfg.u), "channel")
-        curve = self._curve(model, scores, clean, evaluation)
+        values = sorted(set(cfg.sweep) | {cfg.u}, reverse=True)
+        points = sweep_points(model, [(u, clp_masks(scores, u)) for u in values], "channel",
+                              clean, steps)
         repaired = masked(model, masks)
         name = f"u={cfg.u:g}"
+        curve = Curve("u", tuple(points), ((name, values.index(cfg.u)),))
         pruned = {k: v for k, v in masks.pruned().items() if v}
-        return RepairResult(
-            defense=self.name, settings=self.settings(), model=repaired, masks=masks,
-            variants={name: repaired}, variant_masks={name: masks}, chosen=name, curve=curve,
-            seconds=time.perf_counter() - start,
+        return Repaired(
+            model=repaired, curve=curve, masks=masks, variants={name: repaired},
+            variant_masks={name: masks}, chosen=name,
             notes={"pruned_channels": pruned, "pruned_count": sum(len(v) for v in pruned.values()),
                    "layers": list(scores)},
         )
-
-    def _curve(self, model: nn.Module, scores: dict[str, torch.Tensor],
-               clean: ImageData | None, evaluation: Evaluation | None) -> list[dict[str, Any]]:
-        work = copy.deepcopy(model)
-        curve = []
-        seen: dict[tuple, dict[str, Any]] = {}  # values of u that prune alike: measured once
-        for u in sorted(set(self.config.sweep) | {self.config.u}, reverse=True):
-            masks = clp_masks(scores, u)
-            key = masks_key(masks)
-            if key not in seen:
-                with applied(work, MaskSet(masks, "channel")):
-                    record: dict[str, Any] = {
-                        "pruned": int(sum(int((m == 0).sum()) for m in masks.values()))}
-                    if clean is not None:
-                        record["clean_data_accuracy"] = clean_accuracy(predict(work, clean),
-                                                                       clean.labels)
-                    if evaluation is not None:
-                        metrics = evaluation.measure(work)
-                        record["test_ca"] = metrics.clean_accuracy
-                        record["test_asr"] = metrics.attack_success_rate
-                seen[key] = record
-            curve.append({"u": u, **seen[key]})
-        return curve

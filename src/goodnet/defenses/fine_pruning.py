@@ -18,13 +18,12 @@ amount on clean *test* accuracy, goodnet on the defender's clean data only.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
 
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Defense, Evaluation, RepairResult, check_clean
+from goodnet.defenses.base import Curve, Defense, Repaired, Steps
 from goodnet.defenses.prune import Prune, PruneConfig
 from goodnet.errors import GoodnetError
 from goodnet.train import TrainConfig, train
@@ -61,36 +60,33 @@ class FinePruningConfig:
             raise GoodnetError("fine-pruning: max_drop in (0, 1) and epochs >= 0")
 
 
-class FinePruning(Defense):
+class FinePruning(Defense[FinePruningConfig]):
     """Prune by clean activation, then fine-tune with the masks fixed."""
 
     name = "fine-pruning"
     paper = "Liu et al., RAID 2018, arXiv:1805.12185"
     Config = FinePruningConfig
 
-    def repair(self, model: nn.Module, clean: ImageData, *, evaluation: Evaluation | None = None,
-               progress: bool = False) -> RepairResult:
-        start = time.perf_counter()
-        check_clean(clean)
+    def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
+            progress: bool) -> Repaired:
+        assert clean is not None
         cfg = self.config
         pruned = Prune(PruneConfig(layer=cfg.layer, rank_layer=cfg.rank_layer,
                                    max_drops=(cfg.max_drop,), semantics=cfg.semantics)
-                       ).repair(model, clean, evaluation=evaluation, progress=progress)
+                       ).run(model, clean, steps, progress)
         tuned = copy.deepcopy(pruned.model)
         history = train(tuned, clean, TrainConfig(
             epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=0.9,
             weight_decay=cfg.weight_decay, schedule="cosine", seed=cfg.seed), progress=progress)
         tuned.eval()
-        curve = list(pruned.curve)
-        if evaluation is not None:
-            metrics = evaluation.measure(tuned)
-            curve.append({"pruned": pruned.notes["pruned"][pruned.chosen], "fine_tuned": True,
-                          "test_ca": metrics.clean_accuracy,
-                          "test_asr": metrics.attack_success_rate})
-        return RepairResult(
-            defense=self.name, settings=self.settings(), model=tuned, masks=pruned.masks,
+        count = pruned.notes["pruned"][pruned.chosen]
+        final = steps.measure(tuned, clean, count, count, label="fine-tuned")
+        points = (*pruned.curve.points, final)
+        curve = Curve("pruned", points, (("pruned", count), ("fine-tuned", len(points) - 1)))
+        return Repaired(
+            model=tuned, curve=curve, masks=pruned.masks,
             variants={"pruned": pruned.model, "fine-tuned": tuned},
-            variant_masks={"pruned": pruned.masks, "fine-tuned": pruned.masks},
-            chosen="fine-tuned", curve=curve, seconds=time.perf_counter() - start,
+            variant_masks={"pruned": pruned.masks, "fine-tuned": pruned.masks} if pruned.masks
+            else {}, chosen="fine-tuned",
             notes={**pruned.notes, "fine_tuning_loss": [e.loss for e in history.epochs]},
         )

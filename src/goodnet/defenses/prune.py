@@ -25,9 +25,8 @@ no channel count is fixed in advance (theirs prunes 48 of 60).
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -35,10 +34,9 @@ from tqdm.auto import tqdm
 
 from goodnet.activations import mean_activation
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Defense, Evaluation, RepairResult, check_clean
+from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps, clean_or_blank
 from goodnet.errors import GoodnetError
 from goodnet.masking import MaskSet, applied, channel_count, get_layer, mask_points, masked
-from goodnet.metrics import clean_accuracy, predict
 
 RULES = ("within", "lab")
 
@@ -51,34 +49,44 @@ class PruneConfig:
         layer: the layer whose channels are masked; None: the last convolution (its BatchNorm
             when one follows it).
         rank_layer: where the mean activation is measured; None: ``layer``, after ReLU.
-        max_drops: accuracy-drop budgets X, in absolute fractions (0.04 = 4 points).
+        max_drops: accuracy-drop budgets X, in absolute fractions (0.04 = 4 points): one
+            repaired model each.
+        max_drop: the budget whose model is ``result.model`` (added to ``max_drops`` if it is
+            not there; formerly ``select``); None: 0.04 if it is a budget, else the first.
         semantics: "channel" (the whole channel is removed) or "keep-bias" (the lab's: the
             kernel is zeroed, the bias or BN shift kept).
-        select: which budget's model is ``result.model``.
         rule: "within" (the last model within the budget) or "lab" (the first beyond it).
     """
+
+    renamed: ClassVar[dict[str, str]] = {"select": "max_drop"}
 
     layer: str | None = None
     rank_layer: str | None = None
     max_drops: tuple[float, ...] = (0.02, 0.04, 0.10, 0.30)
+    max_drop: float | None = None
     semantics: str = "channel"
-    select: float = 0.04
     rule: str = "within"
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise GoodnetError(f"prune rule must be one of {RULES}, got {self.rule!r}")
-        object.__setattr__(self, "max_drops", tuple(float(x) for x in self.max_drops))
-        if not self.max_drops or any(not 0 < x < 1 for x in self.max_drops):
+        drops = tuple(float(x) for x in self.max_drops)
+        if not drops:
+            raise GoodnetError("prune needs at least one accuracy-drop budget")
+        chosen = self.max_drop
+        if chosen is None:
+            chosen = 0.04 if 0.04 in drops else drops[0]
+        if float(chosen) not in drops:
+            drops = tuple(sorted((*drops, float(chosen))))
+        object.__setattr__(self, "max_drops", drops)
+        object.__setattr__(self, "max_drop", float(chosen))
+        if any(not 0 < x < 1 for x in self.max_drops):
             raise GoodnetError(f"accuracy-drop budgets must lie in (0, 1), got {self.max_drops}")
-        if self.select not in self.max_drops:
-            object.__setattr__(self, "select", self.max_drops[0])
 
 
-def default_layer(model: nn.Module, clean: ImageData) -> str:
+def default_layer(model: nn.Module, clean: ImageData | None) -> str:
     """Where to prune when no layer is named: the last convolution's mask point."""
-    example, _ = clean.get(torch.arange(1))
-    points = mask_points(model, example)
+    points = mask_points(model, clean_or_blank(model, clean))
     if not points:
         raise GoodnetError("the model has no convolution to prune; name a layer")
     return list(points.values())[-1]
@@ -95,76 +103,75 @@ def pruning_order(model: nn.Module, clean: ImageData, layer: str, rank_layer: st
     return torch.argsort(activation, stable=True)
 
 
+def prefix_mask(order: torch.Tensor, count: int, layer: str, semantics: str) -> MaskSet:
+    """Masks pruning the first ``count`` channels of ``order`` in ``layer``."""
+    mask = torch.ones(len(order))
+    mask[order[:count]] = 0
+    return MaskSet({layer: mask}, semantics)
+
+
 def prune_curve(
     model: nn.Module, clean: ImageData, layer: str, order: torch.Tensor, semantics: str,
-    evaluation: Evaluation | None = None, progress: bool = False,
-) -> list[dict[str, Any]]:
+    steps: Steps, progress: bool = False,
+) -> list[Point]:
     """Clean accuracy (and, with an evaluation, test CA and ASR) after pruning each prefix of
-    ``order``; record 0 is the unpruned model."""
+    ``order``; point 0 is the unpruned model."""
     work = copy.deepcopy(model)
-    width = channel_count(get_layer(work, layer))
-    curve = []
-    for count in tqdm(range(width + 1), disable=not progress, desc="pruning", leave=False):
-        mask = torch.ones(width)
-        mask[order[:count]] = 0
-        with applied(work, MaskSet({layer: mask}, semantics)):
-            record: dict[str, Any] = {
-                "pruned": count,
-                "channel": int(order[count - 1]) if count else None,
-                "clean_data_accuracy": clean_accuracy(predict(work, clean), clean.labels),
-            }
-            if evaluation is not None:
-                metrics = evaluation.measure(work)
-                record["test_ca"] = metrics.clean_accuracy
-                record["test_asr"] = metrics.attack_success_rate
-        curve.append(record)
-    return curve
+    points = []
+    for count in tqdm(range(len(order) + 1), disable=not progress, desc="pruning", leave=False):
+        with applied(work, prefix_mask(order, count, layer, semantics)):
+            channel = int(order[count - 1]) if count else None
+            points.append(steps.measure(work, clean, count, count,
+                                        extra=(("channel", channel),)))
+    return points
 
 
-def pruned_count(curve: list[dict[str, Any]], drop: float, rule: str = "within") -> int:
+def pruned_count(points: list[Point], drop: float, rule: str = "within") -> int:
     """How many channels the budget ``drop`` prunes: up to the last prefix before the clean
     accuracy has dropped by more than ``drop`` ("within"), or the first prefix at least ``drop``
     below the original ("lab"); every channel if the budget is never exceeded."""
-    base = curve[0]["clean_data_accuracy"]
-    for record in curve[1:]:
-        loss = base - record["clean_data_accuracy"]
+    base = _accuracy(points[0])
+    for count, point in enumerate(points[1:], start=1):
+        loss = base - _accuracy(point)
         if rule == "within" and loss > drop + 1e-12:
-            return record["pruned"] - 1
+            return count - 1
         if rule == "lab" and loss >= drop - 1e-12:
-            return record["pruned"]
-    return curve[-1]["pruned"]
+            return count
+    return len(points) - 1
 
 
-class Prune(Defense):
+def _accuracy(point: Point) -> float:
+    assert point.clean_data_accuracy is not None  # measured with clean data
+    return point.clean_data_accuracy
+
+
+class Prune(Defense[PruneConfig]):
     """Prune channels in increasing order of mean clean activation, one model per budget."""
 
     name = "prune"
     paper = "Liu et al., RAID 2018, arXiv:1805.12185 (CSAW-HackML lab)"
     Config = PruneConfig
 
-    def repair(self, model: nn.Module, clean: ImageData, *, evaluation: Evaluation | None = None,
-               progress: bool = False) -> RepairResult:
-        start = time.perf_counter()
-        check_clean(clean)
+    def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
+            progress: bool) -> Repaired:
+        assert clean is not None
         cfg = self.config
         layer = cfg.layer or default_layer(model, clean)
         get_layer(model, layer)
         order = pruning_order(model, clean, layer, cfg.rank_layer)
-        curve = prune_curve(model, clean, layer, order, cfg.semantics, evaluation, progress)
-        width = len(order)
-        variants, variant_masks, counts = {}, {}, {}
+        points = prune_curve(model, clean, layer, order, cfg.semantics, steps, progress)
+        variants: dict[str, nn.Module] = {}
+        variant_masks, counts = {}, {}
         for drop in cfg.max_drops:
-            count = pruned_count(curve, drop, cfg.rule)
-            mask = torch.ones(width)
-            mask[order[:count]] = 0
+            count = pruned_count(points, drop, cfg.rule)
             key = f"{drop:g}"
-            variant_masks[key] = MaskSet({layer: mask}, cfg.semantics)
+            variant_masks[key] = prefix_mask(order, count, layer, cfg.semantics)
             variants[key] = masked(model, variant_masks[key])
             counts[key] = count
-        chosen = f"{cfg.select:g}"
-        return RepairResult(
-            defense=self.name, settings=self.settings(), model=variants[chosen],
-            masks=variant_masks[chosen], variants=variants, variant_masks=variant_masks,
-            chosen=chosen, curve=curve, seconds=time.perf_counter() - start,
+        chosen = f"{cfg.max_drop:g}"
+        curve = Curve("pruned", tuple(points), tuple(counts.items()))
+        return Repaired(
+            model=variants[chosen], curve=curve, masks=variant_masks[chosen], variants=variants,
+            variant_masks=variant_masks, chosen=chosen,
             notes={"layer": layer, "order": order.tolist(), "pruned": counts},
         )

@@ -54,21 +54,20 @@ Departures, each a setting (``reference=True`` restores the reference code's beh
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from goodnet.data.dataset import ImageData, batches
-from goodnet.defenses.base import Defense, Evaluation, RepairResult
 from goodnet.defenses.channel_masks import (
     Choice,
     LearnableMasks,
+    MaskDefense,
     default_thresholds,
     frozen,
-    mask_repair,
 )
 from goodnet.errors import GoodnetError
 from goodnet.models import channels_last, model_device
@@ -162,7 +161,7 @@ def _train_mode_accuracy(model: nn.Module, data: ImageData, batch_size: int) -> 
     finally:
         for m, momentum, count in zip(norms, momenta, tracked, strict=True):
             m.momentum = momentum
-            if count is not None:
+            if count is not None and m.num_batches_tracked is not None:
                 m.num_batches_tracked.copy_(count)
     return hits / len(data)
 
@@ -170,14 +169,14 @@ def _train_mode_accuracy(model: nn.Module, data: ImageData, batch_size: int) -> 
 def unlearn(model: nn.Module, data: ImageData, cfg: RNPConfig) -> tuple[nn.Module, dict]:
     """A copy of ``model`` trained by gradient ascent on ``data`` until its clean accuracy is at
     or below ``cfg.clean_threshold``; returns it and a log of the ascent."""
-    work = copy.deepcopy(model).train().to(memory_format=torch.channels_last)
+    work = copy.deepcopy(model).train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     device = model_device(work)
     optimizer = torch.optim.SGD(work.parameters(), lr=cfg.unlearning_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=0.1)
     generator = torch.Generator().manual_seed(cfg.seed)
     floor = cfg.overshoot * cfg.clean_threshold
-    log = {"steps": 0, "backtracks": 0, "accuracy": [], "reached": False}
+    log: dict[str, Any] = {"steps": 0, "backtracks": 0, "accuracy": [], "reached": False}
 
     def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
@@ -245,22 +244,17 @@ def recover(unlearned: nn.Module, data: ImageData, layers: list[str], cfg: RNPCo
         return masks.values()
 
 
-class RNP(Defense):
+class RNP(MaskDefense[RNPConfig]):
     """Unlearn on clean data, learn masks that recover it, prune the channels left low."""
 
     name = "rnp"
     paper = "Li et al., ICML 2023, arXiv:2305.14876"
     Config = RNPConfig
 
-    def repair(self, model: nn.Module, clean: ImageData, *, evaluation: Evaluation | None = None,
-               progress: bool = False) -> RepairResult:
-        start = time.perf_counter()
-
-        def learn_values(learn: ImageData, layers: list[str]) -> tuple[dict, dict]:
-            unlearned, log = unlearn(model, learn, self.config)
-            return recover(unlearned, learn, layers, self.config), {"unlearning": log}
-
-        return mask_repair(self, model, clean, learn_values, evaluation, start)
+    def learn(self, model: nn.Module, data: ImageData, layers: list[str], progress: bool
+              ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        unlearned, log = unlearn(model, data, self.config)
+        return recover(unlearned, data, layers, self.config), {"unlearning": log}
 
 
 __all__ = ["RNP", "RNPConfig", "recover", "unlearn"]

@@ -24,7 +24,6 @@ test CA and ASR.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +31,10 @@ from torch import nn
 
 from goodnet.activations import mean_activation
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Defense, Evaluation, RepairResult, check_clean
+from goodnet.defenses.base import Curve, Defense, Repaired, Steps
 from goodnet.defenses.prune import default_layer
 from goodnet.errors import GoodnetError
 from goodnet.masking import MaskSet, channel_count, get_layer, masked
-from goodnet.metrics import clean_accuracy, predict
 from goodnet.train import TrainConfig, train
 
 SCORES = ("activation", "weight")
@@ -79,22 +77,23 @@ class SparseFinePruningConfig:
 def channel_scores(model: nn.Module, layer: str, clean: ImageData, score: str) -> torch.Tensor:
     """Magnitude of each channel: mean clean activation, or the L2 norm of its weights."""
     if score == "weight":
-        weight = get_layer(model, layer).weight.detach()
+        weight = get_layer(model, layer).weight
+        assert isinstance(weight, torch.Tensor)
+        weight = weight.detach()
         return weight.flatten(1).norm(dim=1) if weight.ndim > 1 else weight.abs()
     return mean_activation(model, layer, clean, relu=True)
 
 
-class SparseFinePruning(Defense):
+class SparseFinePruning(Defense[SparseFinePruningConfig]):
     """Fine-tune under a channel mask that prunes low-magnitude channels and regrows others."""
 
     name = "sparse-fine-pruning"
     paper = "project report; Mocanu et al. 2018 (SET), arXiv:1707.04780"
     Config = SparseFinePruningConfig
 
-    def repair(self, model: nn.Module, clean: ImageData, *, evaluation: Evaluation | None = None,
-               progress: bool = False) -> RepairResult:
-        start = time.perf_counter()
-        check_clean(clean)
+    def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
+            progress: bool) -> Repaired:
+        assert clean is not None
         cfg = self.config
         layer = cfg.layer or default_layer(model, clean)
         width = channel_count(get_layer(model, layer))
@@ -103,7 +102,7 @@ class SparseFinePruning(Defense):
         generator = torch.Generator().manual_seed(cfg.seed)
         pruned = torch.randperm(width, generator=generator)[:count]
         work = masked(model, self._mask(pruned, width, layer))
-        curve = [self._record(work, clean, evaluation, 0, pruned)]
+        points = [steps.measure(work, clean, 0, len(pruned))]
         for round_number in range(1, cfg.rounds + 1):
             train(work, clean, TrainConfig(epochs=1, batch_size=cfg.batch_size, lr=cfg.lr,
                                            momentum=0.9, weight_decay=5e-4, schedule="constant",
@@ -120,12 +119,12 @@ class SparseFinePruning(Defense):
                 revived = pruned[torch.randperm(len(pruned), generator=generator)[:swap]]
                 pruned = torch.cat([pruned[~torch.isin(pruned, revived)], weakest]).sort().values
             work.set_masks(self._mask(pruned, width, layer))
-            curve.append(self._record(work, clean, evaluation, round_number, pruned))
+            points.append(steps.measure(work, clean, round_number, len(pruned)))
         work.eval()
-        return RepairResult(
-            defense=self.name, settings=self.settings(), model=work, masks=work.masks,
-            variants={"final": work}, variant_masks={"final": work.masks}, chosen="final",
-            curve=curve, seconds=time.perf_counter() - start,
+        curve = Curve("round", tuple(points), (("final", len(points) - 1),))
+        return Repaired(
+            model=work, curve=curve, masks=work.masks, variants={"final": work},
+            variant_masks={"final": work.masks}, chosen="final",
             notes={"layer": layer, "pruned_channels": pruned.tolist()},
         )
 
@@ -133,14 +132,3 @@ class SparseFinePruning(Defense):
         mask = torch.ones(width)
         mask[pruned] = 0
         return MaskSet({layer: mask}, self.config.semantics)
-
-    @staticmethod
-    def _record(work: nn.Module, clean: ImageData, evaluation: Evaluation | None, round_number: int,
-                pruned: torch.Tensor) -> dict:
-        record = {"round": round_number, "pruned": len(pruned),
-                  "clean_data_accuracy": clean_accuracy(predict(work, clean), clean.labels)}
-        if evaluation is not None:
-            metrics = evaluation.measure(work)
-            record["test_ca"] = metrics.clean_accuracy
-            record["test_asr"] = metrics.attack_success_rate
-        return record

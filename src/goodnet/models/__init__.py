@@ -45,14 +45,18 @@ def build_model(spec: ModelSpec, seed: int = 0,
 
     The global random state is left as it was (the seed applies inside a forked RNG).
     ``device="meta"`` builds the model's structure and shapes without allocating its weights
-    (how a file's shapes are checked before anything is allocated).
+    (how a file's shapes are checked before anything is allocated). The model's
+    ``input_shape`` attribute is the spec's (C, H, W): what a data-free defense traces it with.
     """
     if spec.arch not in MODELS:
         raise GoodnetError(f"unknown architecture {spec.arch!r}; choose from {sorted(MODELS)}")
     place = contextlib.nullcontext() if device is None else torch.device(device)
     with torch.random.fork_rng(devices=[]), place:
         torch.manual_seed(seed)
-        return MODELS[spec.arch](spec)
+        model = MODELS[spec.arch](spec)
+    # torch types Module attributes as Tensor | Module; any value may be set.
+    model.input_shape = spec.input_shape  # type: ignore[assignment]
+    return model
 
 
 def load_class(arch: str) -> type[nn.Module]:
@@ -125,8 +129,9 @@ def channels_last(model: nn.Module) -> Iterator[nn.Module]:
     values of the weights are unchanged, and parameters stay the same objects, so optimisers and
     hooks are unaffected.
     """
-    model.to(memory_format=torch.channels_last)
+    # Module.to accepts memory_format, which torch's stubs leave out.
+    model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     try:
         yield model
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]

@@ -41,6 +41,7 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -48,9 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from goodnet.errors import GoodnetError
-from goodnet.models.spec import ModelSpec, Normalize, is_int
+from goodnet.models.spec import MAX_SIDE, ModelSpec, Normalize, is_int
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "linear": nn.Identity, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
     "elu": nn.ELU, "selu": nn.SELU, "softplus": nn.Softplus, "swish": nn.SiLU, "silu": nn.SiLU,
     "relu6": nn.ReLU6, "gelu": nn.GELU, "softmax": lambda: nn.Softmax(dim=1),
@@ -304,13 +305,14 @@ def parse_json(text: str, source: str) -> Any:
 
 
 def _ints(node: dict[str, Any], key: str, name: str, low: int = 1) -> tuple[int, int]:
-    """``node[key]``, which must be a pair of integers of at least ``low``."""
+    """``node[key]``, which must be a pair of integers from ``low`` to ``MAX_SIDE`` (no window,
+    stride or padding of an accepted image is longer than its side)."""
     value = node.get(key)
     if not (isinstance(value, list) and len(value) == 2 and all(
-            is_int(v) and v >= low for v in value)):
+            is_int(v) and low <= v <= MAX_SIDE for v in value)):
         kind = "positive" if low == 1 else "non-negative"
-        raise GoodnetError(f"layer {name!r}: {key} must be two {kind} integers, got "
-                           f"{value!r:.60}")
+        raise GoodnetError(f"layer {name!r}: {key} must be two {kind} integers of at most "
+                           f"{MAX_SIDE}, got {value!r:.60}")
     return value[0], value[1]
 
 

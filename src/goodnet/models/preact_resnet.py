@@ -43,6 +43,11 @@ class PreActBlock(nn.Module):
 class PreActResNet18(nn.Module):
     """PreAct-ResNet-18 (2-2-2-2 blocks, 64/128/256/512 channels)."""
 
+    layer1: nn.Sequential  # the stages, registered by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+    layer4: nn.Sequential
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.normalize = Normalize(spec)

@@ -41,6 +41,10 @@ class BasicBlock(nn.Module):
 class ResNet20(nn.Module):
     """ResNet-20 (3 stages × 3 blocks, 16/32/64 channels)."""
 
+    layer1: nn.Sequential  # the stages, registered by name in __init__
+    layer2: nn.Sequential
+    layer3: nn.Sequential
+
     def __init__(self, spec: ModelSpec, blocks_per_stage: int = 3) -> None:
         super().__init__()
         self.normalize = Normalize(spec)

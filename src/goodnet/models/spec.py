@@ -147,6 +147,9 @@ def _finite_tuple(name: str, values: Any) -> tuple[float, ...]:
 class Normalize(nn.Module):
     """Scale [0, 1] pixels and standardise them per channel (the first layer of every model)."""
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         shape = (1, spec.in_channels, 1, 1)

@@ -1,0 +1,173 @@
+"""One way to turn settings into a method's frozen settings dataclass, wherever they come from.
+
+The command line (``-p key=value`` and options such as ``--layer``), benchmark grids (YAML
+values), model cards (JSON values) and library callers (``make_defense("rnp", {...})``) all go
+through :func:`build_settings`: unknown keys are refused with the known ones listed (a typo
+never falls back to a default), each value is checked against the field's type (text from the
+command line is converted first), lists become tuples, and a renamed setting still works under
+its old name with a one-line :class:`FutureWarning`.
+
+A settings class lists its old names in a ``renamed`` class attribute, old name → new name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, TypeVar
+
+from goodnet.errors import GoodnetError
+
+C = TypeVar("C")
+
+
+def renamed(cls: type) -> dict[str, str]:
+    """Old setting names of ``cls`` that still work, old → new."""
+    return dict(getattr(cls, "renamed", {}))
+
+
+def pairs_to_dict(pairs: Sequence[str], what: str) -> dict[str, str]:
+    """``["key=value", ...]`` (the command line's ``-p``) as a dict of raw text values; a key
+    may be spelt with dashes."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep:
+            raise GoodnetError(f"{what} setting {pair!r} is not of the form key=value")
+        out[key.strip().replace("-", "_")] = raw.strip()
+    return out
+
+
+def check_settings(cls: type, settings: Mapping[str, Any], what: str, *,
+                   text: bool = False) -> dict[str, Any]:
+    """``settings`` checked against the fields of dataclass ``cls``: known names (old names
+    mapped to new ones, with a warning), values of the field's type (``text=True``: values are
+    command-line text, converted first). Returns the settings ready for ``cls(**settings)``."""
+    if not isinstance(settings, Mapping):
+        raise GoodnetError(f"{what}: settings must be a mapping, got {type(settings).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    old = renamed(cls)
+    hints = typing.get_type_hints(cls)
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if not isinstance(key, str):
+            raise GoodnetError(f"{what}: setting names must be strings, got {key!r:.40}")
+        if key in old and key not in fields:
+            new = old[key]
+            warnings.warn(f"{what}: setting {key!r} is now called {new!r}; the old name will be "
+                          "removed in a later version", FutureWarning, stacklevel=2)
+            if new in settings:
+                raise GoodnetError(f"{what}: give {new!r} or its old name {key!r}, not both")
+            key = new
+        if key not in fields:
+            raise GoodnetError(f"{what} has no setting {key!r}; its settings are "
+                               f"{sorted(fields)}")
+        hint = hints[key]
+        if text:
+            value = _convert(str(value), hint, f"{what} setting {key}")
+        value = _tuples(value)
+        if not fits(value, hint):
+            raise GoodnetError(f"{what}: setting {key} must be {describe(hint)}, got "
+                               f"{value!r:.40}")
+        if hint is float and isinstance(value, int):
+            value = float(value)
+        out[key] = value
+    return out
+
+
+def build_settings(cls: type[C], settings: Mapping[str, Any] | None, what: str, *,
+                   text: bool = False) -> C:
+    """An instance of settings dataclass ``cls`` from ``settings`` (see :func:`check_settings`);
+    any error the class raises on the values is one :class:`GoodnetError` naming ``what``."""
+    checked = check_settings(cls, settings or {}, what, text=text)
+    try:
+        return cls(**checked)
+    except GoodnetError as error:
+        message = str(error)
+        raise GoodnetError(message if message.startswith(what) else f"{what}: {message}") \
+            from None
+    except (TypeError, ValueError) as error:
+        raise GoodnetError(f"{what}: bad settings ({error})") from None
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+
+
+def _options(hint: Any) -> tuple[Any, ...] | None:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return None
+
+
+def fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (lists made tuples) has the settings type ``hint``: an integer is no
+    bool, a float is finite, a tuple holds its item type."""
+    options = _options(hint)
+    if options is not None:
+        return any(fits(value, option) for option in options)
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return isinstance(value, tuple) and all(fits(v, item) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return False
+        try:
+            return math.isfinite(value)
+        except OverflowError:  # an integer beyond any float
+            return False
+    if hint is str:
+        return isinstance(value, str)
+    return True  # any other type is left to the settings class's own checks
+
+
+def describe(hint: Any) -> str:
+    """A settings type in words, for an error message."""
+    options = _options(hint)
+    if options is not None:
+        return " or ".join(describe(option) for option in options)
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        return "a list of " + {int: "integers", float: "finite numbers", str: "strings"}.get(
+            item, str(item))
+    return {type(None): "null", int: "an integer", float: "a finite number", str: "a string",
+            bool: "true or false"}.get(hint, str(hint))
+
+
+def _convert(raw: str, kind: Any, what: str) -> Any:
+    """Command-line text as a value of type ``kind`` ("none" for None where allowed; a tuple
+    from comma-separated items)."""
+    options = _options(kind)
+    if options is not None:
+        rest = [k for k in options if k is not type(None)]
+        if raw.lower() in ("none", "null") and len(rest) < len(options):
+            return None
+        return _convert(raw, rest[0], what)
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError(raw)
+            return value
+        if typing.get_origin(kind) is tuple:
+            inner = typing.get_args(kind)[0]
+            return tuple(_convert(part.strip(), inner, what) for part in raw.split(",") if part)
+    except ValueError:
+        raise GoodnetError(f"{what}: {raw!r} is not {describe(kind)}") from None
+    return raw
