@@ -8,8 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
+from goodnet.artifacts import load_model
 from goodnet.cli import main
+from goodnet.masking import Masked
 from tests.conftest import stripes
 
 
@@ -133,6 +136,41 @@ def test_repair_writes_models_goodnets_curve_and_plot(trained, npz_pair, tmp_pat
                  "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["detection_rate"] == summary["goodnets"]["0.2"]["detection_rate"]
+
+
+@pytest.fixture(scope="module")
+def pruned_repair(trained, npz_pair, tmp_path_factory):
+    """The folder a prune repair of ``trained`` wrote."""
+    folder = tmp_path_factory.mktemp("pruned")
+    clean = stripes(120, seed=3)
+    np.savez(folder / "clean.npz", x=clean.images.numpy(), y=clean.labels.numpy())
+    out = folder / "repair"
+    assert main(["--no-progress", "repair", str(trained), "--clean", str(folder / "clean.npz"),
+                 "--max-drop", "0.2", "--curve-limit", "0", "--out", str(out)]) == 0
+    return out
+
+
+def test_repair_json_records_the_channels_the_saved_model_prunes(pruned_repair):
+    summary = json.loads((pruned_repair / "repair.json").read_text())
+    model = load_model(pruned_repair / f"repaired-{summary['chosen']}.safetensors").model
+    assert isinstance(model, Masked)
+    zeros = {name: torch.nonzero(mask == 0).flatten().tolist()
+             for name, mask in model.masks.masks.items() if (mask == 0).any()}
+    assert zeros and summary["pruned"] == zeros
+    assert summary["pruned_count"] == sum(len(v) for v in zeros.values())
+
+
+def test_data_free_clp_repairs_a_repaired_model(pruned_repair, tmp_path, capsys):
+    # The input shape is the wrapped network's: a masked model has none of its own.
+    summary = json.loads((pruned_repair / "repair.json").read_text())
+    repaired = pruned_repair / f"repaired-{summary['chosen']}.safetensors"
+    out = tmp_path / "clp"
+    assert main(["--no-progress", "repair", str(repaired), "--defense", "clp", "-p", "u=1",
+                 "--out", str(out)]) == 0
+    assert "no data" in capsys.readouterr().out
+    again = json.loads((out / "repair.json").read_text())
+    assert again["defense"] == "clp"
+    assert again["pruned_count"] == sum(len(v) for v in again["pruned"].values()) > 0
 
 
 @pytest.mark.parametrize(("defense", "settings", "variant"), [

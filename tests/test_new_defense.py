@@ -6,7 +6,9 @@ with one line (``DEFENSES["finetune-only"] = FinetuneOnly``, through ``monkeypat
 runs through ``goodnet repair``, ``goodnet bench`` and ``goodnet report`` with nothing else
 written for it: its curve, timings and ``pruned`` (null: it prunes nothing) are filled in, its
 settings come from ``-p key=value`` and grid files, and an unknown setting is refused. The same
-grid checks that a masking defense's ``pruned`` is its chosen model's masked channel count.
+grid checks that a masking defense's ``pruned`` is its chosen model's masked channel count, and
+an evaluation made slow checks that ``repair.json``'s and the bench's repair seconds leave the
+evaluation's time out.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from goodnet.cli import main
 from goodnet.data import load_dataset, split_clean
 from goodnet.data.dataset import ImageData
 from goodnet.defenses import DEFENSES, Curve, Defense, Repaired, Steps, make_defense
+from goodnet.defenses.base import Evaluation
 from goodnet.errors import GoodnetError
 from goodnet.masking import Masked
 from goodnet.train import TrainConfig, train
@@ -135,7 +139,8 @@ def test_a_registered_defense_repairs_through_the_command_line(registered, backd
     assert summary["seconds"] > 0 and summary["evaluation_seconds"] > 0
     assert set(summary["variants"]) == set(summary["goodnets"]) == {"tuned"}
     rows = read_csv(out / "curve.csv")
-    assert list(rows[0]) == ["epoch", "pruned", "clean_data_accuracy", "test_ca", "test_asr"]
+    assert list(rows[0]) == sorted(  # the columns in alphabetical order, as before
+        ["epoch", "pruned", "clean_data_accuracy", "test_ca", "test_asr"])
     assert [r["epoch"] for r in rows] == ["0", "1"] and all(r["pruned"] == "" for r in rows)
     assert all(0 <= float(r["test_ca"]) <= 1 for r in rows)  # measured: --test was given
     # A plain fine-tuned copy: no masks, other weights than the model it was given.
@@ -161,6 +166,61 @@ def test_command_line_settings_reach_the_config_and_unknown_ones_are_refused(
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err
         assert not refused.exists()
+
+
+# ---------------------------------------------------------------- the evaluation's time, apart
+
+EVALUATION_SLEEP = 0.1  # seconds each evaluation of a curve step is made to take
+
+
+@dataclass
+class TimedRepair:
+    """One ``Defense.repair`` call: its wall time and how many evaluations it made."""
+
+    wall: float = 0.0
+    evaluations: int = 0
+
+
+@pytest.fixture
+def slow_evaluation(monkeypatch: pytest.MonkeyPatch) -> list[TimedRepair]:
+    """Every evaluation (test CA and ASR of a curve step) sleeps EVALUATION_SLEEP first; each
+    repair's wall time and evaluation count are recorded, in order."""
+    calls: list[TimedRepair] = []
+    measure, repair_ = Evaluation.measure, Defense.repair
+
+    def slow_measure(self, model):
+        calls[-1].evaluations += 1
+        time.sleep(EVALUATION_SLEEP)
+        return measure(self, model)
+
+    def timed_repair(self, *args, **kwargs):
+        calls.append(TimedRepair())
+        start = time.perf_counter()
+        result = repair_(self, *args, **kwargs)
+        calls[-1].wall = time.perf_counter() - start
+        return result
+
+    monkeypatch.setattr(Evaluation, "measure", slow_measure)
+    monkeypatch.setattr(Defense, "repair", timed_repair)
+    return calls
+
+
+def check_timings(seconds: float, evaluation_seconds: float, call: TimedRepair) -> None:
+    """The recorded repair time leaves out the evaluation time, which holds all the sleeping."""
+    slept = EVALUATION_SLEEP * call.evaluations
+    assert call.evaluations >= 2
+    assert evaluation_seconds >= slept
+    assert 0 < seconds <= call.wall - slept
+    assert seconds + evaluation_seconds <= call.wall
+
+
+def test_repair_json_seconds_leave_the_evaluation_out(registered, slow_evaluation, backdoored,
+                                                      npz_files, tmp_path):
+    out = tmp_path / "timed"
+    assert repair(backdoored, npz_files, out) == 0
+    summary = json.loads((out / "repair.json").read_text())
+    (call,) = slow_evaluation
+    check_timings(summary["seconds"], summary["evaluation_seconds"], call)
 
 
 # ---------------------------------------------------------------- goodnet bench and report
@@ -249,3 +309,16 @@ def test_a_registered_defense_runs_through_bench_and_report(registered, data_fol
     assert cells["finetune-only"]["pruned"] == ""
     assert cells["prune"]["pruned"] == str(zeros)
     assert float(cells["finetune-only"]["repair_seconds"]) > 0
+
+
+def test_bench_repair_seconds_leave_the_evaluation_out(registered, slow_evaluation, data_folder,
+                                                       tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid(data_folder, tmp_path / "zoo", ["finetune-only"])))
+    out = tmp_path / "out"
+    assert main(["--no-progress", "bench", str(path), "--out", str(out), "--workers", "0",
+                 "--no-report"]) == 0  # in this process: the slow evaluation applies
+    (record,) = read_records(out / "results.jsonl")
+    assert record["status"] == "ok", record
+    (call,) = slow_evaluation
+    check_timings(record["repair_seconds"], record["evaluation_seconds"], call)

@@ -256,6 +256,8 @@ def defense_from_args(args: argparse.Namespace) -> Defense[Any]:
         options["max_drops"] = options.pop("max_drop")
     elif drops is not None:
         options["max_drop"] = drops[0]
+        if "max_drops" in fields and "max_drops" not in options:
+            options["max_drops"] = drops  # one budget given: the only one (prune)
     for key, value in options.items():
         if key not in fields:
             raise GoodnetError(f"{args.defense} has no --{key.replace('_', '-')} setting")
@@ -315,11 +317,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
     written = write_repair(Path(args.out), report, loaded.model, loaded.card)
     source = f"{len(clean)} clean images ({clean.name})" if clean is not None else "no data"
     print(f"{defense.name} on {args.model}: {source}, {report.result.seconds:.1f} s")
-    if report.result.chosen == "none":
-        tolerance = report.result.settings.get("tolerance", 0)
-        print(f"{defense.name} pruned nothing: even its smallest threshold cost more than "
-              f"{100 * tolerance:g} points of held-out clean accuracy (see curve.png; "
-              "-p tolerance= to allow more)")
+    if report.result.message:
+        print(report.result.message)
     if test is not None:
         print(metrics_table(report.rows()))
     print(f"wrote {len(written)} files to {args.out}")

@@ -24,7 +24,7 @@ from torch import nn
 from goodnet.artifacts import ModelCard, atomic_path, save_model, write_text_atomic
 from goodnet.attacks.base import Attack
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import AXES, Curve, Defense, Evaluation, Point, RepairResult
+from goodnet.defenses.base import Curve, Defense, Evaluation, RepairResult
 from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, Predictions, detector_predictions, predict_all, score
@@ -151,7 +151,7 @@ def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelC
     summary = {
         "defense": result.defense, "settings": result.settings, "chosen": result.chosen,
         "seconds": result.timings.repair, "evaluation_seconds": result.timings.evaluation,
-        "pruned": result.pruned, "pruned_count": result.pruned_count,
+        "pruned": result.pruned, "pruned_count": result.pruned_count, "message": result.message,
         "curve_axis": result.curve.axis, "curve_marks": dict(result.curve.marks),
         "notes": result.notes,
         "original": _metrics_dict(report.original),
@@ -166,7 +166,7 @@ def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelC
 def curve_csv(curve: Curve) -> str:
     """The curve as CSV: one row per step, a column per field any step has."""
     records = curve.records()
-    keys = list(dict.fromkeys(k for record in records for k in record))
+    keys = sorted({k for record in records for k in record})
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=keys)
     writer.writeheader()
@@ -192,12 +192,7 @@ def plot_curve(path: Path, result: RepairResult) -> Path:
         axes.set_ylabel("channels pruned")
         axis_label, x_of = curve.label, (lambda p: p.x)
     else:  # along the steps: rounds, or channels pruned (however a sweep was parametrised)
-        by_step = curve.axis in ("round", "epoch")
-        axis_label = curve.label if by_step else AXES["pruned"]
-
-        def x_of(p: Point) -> float | None:
-            return p.x if by_step else p.pruned
-
+        axis_label, x_of = curve.position_label, curve.position
         steps = sorted((p for p in sweep if x_of(p) is not None), key=lambda p: x_of(p) or 0)
         xs = [x_of(p) or 0.0 for p in steps]
         for key, label, style in (("clean_data_accuracy", "clean-data accuracy (defender)", "-"),
@@ -207,18 +202,22 @@ def plot_curve(path: Path, result: RepairResult) -> Path:
                 axes.plot(xs, [100 * v for v in values], style, label=label)
         axes.set_ylabel("%")
         axes.set_ylim(0, 101)
+    marks: dict[float, list[str]] = {}  # marks at one x share a line and a label
     for name, index in curve.marks:
         x = x_of(curve.points[index])
-        if x is None:
-            continue
-        chosen = name == result.chosen
+        if x is not None:
+            marks.setdefault(float(x), []).append(
+                f"chosen {name}" if name == result.chosen else name)
+    for x, names in marks.items():
+        chosen = any(name.startswith("chosen ") for name in names)
         axes.axvline(x, color="black" if chosen else "grey", alpha=0.6 if chosen else 0.4,
                      linewidth=0.8)
-        axes.text(x, 2, f"chosen {name}" if chosen else name, rotation=90, fontsize=7,
+        axes.text(x, 2, ", ".join(names), rotation=90, fontsize=7,
                   color="black" if chosen else "grey")
     axes.set_xlabel(axis_label)
-    where = result.notes.get("layer") or f"{len(result.notes.get('layers', []))} layers"
-    axes.set_title(f"{result.defense} on {where}")
+    layers = result.notes.get("layers")
+    where = result.notes.get("layer") or (f"{len(layers)} layers" if layers else "")
+    axes.set_title(f"{result.defense} on {where}" if where else result.defense)
     if axes.get_legend_handles_labels()[0]:
         axes.legend(loc="center left", fontsize=8)
     figure.tight_layout()

@@ -281,10 +281,10 @@ def curve_lines(report: Report, defense: str, limit: int = MAX_LINES) -> list[Cu
         if not rows:
             continue
         curve = Curve.from_records(rows[0].get("curve"), rows[0].get("curve_axis"))
-        x_key = curve.axis if curve.axis in ("round", "epoch") else "pruned"
+        x_key = curve.axis if curve.by_step else "pruned"
         kept: list[tuple[float, float, float]] = []
         for p in curve.sweep():
-            x = p.pruned if x_key == "pruned" else p.x
+            x = curve.position(p)
             if x is not None and p.test_ca is not None and p.test_asr is not None and \
                     in_range(x, -_MAX_X, _MAX_X) and in_range(p.test_ca, 0, 1) and \
                     in_range(p.test_asr, 0, 1):

@@ -46,10 +46,9 @@ from tqdm.auto import tqdm
 
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.channel_masks import (
-    Choice,
     LearnableMasks,
     MaskDefense,
-    default_thresholds,
+    MaskSettings,
     frozen,
 )
 from goodnet.errors import GoodnetError
@@ -57,7 +56,7 @@ from goodnet.models import channels_last, model_device
 
 
 @dataclass(frozen=True)
-class ANPConfig:
+class ANPConfig(MaskSettings):
     """Settings of ANP (defaults: the reference code's).
 
     Attributes:
@@ -83,27 +82,13 @@ class ANPConfig:
     iterations: int = 2000
     batch_size: int = 128
     project: bool = False
-    semantics: str = "keep-bias"
-    hidden_linear: bool = True
-    select: str = "clean"
-    threshold: float = 0.2
-    count: float = 0.05
-    thresholds: tuple[float, ...] = default_thresholds()
-    tolerance: float = 0.02
-    holdout: float = 0.2
-    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.eps < 0 or self.steps < 1 or self.iterations < 0 or self.batch_size < 1:
             raise GoodnetError("anp: eps >= 0, steps >= 1, iterations >= 0, batch size >= 1")
         if not 0 <= self.alpha <= 1:
             raise GoodnetError("anp: alpha must lie in [0, 1]")
-        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-        self.choice()
-
-    def choice(self) -> Choice:
-        return Choice(self.select, self.threshold, self.count, self.thresholds, self.tolerance,
-                      self.holdout)
+        super().__post_init__()
 
 
 def learn_masks(model: nn.Module, data: ImageData, layers: list[str], cfg: ANPConfig,

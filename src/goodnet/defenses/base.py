@@ -135,6 +135,20 @@ class Curve:
         """The point variant ``variant`` is, if marked."""
         return next((self.points[i] for name, i in self.marks if name == variant), None)
 
+    @property
+    def by_step(self) -> bool:
+        """Whether the curve goes by steps (rounds, epochs) rather than by how much is pruned;
+        a sweep of thresholds or of u is drawn against the channels each prunes."""
+        return self.axis in ("round", "epoch")
+
+    def position(self, point: Point) -> float | None:
+        """Where ``point`` lies when curves are drawn: its step, or the channels it prunes."""
+        return point.x if self.by_step else point.pruned
+
+    @property
+    def position_label(self) -> str:
+        return AXES[self.axis] if self.by_step else AXES["pruned"]
+
     def sweep(self) -> list[Point]:
         """The points on the axis (steps with a label, such as a fine-tuned model, left out)."""
         return [p for p in self.points if not p.label]
@@ -222,6 +236,8 @@ class RepairResult:
         pruned: the chosen model's pruned channels, layer → indices; None for a defense that
             prunes nothing by design. Filled from ``masks`` when not given.
         scan: a scanning defense's verdict on the model it was given.
+        message: what the user should know about the outcome, in a sentence (a defense that
+            pruned nothing says why); empty when there is nothing to say.
         notes: anything else worth keeping (rankings, thresholds, losses).
     """
 
@@ -236,6 +252,7 @@ class RepairResult:
     timings: Timings = field(default_factory=Timings)
     pruned: dict[str, list[int]] | None = None
     scan: ScanVerdict | None = None
+    message: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -311,6 +328,7 @@ class Repaired:
     chosen: str = ""
     pruned: dict[str, list[int]] | None = None
     scan: ScanVerdict | None = None
+    message: str = ""
     notes: dict[str, Any] = field(default_factory=dict)
 
 
@@ -353,7 +371,7 @@ class Defense(ABC, Generic[C]):
             variants=dict(out.variants), variant_masks=dict(out.variant_masks),
             chosen=out.chosen, curve=out.curve,
             timings=Timings(max(0.0, total - evaluated), evaluated), pruned=out.pruned,
-            scan=out.scan, notes=dict(out.notes))
+            scan=out.scan, message=out.message, notes=dict(out.notes))
 
     @abstractmethod
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
@@ -370,9 +388,13 @@ def clean_or_blank(model: nn.Module, clean: ImageData | None) -> torch.Tensor:
     a blank input of the model's shape."""
     if clean is not None:
         return clean.get(torch.arange(1))[0]
-    shape = getattr(model, "input_shape", None)
+    # The model's own shape, or that of the network a wrapper (masks, a GoodNet) holds.
+    shape: tuple[int, ...] | None = next(
+        (tuple(getattr(m, "input_shape")) for m in model.modules()  # noqa: B009
+         if hasattr(m, "input_shape")), None)
     if shape is None:
-        raise GoodnetError("without clean data the model's input shape is unknown")
+        raise GoodnetError("without clean data the model's input shape is unknown: give clean "
+                           "data, or set model.input_shape = (C, H, W)")
     return torch.zeros(1, *shape, device=model_device(model))
 
 

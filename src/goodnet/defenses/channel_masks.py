@@ -27,7 +27,7 @@ import dataclasses
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -204,6 +204,37 @@ def default_thresholds() -> tuple[float, ...]:
     return tuple(round(0.05 * i, 2) for i in range(19))
 
 
+@dataclass(frozen=True)
+class MaskSettings:
+    """The settings RNP and ANP share: where masks go, how they apply, how much to prune.
+
+    Attributes:
+        semantics: "keep-bias" (mask γ, keep β: the references) or "channel".
+        hidden_linear: also mask the neurons of fully connected layers before the output.
+        select, threshold, count, thresholds, tolerance, holdout: how much to prune (see
+            :class:`Choice`).
+        seed: fixes the defense's randomness and the held-out split.
+    """
+
+    semantics: str = "keep-bias"
+    hidden_linear: bool = True
+    select: str = "clean"
+    threshold: float = 0.2
+    count: float = 0.05
+    thresholds: tuple[float, ...] = default_thresholds()
+    tolerance: float = 0.02
+    holdout: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        self.choice()
+
+    def choice(self) -> Choice:
+        return Choice(self.select, self.threshold, self.count, self.thresholds, self.tolerance,
+                      self.holdout)
+
+
 def split_for_choice(clean: ImageData, choice: Choice, seed: int) -> tuple[ImageData, ImageData]:
     """(data to learn masks on, held-out data to choose on); both all of ``clean`` unless
     ``select="clean"``."""
@@ -302,20 +333,7 @@ def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choi
     return name, MaskSet(binary, semantics), curve, notes
 
 
-C = TypeVar("C", bound="MaskSettings")
-
-
-class MaskSettings(Protocol):
-    """What the mask defenses' settings share: where masks go, how they apply, how much to
-    prune."""
-
-    @property
-    def hidden_linear(self) -> bool: ...
-    @property
-    def semantics(self) -> str: ...
-    @property
-    def seed(self) -> int: ...
-    def choice(self) -> Choice: ...
+C = TypeVar("C", bound=MaskSettings)
 
 
 class MaskDefense(Defense[C]):
@@ -337,8 +355,13 @@ class MaskDefense(Defense[C]):
         name, masks, curve, notes = choose_masks(model, values, cfg.choice(), cfg.semantics,
                                                  held, steps)
         repaired = masked(model, masks)
+        message = ""
+        if name == "none":
+            message = (f"{self.name} pruned nothing: even its smallest threshold cost more than "
+                       f"{100 * cfg.tolerance:g} points of held-out clean accuracy (see "
+                       "curve.png; -p tolerance= to allow more)")
         return Repaired(
             model=repaired, curve=curve, masks=masks, variants={name: repaired},
-            variant_masks={name: masks}, chosen=name,
+            variant_masks={name: masks}, chosen=name, message=message,
             notes={"layers": layers, "held_out": len(held), **learned_notes, **notes},
         )

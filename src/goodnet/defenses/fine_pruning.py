@@ -80,7 +80,8 @@ class FinePruning(Defense[FinePruningConfig]):
             weight_decay=cfg.weight_decay, schedule="cosine", seed=cfg.seed), progress=progress)
         tuned.eval()
         count = pruned.notes["pruned"][pruned.chosen]
-        final = steps.measure(tuned, clean, count, count, label="fine-tuned")
+        final = steps.measure(tuned, clean, count, count, label="fine-tuned",
+                              extra=(("fine_tuned", True),))  # the column curve.csv had
         points = (*pruned.curve.points, final)
         curve = Curve("pruned", points, (("pruned", count), ("fine-tuned", len(points) - 1)))
         return Repaired(

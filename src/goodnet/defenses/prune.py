@@ -25,7 +25,8 @@ no channel count is fixed in advance (theirs prunes 48 of 60).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import warnings
+from dataclasses import InitVar, dataclass
 from typing import ClassVar
 
 import torch
@@ -66,8 +67,15 @@ class PruneConfig:
     max_drop: float | None = None
     semantics: str = "channel"
     rule: str = "within"
+    select: InitVar[float | None] = None  # the old name of max_drop, with a warning
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, select: float | None) -> None:
+        if select is not None:
+            warnings.warn("PruneConfig: 'select' is now called 'max_drop'; the old name will "
+                          "be removed in a later version", FutureWarning, stacklevel=3)
+            if self.max_drop is not None:
+                raise GoodnetError("prune: give max_drop or its old name select, not both")
+            object.__setattr__(self, "max_drop", select)
         if self.rule not in RULES:
             raise GoodnetError(f"prune rule must be one of {RULES}, got {self.rule!r}")
         drops = tuple(float(x) for x in self.max_drops)

@@ -63,10 +63,9 @@ from torch import nn
 
 from goodnet.data.dataset import ImageData, batches
 from goodnet.defenses.channel_masks import (
-    Choice,
     LearnableMasks,
     MaskDefense,
-    default_thresholds,
+    MaskSettings,
     frozen,
 )
 from goodnet.errors import GoodnetError
@@ -76,7 +75,7 @@ STOPS = ("step", "epoch")
 
 
 @dataclass(frozen=True)
-class RNPConfig:
+class RNPConfig(MaskSettings):
     """Settings of RNP (defaults: the reference code's, with goodnet's robust unlearning).
 
     Attributes:
@@ -112,15 +111,6 @@ class RNPConfig:
     recovering_lr: float = 0.2
     recovering_epochs: int = 20
     alpha: float = 0.2
-    semantics: str = "keep-bias"
-    hidden_linear: bool = True
-    select: str = "clean"
-    threshold: float = 0.2
-    count: float = 0.05
-    thresholds: tuple[float, ...] = default_thresholds()
-    tolerance: float = 0.02
-    holdout: float = 0.2
-    seed: int = 0
     reference: bool = False
 
     def __post_init__(self) -> None:
@@ -134,12 +124,7 @@ class RNPConfig:
         if self.unlearning_epochs < 1 or self.recovering_epochs < 0 or self.batch_size < 1:
             raise GoodnetError("rnp: epochs and batch size must be positive")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
-        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
-        self.choice()
-
-    def choice(self) -> Choice:
-        return Choice(self.select, self.threshold, self.count, self.thresholds, self.tolerance,
-                      self.holdout)
+        super().__post_init__()
 
 
 @torch.no_grad()
