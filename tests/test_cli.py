@@ -320,3 +320,133 @@ def test_a_reader_that_goes_away_is_no_internal_error():
     child.wait(timeout=60)
     assert child.returncode != 0
     assert "internal error" not in err and "Traceback" not in err and "Exception" not in err, err
+
+
+# ---------------------------------------------------------------- goodnet finetune
+
+
+def _weights_differ(first, second):
+    return any(not torch.equal(tensor, second[name]) for name, tensor in first.items()
+               if tensor.is_floating_point())
+
+
+def test_finetune_trains_the_model_further_and_records_how(trained, npz_pair, tmp_path, capsys):
+    out = tmp_path / "ft.safetensors"
+    assert main(["--no-progress", "finetune", str(trained), "--clean", str(npz_pair[0]),
+                 "--epochs", "2", "--lr", "0.02", "--batch-size", "32", "--seed", "3",
+                 "--out", str(out)]) == 0
+    assert "fine-tuned" in capsys.readouterr().out
+    before, after = load_model(trained), load_model(out)
+    assert not isinstance(after.model, Masked)
+    assert _weights_differ(before.model.state_dict(), after.model.state_dict())
+    note = after.card.notes["finetune"]
+    assert note["data"] == "train.npz" and note["size"] == 800
+    assert {k: note["config"][k] for k in ("epochs", "lr", "batch_size", "seed", "momentum",
+                                           "weight_decay", "schedule")} == {
+        "epochs": 2, "lr": 0.02, "batch_size": 32, "seed": 3, "momentum": 0.9,
+        "weight_decay": 5e-4, "schedule": "cosine"}
+    # Without --test nothing measured describes the new weights; the attack is still known.
+    assert before.card.metrics and after.card.metrics == {}
+    assert after.card.attack == before.card.attack
+
+
+def test_finetune_keeps_a_repaired_models_masks(pruned_repair, tmp_path):
+    summary = json.loads((pruned_repair / "repair.json").read_text())
+    repaired = pruned_repair / f"repaired-{summary['chosen']}.safetensors"
+    out = tmp_path / "ft.safetensors"
+    clean = pruned_repair.parent / "clean.npz"  # the repair's own clean data, 120 images
+    assert main(["--no-progress", "finetune", str(repaired), "--clean", str(clean),
+                 "--epochs", "1", "--out", str(out)]) == 0
+    assert load_model(out).card.notes["finetune"]["size"] == 120
+    before, after = load_model(repaired).model, load_model(out).model
+    assert isinstance(before, Masked) and isinstance(after, Masked)
+    assert after.masks.semantics == before.masks.semantics
+    assert after.masks.masks.keys() == before.masks.masks.keys()
+    assert all(torch.equal(after.masks.masks[name], mask)
+               for name, mask in before.masks.masks.items())
+    assert any((mask == 0).any() for mask in after.masks.masks.values())
+    assert _weights_differ(before.model.state_dict(), after.model.state_dict())
+
+
+def test_finetune_with_test_data_reports_before_and_after(trained, npz_pair, tmp_path, capsys):
+    # "Clean" data labelled one class off: after fine-tuning on it, the model is mostly wrong,
+    # so the figures before and after cannot be confused.
+    with np.load(npz_pair[0]) as arrays:
+        shifted = tmp_path / "shifted.npz"
+        np.savez(shifted, x=arrays["x"], y=(arrays["y"] + 1) % 4)
+    out = tmp_path / "ft.safetensors"
+    assert main(["--no-progress", "finetune", str(trained), "--clean", str(shifted),
+                 "--test", str(npz_pair[1]), "--epochs", "3", "--lr", "0.05",
+                 "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in printed if line.strip().startswith("small_cnn vs badnets")]
+    assert [row[3] for row in rows] == ["before", "after"]
+    original = load_model(trained).card.metrics
+    assert rows[0][4] == f"{100 * original['clean_accuracy']:.2f}"
+    metrics = load_model(out).card.metrics
+    assert rows[1][4] == f"{100 * metrics['clean_accuracy']:.2f}"
+    assert original["clean_accuracy"] >= 0.95 and metrics["clean_accuracy"] < 0.5
+    # The stored figures are the new model's own, as eval measures them.
+    assert main(["eval", str(out), "--data", str(npz_pair[1]), "--json"]) == 0
+    measured = json.loads(capsys.readouterr().out)
+    assert metrics["clean_accuracy"] == measured["clean_accuracy"]
+    assert metrics["attack_success_rate"] == measured["attack_success_rate"]
+    assert metrics["n_poisoned"] == measured["n_poisoned"] == 150
+
+
+def test_finetune_takes_an_imported_checkpoint(trained, npz_pair, tmp_path):
+    state = {k: v for k, v in load_model(trained).model.state_dict().items()
+             if not k.startswith("normalize.")}
+    checkpoint = tmp_path / "net.pt"
+    torch.save(state, checkpoint)
+    out = tmp_path / "ft.safetensors"
+    assert main(["--no-progress", "finetune", str(checkpoint), "--arch", "small_cnn",
+                 "--input-shape", "1,16,16", "--clean", str(npz_pair[0]), "--epochs", "1",
+                 "--out", str(out)]) == 0
+    card = load_model(out).card
+    assert card.notes["source"]["format"] == "pytorch" and "finetune" in card.notes
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "absent.safetensors"}, "absent.safetensors: no such file"),
+        ({"--epochs": "0"}, "--epochs must be at least 1, got 0"),
+        ({"--epochs": "-2"}, "--epochs must be at least 1, got -2"),
+        ({"--lr": "0"}, "learning rate must be positive"),
+        ({"--out": "blocker/m.safetensors"}, "cannot write"),
+        ({"--clean": "odd.npz"}, "but the model (small_cnn) takes 1×16×16"),
+        ({"--test": "odd.npz"}, "but the model (small_cnn) takes 1×16×16"),
+        ({"--clean-amount": "some"}, "--clean-amount must be a fraction or a count"),
+    ],
+)
+def test_finetune_refuses_bad_input_in_one_line_before_training(
+        trained, npz_pair, tmp_path, monkeypatch, capsys, change, message):
+    monkeypatch.chdir(tmp_path)
+    # The package's ``goodnet.train`` is the function; patch the module's.
+    monkeypatch.setattr(sys.modules["goodnet.train"], "train",
+                        lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "blocker").write_text("a file, not a folder")
+    np.savez(tmp_path / "odd.npz", x=np.zeros((4, 1, 28, 28), np.uint8),
+             y=np.zeros(4, np.int64))
+    options = {"--clean": "mnist", "--out": "m.safetensors", **change}
+    if "--clean" not in change and "--clean-amount" not in change:
+        options["--clean"] = str(npz_pair[0])
+    argv = ["finetune", str(options.pop("model", trained))]
+    for key, value in options.items():
+        argv += [key, value]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("goodnet: error: ") and message in err, err
+    assert err.count("\n") == 1
+    assert [p.name for p in tmp_path.iterdir()] in (["blocker", "odd.npz"], ["odd.npz",
+                                                                             "blocker"])
+
+
+def test_finetune_refuses_a_goodnet(pruned_repair, npz_pair, tmp_path, capsys):
+    goodnet_file = next(pruned_repair.glob("goodnet-*.safetensors"))
+    out = tmp_path / "ft.safetensors"
+    assert main(["finetune", str(goodnet_file), "--clean", str(npz_pair[0]),
+                 "--out", str(out)]) == 2
+    assert "is a GoodNet" in capsys.readouterr().err
+    assert not out.exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -269,8 +270,9 @@ def clean_from_args(args: argparse.Namespace, spec: ModelSpec) -> ImageData:
     """The defender's clean data for a model of ``spec``: a named data set's training split,
     cut to --clean-amount; or a file or folder, used whole."""
     if args.clean in DATASETS:
+        amount = _amount(args.clean_amount)  # a bad amount fails before the data is read
         train = data_for(spec, args.clean, "train", args.data_root)
-        clean, _ = split_clean(train, _amount(args.clean_amount), seed=args.clean_seed)
+        clean, _ = split_clean(train, amount, seed=args.clean_seed)
         return clean
     return data_for(spec, args.clean, "train", None)
 
@@ -322,6 +324,49 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if test is not None:
         print(metrics_table(report.rows()))
     print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Train any model goodnet opens some more on clean data (the report's
+    ``continue_training``); a repaired model's masks stay fixed while its weights train."""
+    from goodnet.train import train
+
+    if args.epochs < 1:
+        raise GoodnetError(f"--epochs must be at least 1, got {args.epochs}")
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=args.seed)
+    loaded = open_model(args)
+    card = loaded.card
+    if card.kind == "goodnet":
+        raise GoodnetError(f"{args.model} is a GoodNet (two models and a reject class); "
+                           "fine-tune its repaired model instead")
+    clean = clean_from_args(args, card.spec)
+    test = data_for(card.spec, args.test, "test", args.data_root) if args.test else None
+    out = Path(args.out)
+    check_writable(out)
+    attack = attack_from_card(card, loaded.extras, test) if test is not None else None
+    before = evaluate(loaded.model, test, attack) if test is not None else None
+    model = copy.deepcopy(loaded.model)  # a Masked copy keeps its masks, fixed (not parameters)
+    history = train(model, clean, config, progress=args.progress)
+    model.eval()
+    after = evaluate(model, test, attack) if test is not None else None
+    notes = {**card.notes, "finetune": {
+        "config": dataclasses.asdict(config), "data": clean.name, "size": len(clean),
+        "seconds": history.seconds, "final_loss": history.epochs[-1].loss}}
+    # Figures measured before fine-tuning no longer describe the model: keep only new ones.
+    new_card = dataclasses.replace(
+        card, notes=notes, goodnet_version=__version__,
+        metrics=dataclasses.asdict(after) if after is not None else {})
+    # Masks are saved from the model itself; the rest (an attack's learned trigger) is kept.
+    extras = {k: v for k, v in loaded.extras.items() if not k.startswith("mask/")}
+    save_model(out, model, new_card, extras=extras)
+    print(f"fine-tuned {args.model} on {len(clean)} clean images ({clean.name}), "
+          f"{config.epochs} epochs, {history.seconds:.1f} s")
+    if before is not None and after is not None:
+        label = card.spec.arch + (f" vs {attack.name}" if attack else "")
+        print(metrics_table([(f"{label} before", before), (f"{label} after", after)]))
+    print(f"saved {out}")
     return 0
 
 
@@ -484,8 +529,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for add in (_add_demo, _add_attack, _add_train, _add_eval, _add_zoo, _add_bench,
-                _add_report, _add_repair, _add_predict, _add_info, _add_import, _add_export,
-                _add_list):
+                _add_report, _add_repair, _add_finetune, _add_predict, _add_info, _add_import,
+                _add_export, _add_list):
         add(sub)
     return parser
 
@@ -625,6 +670,31 @@ def _add_repair(sub: Commands) -> None:
     repair.add_argument("--out", required=True, help="output folder")
     add_keras_options(repair)
     repair.set_defaults(func=cmd_repair)
+
+
+def _add_finetune(sub: Commands) -> None:
+    finetune = sub.add_parser("finetune", help="train a model (a repaired one keeps its masks) "
+                                               "some more on clean data and save it")
+    finetune.add_argument("model", type=Path)
+    finetune.add_argument("--clean", required=True,
+                          help="clean data: a data set name (its training split is cut to "
+                               "--clean-amount) or a file or folder (used whole)")
+    finetune.add_argument("--clean-amount", default="0.01",
+                          help="fraction or count of the training split (default 0.01)")
+    finetune.add_argument("--clean-seed", type=int, default=0)
+    finetune.add_argument("--data-root", type=Path, default=None)
+    finetune.add_argument("--test", default=None,
+                          help="test data: report CA and ASR (the card's attack) before and "
+                               "after, and store the new figures in the card")
+    finetune.add_argument("--epochs", type=int, default=5, help="default 5")
+    finetune.add_argument("--lr", type=float, default=0.01,
+                          help="peak learning rate of SGD (momentum 0.9, weight decay 5e-4, "
+                               "cosine schedule); default 0.01")
+    finetune.add_argument("--batch-size", type=int, default=64, help="default 64")
+    finetune.add_argument("--seed", type=int, default=0)
+    finetune.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    add_keras_options(finetune)
+    finetune.set_defaults(func=cmd_finetune)
 
 
 def _add_predict(sub: Commands) -> None:

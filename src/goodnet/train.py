@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -147,8 +148,24 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
                            weight_decay=config.weight_decay)
 
 
+@dataclass(frozen=True)
+class Hooks:
+    """What a defense adds to the training loop (fine-tuning defenses such as FST).
+
+    Attributes:
+        penalty: a term added to each step's loss (it may read the model's parameters).
+        after_step: run after each optimiser step, without gradients (a projection, say).
+        after_epoch: run after each epoch with its number (1-based), model in training mode.
+    """
+
+    penalty: Callable[[], torch.Tensor] | None = None
+    after_step: Callable[[], None] | None = None
+    after_epoch: Callable[[int], None] | None = None
+
+
 def train(
-    model: nn.Module, data: BatchSource, config: TrainConfig, *, progress: bool = False
+    model: nn.Module, data: BatchSource, config: TrainConfig, *, progress: bool = False,
+    hooks: Hooks | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``data`` with cross-entropy.
 
@@ -157,16 +174,17 @@ def train(
         data: a data set or view (for example a poisoned one) serving ``(x, y)`` batches.
         config: the settings.
         progress: show a progress bar.
+        hooks: a loss penalty, a step after each optimiser step, a call after each epoch.
 
     Returns:
         Loss, accuracy, learning rate and time per epoch.
     """
     with channels_last(model):
-        return _train(model, data, config, progress)
+        return _train(model, data, config, progress, hooks or Hooks())
 
 
-def _train(model: nn.Module, data: BatchSource, config: TrainConfig, progress: bool
-           ) -> TrainHistory:
+def _train(model: nn.Module, data: BatchSource, config: TrainConfig, progress: bool,
+           hooks: Hooks) -> TrainHistory:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise GoodnetError("nothing to train: the model has no trainable parameters")
@@ -189,8 +207,12 @@ def _train(model: nn.Module, data: BatchSource, config: TrainConfig, progress: b
             for epoch in range(config.epochs):
                 history.epochs.append(
                     _run_epoch(model, data, config, optimizer, scheduler, generator, device,
-                               epoch, progress)
+                               epoch, progress, hooks)
                 )
+                if hooks.after_epoch is not None:  # its randomness is not training's
+                    with torch.random.fork_rng(devices=fork_devices):
+                        hooks.after_epoch(epoch + 1)
+                    model.train()
     finally:
         model.train(was_training)
     return history
@@ -206,6 +228,7 @@ def _run_epoch(
     device: torch.device,
     epoch: int,
     progress: bool,
+    hooks: Hooks,
 ) -> EpochRecord:
     start = time.perf_counter()
     total_loss, correct, seen = 0.0, 0, 0
@@ -218,6 +241,8 @@ def _run_epoch(
             x = augment_batch(x, config.augment, generator)
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+            if hooks.penalty is not None:
+                loss = loss + hooks.penalty()
             if not torch.isfinite(loss):
                 raise GoodnetError(
                     f"training diverged at epoch {epoch + 1} (loss {loss.item()}); "
@@ -226,6 +251,9 @@ def _run_epoch(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if hooks.after_step is not None:
+                with torch.no_grad():
+                    hooks.after_step()
             lr = optimizer.param_groups[0]["lr"]
             scheduler.step()
             total_loss += loss.item() * len(y)

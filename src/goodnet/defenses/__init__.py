@@ -27,6 +27,7 @@ from goodnet.defenses.base import (
 )
 from goodnet.defenses.clp import CLP, CLPConfig
 from goodnet.defenses.fine_pruning import FinePruning, FinePruningConfig
+from goodnet.defenses.fst import FST, FSTConfig
 from goodnet.defenses.prune import Prune, PruneConfig
 from goodnet.defenses.rnp import RNP, RNPConfig
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
@@ -40,6 +41,7 @@ DEFENSES: dict[str, type[Defense[Any]]] = {
     "rnp": RNP,
     "anp": ANP,
     "clp": CLP,
+    "fst": FST,
 }
 
 
@@ -62,7 +64,31 @@ def make_defense(name: str, settings: Mapping[str, Any] | None = None, *,
     return cls(build_settings(cls.Config, settings, name, text=text))
 
 
-__all__ = ["ANP", "CLP", "DEFENSES", "RNP", "ANPConfig", "CLPConfig", "Curve", "Defense",
-           "Evaluation", "FinePruning", "FinePruningConfig", "Point", "Prune", "PruneConfig",
-           "RNPConfig", "RepairResult", "Repaired", "ScanVerdict", "SparseFinePruning",
-           "SparseFinePruningConfig", "Steps", "Timings", "defense_class", "make_defense"]
+__all__ = [
+    "ANP",
+    "CLP",
+    "DEFENSES",
+    "FST",
+    "RNP",
+    "ANPConfig",
+    "CLPConfig",
+    "Curve",
+    "Defense",
+    "Evaluation",
+    "FSTConfig",
+    "FinePruning",
+    "FinePruningConfig",
+    "Point",
+    "Prune",
+    "PruneConfig",
+    "RNPConfig",
+    "RepairResult",
+    "Repaired",
+    "ScanVerdict",
+    "SparseFinePruning",
+    "SparseFinePruningConfig",
+    "Steps",
+    "Timings",
+    "defense_class",
+    "make_defense",
+]

@@ -1,0 +1,101 @@
+"""FST on a small backdoored CNN: the penalty, not the re-initialisation alone, removes the
+backdoor; the head is found on any network; settings are checked."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from goodnet.attacks import make_attack
+from goodnet.backdoor import train_model
+from goodnet.data import split_clean
+from goodnet.defenses import FST, FSTConfig, make_defense
+from goodnet.defenses.fst import find_head
+from goodnet.errors import GoodnetError
+from goodnet.metrics import evaluate
+from goodnet.models import ModelSpec, build_model
+from goodnet.train import TrainConfig
+from tests.conftest import Planted, halves, stripes, tiny_keras_graph
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    """A small CNN with a BadNets backdoor on the stripes task, a quarter of its training set
+    as clean data, and test data."""
+    train, test = stripes(800, seed=0), stripes(200, seed=1)
+    attack = make_attack("badnets", {"target": 1, "poison_rate": 0.1}, train.image_shape,
+                         train.num_classes)
+    result = train_model("small_cnn", train, test, TrainConfig(epochs=3, batch_size=64), attack)
+    assert result.metrics.clean_accuracy >= 0.95 and result.metrics.attack_success_rate >= 0.95
+    clean, _ = split_clean(train, 0.25, seed=0)
+    return result.model, clean, test, attack
+
+
+FAST = FSTConfig(epochs=20, batch_size=32)
+
+
+def test_fst_removes_the_backdoor_and_keeps_the_task(backdoored):
+    model, clean, test, attack = backdoored
+    before = copy.deepcopy(model.state_dict())
+    result = FST(FAST).repair(model, clean)
+    metrics = evaluate(result.model, test, attack)
+    assert metrics.attack_success_rate <= 0.05
+    assert metrics.clean_accuracy >= 0.95
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert result.notes["head"] == "fc2" and result.pruned is None
+    assert [p.x for p in result.curve.points] == list(range(FAST.epochs + 1))
+
+
+def test_without_the_penalty_the_backdoor_stays(backdoored):
+    """The same re-initialisation and fine-tuning with alpha 0 keeps the backdoor: the penalty
+    turning the head away from the old one is what removes it."""
+    model, clean, test, attack = backdoored
+    plain = FST(FSTConfig(epochs=FAST.epochs, batch_size=FAST.batch_size, alpha=0.0))
+    assert evaluate(plain.repair(model, clean).model, test, attack).attack_success_rate >= 0.9
+
+
+def test_the_head_keeps_its_norm(backdoored):
+    model, clean, _, _ = backdoored
+    result = FST(FSTConfig(epochs=2, batch_size=32, alpha=5.0)).repair(model, clean)
+    old = model.get_submodule("fc2").weight.detach()
+    new = result.model.get_submodule("fc2").weight
+    assert torch.allclose(new.norm(), old.norm(), rtol=1e-4)
+    assert (new * old).sum() < 0  # turned away from the backdoored head
+    assert result.notes["head_norm"] == pytest.approx(float(old.norm()))
+
+
+def test_the_same_seed_gives_the_same_weights(backdoored):
+    model, clean, _, _ = backdoored
+    config = FSTConfig(epochs=2, batch_size=32)
+    first, second = FST(config).repair(model, clean), FST(config).repair(model, clean)
+    for (name, a), (_, b) in zip(first.model.state_dict().items(),
+                                 second.model.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    other = FST(FSTConfig(epochs=2, batch_size=32, seed=1)).repair(model, clean)
+    assert not torch.equal(other.model.get_submodule("fc2").weight,
+                           first.model.get_submodule("fc2").weight)
+
+
+def test_the_head_is_found_on_networks_without_batchnorm():
+    example = halves(1).images
+    assert find_head(Planted(), example) == "fc"
+    spec = ModelSpec("keras", 10, 1, 12, 12, (0.0,), (1.0,), graph=tiny_keras_graph(10, 1))
+    keras = build_model(spec)
+    head = find_head(keras, torch.zeros(1, 1, 12, 12))
+    assert keras.get_submodule(head).out_features == 10
+    result = FST(FSTConfig(epochs=1, batch_size=32)).repair(Planted(), halves(64))
+    assert result.notes["head"] == "fc"
+
+
+def test_a_named_head_must_be_fully_connected(backdoored):
+    model, clean, _, _ = backdoored
+    with pytest.raises(GoodnetError, match="'conv1' is not a fully connected layer"):
+        FST(FSTConfig(head="conv1", epochs=1)).repair(model, clean)
+
+
+@pytest.mark.parametrize("settings", [{"alpha": -1.0}, {"epochs": 0}, {"lr": 0.0}])
+def test_bad_settings_are_refused(settings):
+    with pytest.raises(GoodnetError, match="fst"):
+        make_defense("fst", settings)
