@@ -450,3 +450,28 @@ def test_finetune_refuses_a_goodnet(pruned_repair, npz_pair, tmp_path, capsys):
                  "--out", str(out)]) == 2
     assert "is a GoodNet" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_goodnet_models_own_state_dict_imports_with_its_normalisation(trained, tmp_path):
+    """``torch.save(model.state_dict())`` of a goodnet model carries ``normalize.mean``/``std``;
+    imported without --mean/--std they are the model's normalisation, and the file loads and
+    answers as the original (before, the stored buffers disagreed with a 0/1 card and
+    ``load_model`` refused the file)."""
+    original = load_model(trained)
+    assert not torch.all(original.model.normalize.mean == 0)  # a normalisation to carry
+    checkpoint = tmp_path / "full.pt"
+    torch.save(original.model.state_dict(), checkpoint)
+    out = tmp_path / "imported.safetensors"
+    assert main(["import", str(checkpoint), "--arch", "small_cnn", "--input-shape", "1,16,16",
+                 "--out", str(out)]) == 0
+    imported = load_model(out)
+    assert imported.card.spec.mean == pytest.approx(original.card.spec.mean)  # float32 stored
+    assert imported.card.spec.std == pytest.approx(original.card.spec.std)
+    x = torch.rand(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(imported.model(x), original.model(x), atol=1e-6)
+    # --mean/--std still say what the network was trained on, over what the file stores.
+    other = tmp_path / "other.safetensors"
+    assert main(["import", str(checkpoint), "--arch", "small_cnn", "--input-shape", "1,16,16",
+                 "--mean", "0", "--std", "1", "--out", str(other)]) == 0
+    assert load_model(other).card.spec.mean == (0.0,)

@@ -137,6 +137,19 @@ def state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def _stored(state: dict[str, torch.Tensor], key: str, default: float, channels: int
+            ) -> tuple[float, ...]:
+    """The per-channel values a checkpoint stores under ``key`` (a goodnet model's own
+    normalisation), or ``default`` for each channel when it stores none."""
+    if key not in state:
+        return (default,) * channels
+    values = state[key].detach().flatten()
+    if len(values) != channels or not torch.isfinite(values.double()).all():
+        raise GoodnetError(f"{key} holds {len(values)} values; the input has {channels} "
+                           "channels (give --mean and --std)")
+    return tuple(float(v) for v in values.tolist())
+
+
 def import_checkpoint(path: str | os.PathLike[str], *, arch: str,
                       input_shape: tuple[int, int, int] | None = None,
                       mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
@@ -145,7 +158,8 @@ def import_checkpoint(path: str | os.PathLike[str], *, arch: str,
 
     The classes come from the last 2-D weight, the channels from the first 4-D one;
     ``input_shape`` (default: those channels at 32×32, 28×28 for one channel) and the input
-    normalisation (``mean``/``std`` in pixel units after ``pixel_scale``; default 0/1: the
+    normalisation (``mean``/``std`` in pixel units after ``pixel_scale``; default: the
+    ``normalize.mean``/``normalize.std`` a goodnet model's own state dict carries, else 0/1: the
     network takes [0, 1] pixels) describe what the network was trained on.
     """
     path = Path(path)
@@ -159,8 +173,8 @@ def import_checkpoint(path: str | os.PathLike[str], *, arch: str,
         raise GoodnetError(f"{path}: no convolution and linear weights to load")
     channels = int(convs[0].shape[1])
     c, h, w = input_shape or ((channels, 28, 28) if channels == 1 else (channels, 32, 32))
-    mean = tuple(mean) if mean is not None else (0.0,) * c
-    std = tuple(std) if std is not None else (1.0,) * c
+    mean = tuple(mean) if mean is not None else _stored(state, "normalize.mean", 0.0, c)
+    std = tuple(std) if std is not None else _stored(state, "normalize.std", 1.0, c)
     if len(mean) != c or len(std) != c or any(s <= 0 for s in std):
         raise GoodnetError(f"mean and std need {c} values each (std > 0)")
     spec = ModelSpec(arch, int(linears[-1].shape[0]), c, h, w, mean, std, pixel_scale)
@@ -178,8 +192,8 @@ def import_checkpoint(path: str | os.PathLike[str], *, arch: str,
             raise GoodnetError(f"{path}: {key} has shape {tuple(state[key].shape)}, {arch} "
                                f"needs {tuple(value.shape)}")
     model = build_model(spec)
-    for key in normalize:
-        state.setdefault(key, model.state_dict()[key])
+    for key in normalize:  # the spec's normalisation, the stored one unless --mean/--std said
+        state[key] = model.state_dict()[key]
     model.load_state_dict(state)
     model.eval()
     card = ModelCard(spec=spec, notes={"source": {"file": path.name, "format": "pytorch"}})
