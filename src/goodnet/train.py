@@ -153,12 +153,13 @@ class Hooks:
     """What a defense adds to the training loop (fine-tuning defenses such as FST).
 
     Attributes:
-        penalty: a term added to each step's loss (it may read the model's parameters).
+        penalty: a term added to each step's loss, given the step's (augmented) inputs; it
+            may read the model's parameters or what forward hooks recorded.
         after_step: run after each optimiser step, without gradients (a projection, say).
         after_epoch: run after each epoch with its number (1-based), model in training mode.
     """
 
-    penalty: Callable[[], torch.Tensor] | None = None
+    penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
     after_step: Callable[[], None] | None = None
     after_epoch: Callable[[int], None] | None = None
 
@@ -242,7 +243,7 @@ def _run_epoch(
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
             if hooks.penalty is not None:
-                loss = loss + hooks.penalty()
+                loss = loss + hooks.penalty(x)
             if not torch.isfinite(loss):
                 raise GoodnetError(
                     f"training diverged at epoch {epoch + 1} (loss {loss.item()}); "

@@ -120,7 +120,7 @@ class FST(Defense[FSTConfig]):
         reinitialise(head, torch.Generator().manual_seed(cfg.seed))
         points: list[Point] = [steps.measure(model, clean, 0, None)]
 
-        def penalty() -> torch.Tensor:
+        def penalty(_x: torch.Tensor) -> torch.Tensor:
             return cfg.alpha * (head.weight * original).sum()
 
         def project() -> None:  # back to the original head's norm
