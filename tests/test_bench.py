@@ -116,6 +116,9 @@ def test_shipped_grids_parse():
     assert len(smoke.defenses) == len(standard.defenses) == 6
     assert len(standard.attacks) == 10 and standard.seeds == (0, 1, 2)
     assert set(standard.data) == {"mnist", "fashion-mnist"}
+    for path in sorted(root.glob("*.yaml")):  # every grid the README or BENCHMARKS.md runs
+        grid = load_grid(path)
+        assert grid.cells() and grid.name == path.stem, path.name
 
 
 # ---------------------------------------------------------------- running, caching, failing
