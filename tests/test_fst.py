@@ -93,6 +93,8 @@ def test_a_named_head_must_be_fully_connected(backdoored):
     model, clean, _, _ = backdoored
     with pytest.raises(GoodnetError, match="'conv1' is not a fully connected layer"):
         FST(FSTConfig(head="conv1", epochs=1)).repair(model, clean)
+    with pytest.raises(GoodnetError, match="no layer 'nope'"):
+        FST(FSTConfig(head="nope", epochs=1)).repair(model, clean)
 
 
 @pytest.mark.parametrize("settings", [{"alpha": -1.0}, {"epochs": 0}, {"lr": 0.0}])

@@ -72,11 +72,8 @@ _KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "seeds", "clean"
 
 
 def _frozen(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(sorted((k, _tuples(v)) for k, v in settings.items()))
-
-
-def _tuples(value: Any) -> Any:
-    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
+    """Checked settings (lists already made tuples by the settings parser), hashable."""
+    return tuple(sorted(settings.items()))
 
 
 def _short(value: Any) -> str:

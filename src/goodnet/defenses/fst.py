@@ -112,7 +112,10 @@ class FST(Defense[FSTConfig]):
         cfg = self.config
         work = copy.deepcopy(model)
         name = cfg.head or find_head(work, clean_or_blank(work, clean))
-        head = work.get_submodule(name) if name else None
+        try:
+            head = work.get_submodule(name)
+        except AttributeError:
+            raise GoodnetError(f"fst: the model has no layer {name!r}") from None
         if not isinstance(head, nn.Linear):
             raise GoodnetError(f"fst: {name!r} is not a fully connected layer")
         original = head.weight.detach().clone()
