@@ -433,6 +433,60 @@ def test_a_dead_worker_fails_its_task_only(tmp_path):
     assert isinstance(results[1], RuntimeError) and "died twice" in str(results[1])
 
 
+def sleep_and_tell(folder: str, name: str) -> str:
+    """A task for the SIGTERM test: write this worker's pid, then run for a long time."""
+    Path(folder, name).write_text(str(os.getpid()))
+    time.sleep(120)
+    return name
+
+
+STOPPED_POOL = """
+import sys
+from goodnet.bench.executors import LocalExecutor
+from tests.test_bench import sleep_and_tell
+executor = LocalExecutor(workers=2)
+with executor.session():
+    for _ in executor.run(sleep_and_tell, [(sys.argv[1], "a"), (sys.argv[1], "b")],
+                          running=[0]):
+        pass
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with contextlib.suppress(OSError):  # a zombie waiting for its parent counts as gone
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+        return state != "Z"
+    return True
+
+
+def test_sigterm_stops_the_pools_workers_too(tmp_path):
+    """Killing a grid run with SIGTERM (a scheduler's timeout, ``kill``) must not leave its
+    workers running the grid's cells on, orphaned."""
+    parent = subprocess.Popen([sys.executable, "-c", STOPPED_POOL, str(tmp_path)],
+                              cwd=Path(__file__).parent.parent)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(tmp_path.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        pids = [int(p.read_text()) for p in tmp_path.iterdir()]
+        assert len(pids) == 2 and all(_alive(pid) for pid in pids)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(timeout=30) != 0
+        deadline = time.monotonic() + 10
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        parent.kill()
+        for p in tmp_path.iterdir():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(p.read_text()), signal.SIGKILL)
+
+
 def test_an_unwritable_results_folder_reports_the_results_file(data_folder, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")

@@ -28,6 +28,7 @@ from goodnet.defenses.base import Curve, Defense, Evaluation, RepairResult
 from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, Predictions, detector_predictions, predict_all, score
+from goodnet.triggers import plot_triggers, save_triggers, verdict_summary
 
 _ORIGINAL = "__original__"
 
@@ -148,12 +149,16 @@ def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelC
         write_text_atomic(out / "curve.csv", curve_csv(result.curve))
         written.append(out / "curve.csv")
         written.append(plot_curve(out / "curve.png", result))
+    if result.scan is not None and result.scan.triggers:
+        written.append(save_triggers(out / "triggers.safetensors", result.scan))
+        written.append(plot_triggers(out / "triggers.png", result.scan))
     summary = {
         "defense": result.defense, "settings": result.settings, "chosen": result.chosen,
         "seconds": result.timings.repair, "evaluation_seconds": result.timings.evaluation,
         "pruned": result.pruned, "pruned_count": result.pruned_count, "message": result.message,
         "curve_axis": result.curve.axis, "curve_marks": dict(result.curve.marks),
         "notes": result.notes,
+        "scan": verdict_summary(result.scan) if result.scan is not None else None,
         "original": _metrics_dict(report.original),
         "variants": {k: _metrics_dict(v) for k, v in report.variants.items()},
         "goodnets": {k: _metrics_dict(v) for k, v in report.goodnets.items()},

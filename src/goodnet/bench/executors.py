@@ -22,6 +22,8 @@ import contextlib
 import itertools
 import multiprocessing
 import os
+import signal
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -42,7 +44,10 @@ class LocalExecutor:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[None]:
-        yield
+        """While the grid runs, SIGTERM unwinds like Ctrl-C, so that the pool's workers are
+        stopped with it instead of running on, orphaned."""
+        with _terminate_unwinds():
+            yield
 
     def run(self, fn: Callable[..., Any], tasks: Sequence[tuple], *, running: list[int]) -> Outcome:
         if self.workers <= 0:
@@ -80,6 +85,9 @@ class LocalExecutor:
                         break
                     for index in itertools.islice(queue, width - len(pending)):
                         pending[pool.submit(fn, *todo[index])] = index
+            except BaseException:  # stopped (Ctrl-C, SIGTERM, the caller gave up): stop them
+                _stop_workers(pool)
+                raise
             finally:
                 pool.shutdown(wait=False, cancel_futures=True)
             if width == 1 and not clean:  # it died alone: it is the one
@@ -89,6 +97,36 @@ class LocalExecutor:
                                               "of memory), the second time running alone")
             suspects |= in_flight
         running[0] = 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was, so that ``finally`` blocks run."""
+
+
+@contextlib.contextmanager
+def _terminate_unwinds() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread
+        return
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Terminate the pool's worker processes (a running task is not cancelled by shutdown)."""
+    processes = dict(getattr(pool, "_processes", None) or {})
+    for process in processes.values():
+        if process.is_alive():
+            process.terminate()
+    for process in processes.values():
+        process.join(timeout=5)
 
 
 @dataclass(frozen=True)

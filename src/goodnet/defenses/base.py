@@ -202,6 +202,31 @@ class Timings:
     evaluation: float = 0.0
 
 
+@dataclass(frozen=True, eq=False)
+class Trigger:
+    """A trigger reverse-engineered for one class: ``x' = (1 - mask) · x + mask · pattern``.
+
+    Attributes:
+        target: the class the trigger sends inputs to.
+        mask: ``(1, H, W)``, values in [0, 1].
+        pattern: ``(C, H, W)``, values in [0, 1] (image space, before the model's
+            normalisation).
+        norm: the mask's L1 norm (the statistic Neural Cleanse compares across classes).
+        success: share of the clean inputs (of other classes) the trigger sends to ``target``.
+    """
+
+    target: int
+    mask: torch.Tensor
+    pattern: torch.Tensor
+    norm: float
+    success: float
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """Stamp the trigger on images ``x`` (``(B, C, H, W)``, [0, 1])."""
+        mask = self.mask.to(x.device, x.dtype)
+        return (1 - mask) * x + mask * self.pattern.to(x.device, x.dtype)
+
+
 @dataclass(frozen=True)
 class ScanVerdict:
     """What a backdoor scan concluded about the model (filled by scanning defenses).
@@ -211,12 +236,18 @@ class ScanVerdict:
         targets: the suspected target classes.
         score: the scan's statistic (an anomaly index, say).
         threshold: the value of ``score`` above which it says "backdoored".
+        scores: the statistic per class, in class order (an anomaly index each), where the scan
+            has one.
+        triggers: the reverse-engineered trigger of each class, in class order, where the scan
+            makes them.
     """
 
     backdoored: bool
     targets: tuple[int, ...] = ()
     score: float = float("nan")
     threshold: float = float("nan")
+    scores: tuple[float, ...] = ()
+    triggers: tuple[Trigger, ...] = ()
 
 
 @dataclass
