@@ -103,6 +103,23 @@ class Planted(torch.nn.Module):
         return self.fc(self.flatten(self.relu(self.conv(x))))
 
 
+class PlantedMaps(Planted):
+    """:class:`Planted` with feature maps: the same convolution padded to a 3×3 map, max-pooled
+    back to the planted network's function (for defenses that read spatial maps, as NAD)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        planted = self.conv
+        self.conv = torch.nn.Conv2d(1, 3, 8, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(planted.weight)
+            self.conv.bias.copy_(planted.bias)
+        self.pool = torch.nn.MaxPool2d(3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.relu(self.conv(x)))))
+
+
 def halves(n: int, seed: int = 0) -> ImageData:
     """Clean data for :class:`Planted`: which half is bright, corner dark, slight noise."""
     generator = torch.Generator().manual_seed(seed)

@@ -23,16 +23,21 @@ from goodnet.defenses import (
     FinePruning,
     FinePruningConfig,
     FSTConfig,
+    FTSAMConfig,
+    IBAUConfig,
+    NADConfig,
+    NCConfig,
     Prune,
     PruneConfig,
     RNPConfig,
+    SAUConfig,
     SparseFinePruning,
     SparseFinePruningConfig,
     make_defense,
 )
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, evaluate
-from tests.conftest import Planted, corner_attack, halves
+from tests.conftest import Planted, PlantedMaps, corner_attack, halves
 
 CLEAN = halves(200, seed=0)
 TEST = halves(200, seed=1)
@@ -117,6 +122,11 @@ FAST = {
     "anp": ANPConfig(iterations=20, batch_size=32),
     "clp": None,
     "fst": FSTConfig(epochs=2, batch_size=32),
+    "nc": NCConfig(epochs=1, unlearn_epochs=1),
+    "i-bau": IBAUConfig(n_rounds=1, batch_size=50),
+    "sau": SAUConfig(epochs=1, batch_size=50),
+    "ft-sam": FTSAMConfig(epochs=1, batch_size=50),
+    "nad": NADConfig(teacher_epochs=1, epochs=1, batch_size=50),
 }
 
 # Settings under which every defense prunes on the planted network, fast. Its backdoor channel
@@ -132,7 +142,21 @@ PRUNING = {
     "anp": ANPConfig(iterations=100, batch_size=32, tolerance=0.6),
     "clp": CLPConfig(u=1.0),
     "fst": FSTConfig(epochs=2, batch_size=32),
+    "nc": NCConfig(epochs=1, unlearn_epochs=1),
+    "i-bau": IBAUConfig(n_rounds=1, batch_size=50),
+    "sau": SAUConfig(epochs=1, batch_size=50),
+    "ft-sam": FTSAMConfig(epochs=1, batch_size=50),
+    "nad": NADConfig(teacher_epochs=1, epochs=1, batch_size=50),
 }
+
+
+# The network each defense is checked on: the planted one, or its version with feature maps for
+# a defense that reads spatial maps.
+NETWORK = {"nad": PlantedMaps}
+
+
+def network(name: str) -> torch.nn.Module:
+    return NETWORK.get(name, Planted)()
 
 
 def test_every_defense_has_contract_settings():
@@ -142,7 +166,7 @@ def test_every_defense_has_contract_settings():
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_defense_contract(name):
     defense = DEFENSES[name](FAST[name])
-    model = Planted()
+    model = network(name)
     before = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
     first = defense.repair(model, CLEAN)
@@ -183,8 +207,8 @@ def test_an_evaluation_changes_nothing(name):
     """With the mirror evaluation, a defense chooses, prunes and records exactly what it does
     without one; the curve only gains the test figures."""
     defense = DEFENSES[name](PRUNING[name])
-    plain = defense.repair(Planted(), CLEAN)
-    measured = defense.repair(Planted(), CLEAN, evaluation=mirror())
+    plain = defense.repair(network(name), CLEAN)
+    measured = defense.repair(network(name), CLEAN, evaluation=mirror())
     if plain.masks is not None:  # there is a choice the evaluation could have moved
         assert plain.pruned_count > 0
     assert measured.chosen == plain.chosen and measured.pruned == plain.pruned
@@ -206,7 +230,7 @@ def test_an_evaluation_changes_nothing(name):
 
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_the_result_names_what_it_pruned_and_marks_its_choice(name):
-    result = DEFENSES[name](PRUNING[name]).repair(Planted(), CLEAN)
+    result = DEFENSES[name](PRUNING[name]).repair(network(name), CLEAN)
     if result.masks is None:  # a defense that prunes nothing says so
         assert result.pruned is None and result.pruned_count is None
         assert result.curve.mark(result.chosen) == result.chosen_point is not None

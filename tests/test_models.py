@@ -130,3 +130,22 @@ def test_bad_specs_are_refused():
         ModelSpec("small_cnn", in_channels=3, mean=(0.5,), std=(0.2,))
     with pytest.raises(GoodnetError, match="at least 31"):
         build_model(ModelSpec("deepid", 10, 3, 20, 20, (0, 0, 0), (1, 1, 1)))
+
+
+def test_channels_last_nested_keeps_the_outer_layout():
+    """Measuring a model inside its own training loop (a defense's per-epoch point) must not
+    put the weights back to the contiguous layout under the training loop's feet."""
+    from goodnet.models import channels_last
+
+    model = build_model(ModelSpec("small_cnn", 10, 1, 28, 28, (0.0,), (1.0,)))
+    weight = model.get_submodule("conv2").weight  # conv1's single input channel is ambiguous
+
+    def is_channels_last() -> bool:
+        return not weight.is_contiguous() and weight.is_contiguous(
+            memory_format=torch.channels_last)
+
+    with channels_last(model):
+        with channels_last(model):
+            assert is_channels_last()
+        assert is_channels_last()
+    assert weight.is_contiguous()

@@ -28,8 +28,13 @@ from goodnet.defenses.base import (
 from goodnet.defenses.clp import CLP, CLPConfig
 from goodnet.defenses.fine_pruning import FinePruning, FinePruningConfig
 from goodnet.defenses.fst import FST, FSTConfig
+from goodnet.defenses.ft_sam import FTSAM, FTSAMConfig
+from goodnet.defenses.ibau import IBAU, IBAUConfig
+from goodnet.defenses.nad import NAD, NADConfig
+from goodnet.defenses.nc import NCConfig, NeuralCleanse
 from goodnet.defenses.prune import Prune, PruneConfig
 from goodnet.defenses.rnp import RNP, RNPConfig
+from goodnet.defenses.sau import SAU, SAUConfig
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
 from goodnet.errors import GoodnetError
 from goodnet.settings import build_settings
@@ -42,6 +47,11 @@ DEFENSES: dict[str, type[Defense[Any]]] = {
     "anp": ANP,
     "clp": CLP,
     "fst": FST,
+    "nc": NeuralCleanse,
+    "i-bau": IBAU,
+    "sau": SAU,
+    "ft-sam": FTSAM,
+    "nad": NAD,
 }
 
 
@@ -69,21 +79,31 @@ __all__ = [
     "CLP",
     "DEFENSES",
     "FST",
+    "FTSAM",
+    "IBAU",
+    "NAD",
     "RNP",
+    "SAU",
     "ANPConfig",
     "CLPConfig",
     "Curve",
     "Defense",
     "Evaluation",
     "FSTConfig",
+    "FTSAMConfig",
     "FinePruning",
     "FinePruningConfig",
+    "IBAUConfig",
+    "NADConfig",
+    "NCConfig",
+    "NeuralCleanse",
     "Point",
     "Prune",
     "PruneConfig",
     "RNPConfig",
     "RepairResult",
     "Repaired",
+    "SAUConfig",
     "ScanVerdict",
     "SparseFinePruning",
     "SparseFinePruningConfig",

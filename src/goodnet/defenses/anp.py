@@ -31,6 +31,9 @@ Departures, each a setting:
 - **Noise projection** (``project=False``, the reference's). The reference never projects the
   noise back into [-eps, eps] after its ascent step, so it can reach ±2·eps; the paper's
   algorithm projects. ``project=True`` does.
+- **Recovery** (``recover_epochs=0``, off). With ``recover_epochs > 0`` the chosen pruning is
+  fine-tuned on the mask-learning part of the clean data with its masks held, to win back the
+  clean accuracy pruning cost (not in the paper; see :mod:`goodnet.defenses.channel_masks`).
 """
 
 from __future__ import annotations
@@ -73,6 +76,9 @@ class ANPConfig(MaskSettings):
         select, threshold, count, thresholds, tolerance, holdout: how much to prune (see
             :class:`goodnet.defenses.channel_masks.Choice`).
         seed: fixes the sampling, the noise and the held-out split.
+        recover_epochs, recover_lr, recover_batch_size: fine-tune the chosen pruning with its
+            masks held (0 epochs: no recovery; see
+            :class:`goodnet.defenses.channel_masks.MaskSettings`).
     """
 
     eps: float = 0.4

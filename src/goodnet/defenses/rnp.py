@@ -49,6 +49,10 @@ Departures, each a setting (``reference=True`` restores the reference code's beh
   ``hidden_linear=False`` masks convolutions only. For networks like the reference's the two
   are the same.
 - No data augmentation (the reference uses CIFAR crop and flip); pass augmented data if wanted.
+- **Recovery** (``recover_epochs=0``, off). With ``recover_epochs > 0`` the chosen pruning is
+  fine-tuned on the mask-learning part of the clean data with its masks held, to win back the
+  clean accuracy pruning cost (not in the paper; see :mod:`goodnet.defenses.channel_masks`).
+  It trains the weights; ``recovering_epochs`` above is the mask learning of step 2.
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ class RNPConfig(MaskSettings):
         select, threshold, count, thresholds, tolerance, holdout: how much to prune (see
             :class:`goodnet.defenses.channel_masks.Choice`).
         seed: fixes batch order and the held-out split.
+        recover_epochs, recover_lr, recover_batch_size: fine-tune the chosen pruning with its
+            masks held (0 epochs: no recovery; see
+            :class:`goodnet.defenses.channel_masks.MaskSettings`).
         reference: use the reference code's unlearning (per-epoch stop, no clipping).
     """
 

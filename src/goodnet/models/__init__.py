@@ -127,8 +127,14 @@ def channels_last(model: nn.Module) -> Iterator[nn.Module]:
 
     Convolutions on a CPU run about 1.2-1.8× faster this way (oneDNN's preferred layout); the
     values of the weights are unchanged, and parameters stay the same objects, so optimisers and
-    hooks are unaffected.
+    hooks are unaffected. Nested (a model measured inside its own training loop), the inner
+    call leaves the outer call's layout as it found it.
     """
+    # Already channels-last (measuring inside a training loop): leave the layout to the caller.
+    if any(p.dim() == 4 and not p.is_contiguous()
+           and p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters()):
+        yield model
+        return
     # Module.to accepts memory_format, which torch's stubs leave out.
     model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     try:
