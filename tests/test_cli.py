@@ -113,7 +113,8 @@ def test_list_names_every_registry_entry(capsys):
 
 def test_repair_writes_models_goodnets_curve_and_plot(trained, npz_pair, tmp_path, capsys):
     out = tmp_path / "repair"
-    assert main(["--no-progress", "repair", str(trained), "--clean", str(npz_pair[0]),
+    assert main(["--no-progress", "repair", str(trained), "--defense", "prune",
+                 "--clean", str(npz_pair[0]),
                  "--test", str(npz_pair[1]), "--max-drop", "0.05,0.2", "--out", str(out)]) == 0
     printed, err = capsys.readouterr()
     # The old spelling of --max-drops still works, with a one-line warning.
@@ -145,7 +146,8 @@ def pruned_repair(trained, npz_pair, tmp_path_factory):
     clean = stripes(120, seed=3)
     np.savez(folder / "clean.npz", x=clean.images.numpy(), y=clean.labels.numpy())
     out = folder / "repair"
-    assert main(["--no-progress", "repair", str(trained), "--clean", str(folder / "clean.npz"),
+    assert main(["--no-progress", "repair", str(trained), "--defense", "prune",
+                 "--clean", str(folder / "clean.npz"),
                  "--max-drop", "0.2", "--curve-limit", "0", "--out", str(out)]) == 0
     return out
 
@@ -195,7 +197,8 @@ def test_repair_with_the_mask_defenses(trained, npz_pair, tmp_path, capsys, defe
 def test_prune_takes_its_old_setting_name_with_a_one_line_warning(trained, npz_pair, tmp_path,
                                                                   capsys):
     out = tmp_path / "old-name"
-    assert main(["--no-progress", "repair", str(trained), "-p", "select=0.2",
+    assert main(["--no-progress", "repair", str(trained), "--defense", "prune",
+                 "-p", "select=0.2",
                  "--max-drops", "0.05,0.2", "--clean", str(npz_pair[0]), "--curve-limit", "0",
                  "--out", str(out)]) == 0
     err = capsys.readouterr().err
@@ -208,7 +211,8 @@ def test_prune_takes_its_old_setting_name_with_a_one_line_warning(trained, npz_p
 
 def test_repair_refuses_an_unknown_layer_before_writing(trained, npz_pair, tmp_path, capsys):
     out = tmp_path / "nothing"
-    assert main(["repair", str(trained), "--clean", str(npz_pair[0]), "--layer", "conv9",
+    assert main(["repair", str(trained), "--defense", "prune",
+                 "--clean", str(npz_pair[0]), "--layer", "conv9",
                  "--out", str(out)]) != 0
     assert "no layer 'conv9'" in capsys.readouterr().err
     assert not out.exists()
@@ -475,3 +479,38 @@ def test_a_goodnet_models_own_state_dict_imports_with_its_normalisation(trained,
     assert main(["import", str(checkpoint), "--arch", "small_cnn", "--input-shape", "1,16,16",
                  "--mean", "0", "--std", "1", "--out", str(other)]) == 0
     assert load_model(other).card.spec.mean == (0.0,)
+
+
+def test_repair_without_a_defense_runs_the_recommended_one(trained, npz_pair, tmp_path, capsys,
+                                                           monkeypatch):
+    """No --defense: the recommended repair, named in what is printed and recorded; -p settings
+    go to it. (Patched to a quick recipe: which repair it is is BENCHMARKS.md's business.)"""
+    import goodnet.defenses as defenses
+
+    monkeypatch.setattr(defenses, "RECOMMENDED", ("sequence", {"steps": ("prune", "fst")}))
+    out = tmp_path / "recommended"
+    assert main(["--no-progress", "repair", str(trained), "--clean", str(npz_pair[0]),
+                 "--test", str(npz_pair[1]), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "the recommended repair (sequence prune, fst)" in printed
+    summary = json.loads((out / "repair.json").read_text())
+    assert summary["defense"] == "sequence" and summary["settings"]["steps"] == ["prune", "fst"]
+    assert [s["defense"] for s in summary["notes"]["steps"]] == ["prune", "fst"]
+    monkeypatch.setattr(defenses, "RECOMMENDED", ("fst", {}))
+    assert main(["--no-progress", "repair", str(trained), "--clean", str(npz_pair[0]),
+                 "-p", "epochs=1", "--out", str(tmp_path / "one")]) == 0
+    assert json.loads((tmp_path / "one" / "repair.json").read_text())["settings"]["epochs"] == 1
+
+
+def test_the_recommended_repair_is_a_registered_defense_with_valid_settings():
+    from goodnet.defenses import DEFENSES, RECOMMENDED, recommended
+
+    assert RECOMMENDED[0] in DEFENSES
+    assert recommended().name == RECOMMENDED[0]
+
+
+def test_repair_without_a_defense_or_clean_data_is_one_line(trained, tmp_path, capsys):
+    assert main(["repair", str(trained), "--out", str(tmp_path / "x")]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "needs clean data" in err
+    assert not (tmp_path / "x").exists()

@@ -31,6 +31,7 @@ from goodnet.defenses import (
     PruneConfig,
     RNPConfig,
     SAUConfig,
+    SequenceConfig,
     SparseFinePruning,
     SparseFinePruningConfig,
     make_defense,
@@ -127,6 +128,7 @@ FAST = {
     "sau": SAUConfig(epochs=1, batch_size=50),
     "ft-sam": FTSAMConfig(epochs=1, batch_size=50),
     "nad": NADConfig(teacher_epochs=1, epochs=1, batch_size=50),
+    "sequence": SequenceConfig(steps=("prune", "fst")),
 }
 
 # Settings under which every defense prunes on the planted network, fast. Its backdoor channel
@@ -147,6 +149,7 @@ PRUNING = {
     "sau": SAUConfig(epochs=1, batch_size=50),
     "ft-sam": FTSAMConfig(epochs=1, batch_size=50),
     "nad": NADConfig(teacher_epochs=1, epochs=1, batch_size=50),
+    "sequence": SequenceConfig(steps=("prune", "fst")),
 }
 
 
@@ -202,6 +205,17 @@ def test_the_mirror_evaluation_contradicts_the_clean_data():
     assert result.pruned == {"conv": [2]}  # the one step the mirror calls worst
 
 
+def without_test_figures(value):
+    """``value`` with the evaluation's figures taken out of any curve records it holds (a
+    sequence keeps its earlier steps' curves in its notes)."""
+    if isinstance(value, dict):
+        return {k: without_test_figures(v) for k, v in value.items()
+                if k not in ("test_ca", "test_asr")}
+    if isinstance(value, list):
+        return [without_test_figures(v) for v in value]
+    return value
+
+
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_an_evaluation_changes_nothing(name):
     """With the mirror evaluation, a defense chooses, prunes and records exactly what it does
@@ -212,7 +226,7 @@ def test_an_evaluation_changes_nothing(name):
     if plain.masks is not None:  # there is a choice the evaluation could have moved
         assert plain.pruned_count > 0
     assert measured.chosen == plain.chosen and measured.pruned == plain.pruned
-    assert measured.notes == plain.notes
+    assert without_test_figures(measured.notes) == plain.notes
     assert measured.variant_masks.keys() == plain.variant_masks.keys()
     for variant, masks in plain.variant_masks.items():
         assert measured.variant_masks[variant].pruned() == masks.pruned(), variant

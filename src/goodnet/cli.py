@@ -242,12 +242,13 @@ DEFENSE_OPTIONS = ("layer", "rank_layer", "semantics", "max_drop", "max_drops")
 def defense_from_args(args: argparse.Namespace) -> Defense[Any]:
     """The defense ``--defense`` names, its settings from ``-p key=value`` and the options of
     the same names (``--layer``, ``--max-drop``, ...)."""
-    from goodnet.defenses import defense_class, make_defense
+    from goodnet.defenses import RECOMMENDED, defense_class, make_defense
 
-    cls = defense_class(args.defense)
+    name, base = (args.defense, {}) if args.defense else RECOMMENDED
+    cls = defense_class(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
-    settings = check_settings(cls.Config, pairs_to_dict(args.param, args.defense),
-                              args.defense, text=True)
+    settings = {**base, **check_settings(cls.Config, pairs_to_dict(args.param, name), name,
+                                         text=True)}
     options = {key: getattr(args, key) for key in DEFENSE_OPTIONS
                if getattr(args, key) is not None}
     drops = options.get("max_drop")
@@ -261,9 +262,15 @@ def defense_from_args(args: argparse.Namespace) -> Defense[Any]:
             options["max_drops"] = drops  # one budget given: the only one (prune)
     for key, value in options.items():
         if key not in fields:
-            raise GoodnetError(f"{args.defense} has no --{key.replace('_', '-')} setting")
+            raise GoodnetError(f"{name} has no --{key.replace('_', '-')} setting")
         settings[key] = value
-    return make_defense(args.defense, settings)
+    return make_defense(name, settings)
+
+
+def describe_defense(defense: Defense[Any]) -> str:
+    """A defense as the user would name it: ``fst``, or ``sequence fst, nc``."""
+    steps = getattr(defense.config, "steps", None)
+    return f"{defense.name} {', '.join(steps)}" if steps else defense.name
 
 
 def clean_from_args(args: argparse.Namespace, spec: ModelSpec) -> ImageData:
@@ -301,9 +308,9 @@ def cmd_repair(args: argparse.Namespace) -> int:
         except AttributeError:
             raise GoodnetError(f"the model has no layer {args.rank_layer!r} to rank on") \
                 from None
-    check_writable(Path(args.out) / "repair.json")
     if args.clean is None and defense.needs_clean:
         raise GoodnetError(f"{defense.name} needs clean data: give --clean")
+    check_writable(Path(args.out) / "repair.json")
     clean = clean_from_args(args, spec) if args.clean is not None else None
     test = None
     test_name = args.test or (args.clean if args.clean in DATASETS else None)
@@ -318,7 +325,8 @@ def cmd_repair(args: argparse.Namespace) -> int:
         progress=args.progress, poisoned=poisoned, num_classes=spec.num_classes)
     written = write_repair(Path(args.out), report, loaded.model, loaded.card)
     source = f"{len(clean)} clean images ({clean.name})" if clean is not None else "no data"
-    print(f"{defense.name} on {args.model}: {source}, {report.result.seconds:.1f} s")
+    what = defense.name if args.defense else f"the recommended repair ({describe_defense(defense)})"
+    print(f"{what} on {args.model}: {source}, {report.result.seconds:.1f} s")
     if report.result.message:
         print(report.result.message)
     if test is not None:
@@ -640,7 +648,8 @@ def _add_repair(sub: Commands) -> None:
                             epilog=methods_help("defenses for --defense", DEFENSES),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     repair.add_argument("model", type=Path)
-    repair.add_argument("--defense", default="prune", help="the defense (listed below)")
+    repair.add_argument("--defense", help="the defense (listed below); without it, the "
+                        "recommended repair (BENCHMARKS.md, 'The recommended repair')")
     repair.add_argument("--clean", default=None,
                         help="clean data: a data set name (its training split is cut to "
                              "--clean-amount) or a file or folder (used whole); not needed "

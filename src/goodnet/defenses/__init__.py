@@ -35,6 +35,7 @@ from goodnet.defenses.nc import NCConfig, NeuralCleanse
 from goodnet.defenses.prune import Prune, PruneConfig
 from goodnet.defenses.rnp import RNP, RNPConfig
 from goodnet.defenses.sau import SAU, SAUConfig
+from goodnet.defenses.sequence import Sequence, SequenceConfig
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
 from goodnet.errors import GoodnetError
 from goodnet.settings import build_settings
@@ -52,7 +53,20 @@ DEFENSES: dict[str, type[Defense[Any]]] = {
     "sau": SAU,
     "ft-sam": FTSAM,
     "nad": NAD,
+    "sequence": Sequence,
 }
+
+
+# The repair ``goodnet repair`` runs without ``--defense``: a registered defense and its settings,
+# chosen once, for every model, by the rule written in BENCHMARKS.md ("The recommended repair")
+# before the grid it was chosen from was run.
+RECOMMENDED: tuple[str, dict[str, Any]] = ("fst", {})
+
+
+def recommended() -> Defense[Any]:
+    """The recommended repair (:data:`RECOMMENDED`), built."""
+    name, settings = RECOMMENDED
+    return make_defense(name, settings)
 
 
 def defense_class(name: str) -> type[Defense[Any]]:
@@ -82,6 +96,7 @@ __all__ = [
     "FTSAM",
     "IBAU",
     "NAD",
+    "RECOMMENDED",
     "RNP",
     "SAU",
     "ANPConfig",
@@ -105,10 +120,13 @@ __all__ = [
     "Repaired",
     "SAUConfig",
     "ScanVerdict",
+    "Sequence",
+    "SequenceConfig",
     "SparseFinePruning",
     "SparseFinePruningConfig",
     "Steps",
     "Timings",
     "defense_class",
     "make_defense",
+    "recommended",
 ]

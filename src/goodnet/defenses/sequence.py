@@ -1,0 +1,101 @@
+"""Two or more repairs one after the other: each registered defense, at its defaults, repairs
+what the one before it returned.
+
+Issue 16 allows the recommended repair to be "a documented sequence of two, such as a
+fine-tuning defense followed by an unlearning one"; ``-p steps=fst,nc`` is that sequence, and the
+benchmark grids run it like any other defense (``{sequence: {steps: [fst, nc]}}``).
+
+- Every step chooses from the same clean data, and every model any step measures goes through
+  the one :class:`Steps` of the whole repair, so an evaluation adds figures and changes nothing.
+- The result is the last step's chosen model, with its variants, masks and curve. A step that
+  fine-tunes a pruned model keeps its masks; the result then names them, and the last curve's
+  points count the channels they prune. The earlier
+  steps' curves, choices and notes are kept in ``notes["steps"]``, their messages joined.
+- A scanning step's verdict (Neural Cleanse's) is the result's ``scan``, whichever step made it.
+- Each step runs at its defaults: a sequence is a fixed recipe, documented once, not a second
+  place to tune settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from goodnet.data.dataset import ImageData
+from goodnet.defenses.base import Defense, Repaired, Steps
+from goodnet.errors import GoodnetError
+from goodnet.masking import Masked
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    """Settings of a sequence of repairs.
+
+    Attributes:
+        steps: the registered defenses to run, in order, each at its defaults (at least two; a
+            sequence cannot contain another sequence).
+    """
+
+    steps: tuple[str, ...] = ("fst", "nc")
+
+    def __post_init__(self) -> None:
+        from goodnet.defenses import DEFENSES
+
+        if len(self.steps) < 2:
+            raise GoodnetError("sequence: give at least two steps, e.g. steps=fst,nc")
+        for name in self.steps:
+            if name == Sequence.name:
+                raise GoodnetError("sequence: a step cannot be another sequence")
+            if name not in DEFENSES:
+                raise GoodnetError(f"sequence: unknown defense {name!r}; choose from "
+                                   f"{', '.join(n for n in DEFENSES if n != Sequence.name)}")
+
+
+class Sequence(Defense[SequenceConfig]):
+    """Run registered defenses one after the other, each on the previous one's result."""
+
+    name = "sequence"
+    paper = "goodnet: registered defenses one after the other (issue 16)"
+    Config = SequenceConfig
+
+    def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
+            progress: bool) -> Repaired:
+        from goodnet.defenses import make_defense
+
+        defenses = [make_defense(name) for name in self.config.steps]
+        if clean is None and any(d.needs_clean for d in defenses):
+            needy = next(d.name for d in defenses if d.needs_clean)
+            raise GoodnetError(f"sequence: {needy} needs clean data")
+        history: list[dict[str, Any]] = []
+        messages: list[str] = []
+        scan = None
+        current = model
+        out: Repaired | None = None
+        for defense in defenses:
+            # run, not repair: the outer repair has checked the data and times the whole;
+            # every step measures through the same Steps.
+            out = defense.run(current, clean, steps, progress)
+            history.append({"defense": defense.name, "settings": defense.settings(),
+                            "chosen": out.chosen, "curve_axis": out.curve.axis,
+                            "curve": out.curve.records(), "notes": out.notes,
+                            "message": out.message})
+            if out.message:
+                messages.append(out.message)
+            if out.scan is not None:
+                scan = out.scan
+            current = out.model
+        assert out is not None
+        masks, pruned, curve = out.masks, out.pruned, out.curve
+        if masks is None and isinstance(out.model, Masked):  # a later step kept the masks
+            masks, pruned = out.model.masks, None
+            count = sum(len(v) for v in masks.pruned().values())
+            curve = dataclasses.replace(curve, points=tuple(
+                p if p.pruned is not None else dataclasses.replace(p, pruned=count)
+                for p in curve.points))
+        return Repaired(
+            model=out.model, curve=curve, masks=masks, variants=dict(out.variants),
+            variant_masks=dict(out.variant_masks), chosen=out.chosen, pruned=pruned,
+            scan=scan, message=" ".join(messages), notes={"steps": history})
