@@ -109,6 +109,9 @@ def test_list_names_every_registry_entry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in [*ATTACKS, *DATASETS, *MODELS, *DEFENSES])
+    from goodnet.defenses import RECOMMENDED
+
+    assert f"recommended repair (goodnet repair without --defense): {RECOMMENDED[0]}" in out
 
 
 def test_repair_writes_models_goodnets_curve_and_plot(trained, npz_pair, tmp_path, capsys):

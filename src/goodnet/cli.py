@@ -226,6 +226,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     for name, defense in DEFENSES.items():
         defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(defense.Config))
         print(f"  {name:<20} {defense.paper}\n  {'':<20} {defaults}")
+    from goodnet.defenses import recommended
+
+    print(f"recommended repair (goodnet repair without --defense): "
+          f"{describe_defense(recommended())}")
     return 0
 
 

@@ -60,7 +60,7 @@ DEFENSES: dict[str, type[Defense[Any]]] = {
 # The repair ``goodnet repair`` runs without ``--defense``: a registered defense and its settings,
 # chosen once, for every model, by the rule written in BENCHMARKS.md ("The recommended repair")
 # before the grid it was chosen from was run.
-RECOMMENDED: tuple[str, dict[str, Any]] = ("fst", {})
+RECOMMENDED: tuple[str, dict[str, Any]] = ("nc", {})
 
 
 def recommended() -> Defense[Any]:
