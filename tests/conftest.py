@@ -154,3 +154,22 @@ def tiny_keras_graph(num_classes: int = 10, channels: int = 1) -> str:
         {"name": "gap", "op": "gap", "inputs": ["pool"]},
         {"name": "dense", "op": "dense", "inputs": ["gap"], "in": 4, "out": num_classes,
          "bias": True, "activation": "linear"}])
+
+
+@pytest.fixture(scope="session")
+def backdoored():
+    """A small CNN with a BadNets backdoor (target 1) on the stripes task, a quarter of its
+    training set as the defender's clean data, and test data: the planted-backdoor network the
+    repair tests share (trained once; no defense modifies its caller's model)."""
+    from goodnet.attacks import make_attack
+    from goodnet.backdoor import train_model
+    from goodnet.data import split_clean
+    from goodnet.train import TrainConfig
+
+    train, test = stripes(800, seed=0), stripes(200, seed=1)
+    attack = make_attack("badnets", {"target": 1, "poison_rate": 0.1}, train.image_shape,
+                         train.num_classes)
+    result = train_model("small_cnn", train, test, TrainConfig(epochs=3, batch_size=64), attack)
+    assert result.metrics.clean_accuracy >= 0.95 and result.metrics.attack_success_rate >= 0.95
+    clean, _ = split_clean(train, 0.25, seed=0)
+    return result.model, clean, test, attack

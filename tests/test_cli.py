@@ -517,3 +517,23 @@ def test_repair_without_a_defense_or_clean_data_is_one_line(trained, tmp_path, c
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "needs clean data" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_repair_with_neural_cleanse_writes_its_triggers(trained, npz_pair, tmp_path, capsys):
+    """NC's reversed triggers are part of its result: saved (no pickle) and drawn beside the
+    repaired model, its verdict in repair.json."""
+    from goodnet.triggers import load_triggers
+
+    out = tmp_path / "nc"
+    assert main(["--no-progress", "repair", str(trained), "--defense", "nc",
+                 "-p", "unlearn_epochs=2", "--clean", str(npz_pair[0]),
+                 "--clean-amount", "200", "--test", str(npz_pair[1]), "--out", str(out)]) == 0
+    summary = json.loads((out / "repair.json").read_text())
+    verdict = load_triggers(out / "triggers.safetensors")
+    assert len(verdict.triggers) == 4 and summary["scan"]["scores"] == list(verdict.scores)
+    # The target's reversed trigger is the smallest: the most anomalous class. (Whether its
+    # index passes NC's threshold of 2 on this tiny 4-class task depends on the split.)
+    assert max(range(4), key=lambda k: verdict.scores[k]) == 1
+    assert summary["scan"]["targets"] == list(verdict.targets)
+    assert verdict.triggers[1].mask.shape == (1, *verdict.triggers[1].pattern.shape[1:])
+    assert (out / "triggers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -8,30 +8,12 @@ import copy
 import pytest
 import torch
 
-from goodnet.attacks import make_attack
-from goodnet.backdoor import train_model
-from goodnet.data import split_clean
 from goodnet.defenses import FST, FSTConfig, make_defense
 from goodnet.defenses.fst import find_head
 from goodnet.errors import GoodnetError
 from goodnet.metrics import evaluate
 from goodnet.models import ModelSpec, build_model
-from goodnet.train import TrainConfig
-from tests.conftest import Planted, halves, stripes, tiny_keras_graph
-
-
-@pytest.fixture(scope="module")
-def backdoored():
-    """A small CNN with a BadNets backdoor on the stripes task, a quarter of its training set
-    as clean data, and test data."""
-    train, test = stripes(800, seed=0), stripes(200, seed=1)
-    attack = make_attack("badnets", {"target": 1, "poison_rate": 0.1}, train.image_shape,
-                         train.num_classes)
-    result = train_model("small_cnn", train, test, TrainConfig(epochs=3, batch_size=64), attack)
-    assert result.metrics.clean_accuracy >= 0.95 and result.metrics.attack_success_rate >= 0.95
-    clean, _ = split_clean(train, 0.25, seed=0)
-    return result.model, clean, test, attack
-
+from tests.conftest import Planted, halves, tiny_keras_graph
 
 FAST = FSTConfig(epochs=20, batch_size=32)
 

@@ -11,30 +11,12 @@ import math
 import pytest
 import torch
 
-from goodnet.attacks import make_attack
-from goodnet.backdoor import train_model
-from goodnet.data import split_clean
 from goodnet.defenses.nad import NAD, NADConfig, attention
 from goodnet.errors import GoodnetError
 from goodnet.metrics import evaluate, predict
 from goodnet.models import ModelSpec, build_model
-from goodnet.train import Hooks, TrainConfig, train
-from tests.conftest import Planted, halves, stripes, tiny_keras_graph
-
-
-@pytest.fixture(scope="module")
-def backdoored():
-    """A small CNN with a BadNets backdoor on the stripes task, a quarter of its training set
-    as clean data, and test data (as in test_fst.py)."""
-    train_set, test = stripes(800, seed=0), stripes(200, seed=1)
-    attack = make_attack("badnets", {"target": 1, "poison_rate": 0.1}, train_set.image_shape,
-                         train_set.num_classes)
-    result = train_model("small_cnn", train_set, test, TrainConfig(epochs=3, batch_size=64),
-                         attack)
-    assert result.metrics.clean_accuracy >= 0.95 and result.metrics.attack_success_rate >= 0.95
-    clean, _ = split_clean(train_set, 0.25, seed=0)
-    return result.model, clean, test, attack
-
+from goodnet.train import Hooks, train
+from tests.conftest import Planted, halves, tiny_keras_graph
 
 SHORT = NADConfig(teacher_epochs=1, epochs=2, batch_size=32)
 
