@@ -8,7 +8,8 @@ reads them), keeps the cells of ``--seed``, and prints, per defense (grid label)
 repairs (ASR <= 2 % and CA at most 1 point below the backdoored model's, on the same test
 images), per data set, its mean CA drop and mean ASR over the rows, and its median repair time;
 then the candidate the rule picks, and the two best by rows repaired and mean ASR with the
-CA bound lifted (the sequences' step of the rule). A defense with fewer than all rows is listed but not ranked.
+CA bound lifted (the sequences' step of the rule). A defense with fewer than all rows is
+listed but not ranked.
 """
 
 from __future__ import annotations
