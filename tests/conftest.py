@@ -156,11 +156,9 @@ def tiny_keras_graph(num_classes: int = 10, channels: int = 1) -> str:
          "bias": True, "activation": "linear"}])
 
 
-@pytest.fixture(scope="session")
-def backdoored():
-    """A small CNN with a BadNets backdoor (target 1) on the stripes task, a quarter of its
-    training set as the defender's clean data, and test data: the planted-backdoor network the
-    repair tests share (trained once; no defense modifies its caller's model)."""
+def plant_backdoor(epochs: int = 3):
+    """A small CNN trained ``epochs`` epochs with a BadNets backdoor (target 1) on the stripes
+    task, a quarter of its training set as the defender's clean data, and test data."""
     from goodnet.attacks import make_attack
     from goodnet.backdoor import train_model
     from goodnet.data import split_clean
@@ -169,7 +167,15 @@ def backdoored():
     train, test = stripes(800, seed=0), stripes(200, seed=1)
     attack = make_attack("badnets", {"target": 1, "poison_rate": 0.1}, train.image_shape,
                          train.num_classes)
-    result = train_model("small_cnn", train, test, TrainConfig(epochs=3, batch_size=64), attack)
+    result = train_model("small_cnn", train, test, TrainConfig(epochs=epochs, batch_size=64),
+                         attack)
     assert result.metrics.clean_accuracy >= 0.95 and result.metrics.attack_success_rate >= 0.95
     clean, _ = split_clean(train, 0.25, seed=0)
     return result.model, clean, test, attack
+
+
+@pytest.fixture(scope="session")
+def backdoored():
+    """The planted-backdoor network the repair tests share (trained once, three epochs; no
+    defense modifies its caller's model)."""
+    return plant_backdoor()

@@ -9,15 +9,11 @@ import copy
 import pytest
 import torch
 
-from goodnet.attacks import make_attack
-from goodnet.backdoor import train_model
-from goodnet.data import split_clean
 from goodnet.defenses.ibau import IBAU, IBAUConfig, hypergradient
 from goodnet.errors import GoodnetError
 from goodnet.metrics import evaluate
 from goodnet.models import ModelSpec, build_model
-from goodnet.train import TrainConfig
-from tests.conftest import Planted, halves, stripes, tiny_keras_graph
+from tests.conftest import Planted, halves, plant_backdoor, stripes, tiny_keras_graph
 
 
 def quadratic(seed: int = 0):
@@ -59,16 +55,9 @@ def test_the_hypergradient_is_the_implicit_gradient():
 
 @pytest.fixture(scope="module")
 def backdoored():
-    """A small CNN with a BadNets backdoor on the stripes task (one epoch: confident enough to
-    be backdoored, not so saturated that the cross-entropy's gradient in δ vanishes), a quarter
-    of its training set as clean data, and test data."""
-    train, test = stripes(800, seed=0), stripes(200, seed=1)
-    attack = make_attack("badnets", {"target": 1, "poison_rate": 0.1}, train.image_shape,
-                         train.num_classes)
-    result = train_model("small_cnn", train, test, TrainConfig(epochs=1, batch_size=64), attack)
-    assert result.metrics.clean_accuracy >= 0.95 and result.metrics.attack_success_rate >= 0.95
-    clean, _ = split_clean(train, 0.25, seed=0)
-    return result.model, clean, test, attack
+    """The planted-backdoor network trained one epoch only: confident enough to be backdoored,
+    not so saturated that the cross-entropy's gradient in δ vanishes."""
+    return plant_backdoor(epochs=1)
 
 
 def test_unlearning_removes_the_backdoor_and_keeps_the_task(backdoored):
