@@ -122,7 +122,7 @@ FAST = {
     "rnp": RNPConfig(unlearning_epochs=2, recovering_epochs=2, batch_size=64),
     "anp": ANPConfig(iterations=20, batch_size=32),
     "clp": None,
-    "fst": FSTConfig(epochs=2, batch_size=32),
+    "fst": FSTConfig(epochs=2, batch_size=32, distill=1.0, recover_epochs=1),
     "nc": NCConfig(epochs=1, unlearn_epochs=1),
     "i-bau": IBAUConfig(n_rounds=1, batch_size=50),
     "sau": SAUConfig(epochs=1, batch_size=50),

@@ -79,7 +79,42 @@ def test_a_named_head_must_be_fully_connected(backdoored):
         FST(FSTConfig(head="nope", epochs=1)).repair(model, clean)
 
 
-@pytest.mark.parametrize("settings", [{"alpha": -1.0}, {"epochs": 0}, {"lr": 0.0}])
+def test_distillation_and_recovery_keep_the_backdoor_out(backdoored):
+    """goodnet's additions: the distilled, recovered model is the result, the model after the
+    penalised epochs a variant; the backdoor stays out and the caller's model is untouched."""
+    model, clean, test, attack = backdoored
+    model.train()
+    before = copy.deepcopy(model.state_dict())
+    config = FSTConfig(epochs=FAST.epochs, batch_size=32, alpha=1.0, distill=4.0,
+                       recover_epochs=5)
+    result = FST(config).repair(model, clean)
+    assert result.chosen == "recovered" and set(result.variants) == {"tuned", "recovered"}
+    assert result.variants["recovered"] is result.model
+    assert [p.x for p in result.curve.points] == list(range(FAST.epochs + 5 + 1))
+    assert dict(result.curve.marks) == {"tuned": FAST.epochs, "recovered": FAST.epochs + 5}
+    tuned = result.variants["tuned"].get_submodule("fc2").weight
+    assert not torch.equal(tuned, result.model.get_submodule("fc2").weight)
+    for candidate in (result.model, result.variants["tuned"]):
+        metrics = evaluate(candidate, test, attack)
+        assert metrics.attack_success_rate <= 0.05 and metrics.clean_accuracy >= 0.95
+    assert model.training  # the teacher is a copy: the caller's mode is kept too
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not result.model._forward_hooks  # the distiller's hook is gone
+
+
+def test_the_distillation_term_is_used(backdoored):
+    model, clean, _, _ = backdoored
+    plain = FST(FSTConfig(epochs=2, batch_size=32)).repair(model, clean)
+    distilled = FST(FSTConfig(epochs=2, batch_size=32, distill=4.0)).repair(model, clean)
+    assert plain.notes["loss"][0] != distilled.notes["loss"][0]
+    assert not torch.equal(plain.model.get_submodule("fc2").weight,
+                           distilled.model.get_submodule("fc2").weight)
+    assert plain.chosen == distilled.chosen == "tuned" and set(plain.variants) == {"tuned"}
+
+
+@pytest.mark.parametrize("settings", [
+    {"alpha": -1.0}, {"epochs": 0}, {"lr": 0.0}, {"distill": -1.0}, {"temperature": 0.0},
+    {"recover_epochs": -1}, {"recover_lr": 0.0}, {"distill": float("nan")}])
 def test_bad_settings_are_refused(settings):
     with pytest.raises(GoodnetError, match="fst"):
         make_defense("fst", settings)

@@ -30,6 +30,21 @@ Departures, documented:
 - **Randomness** comes from ``seed`` alone (the new head and the batch order), as everywhere in
   goodnet.
 
+goodnet's additions, off by default (so the defaults are the paper's FST):
+
+- **Distillation from the original model** (``distill``, ``temperature``): each step's loss also
+  gets ``distill · T² · KL(softmax(f_orig(x)/T) ‖ softmax(f(x)/T))`` on the same clean batch
+  (Hinton, Vinyals & Dean 2015). On clean inputs the backdoored model's outputs carry its clean
+  knowledge and nothing of the trigger, and ten soft outputs per image teach a re-initialised
+  head far more than one label does when there are only a few hundred images.
+- **A recovery phase** (``recover_epochs``, ``recover_lr``): after the penalised epochs, more
+  epochs without the penalty and without the norm projection, cross-entropy plus the same
+  distillation term, to win back the clean accuracy the head's turn cost. Its model is the
+  result ("recovered"); the model after the penalised epochs stays a variant ("tuned").
+
+The recommended repair (:data:`goodnet.defenses.RECOMMENDED`) uses both; BENCHMARKS.md says how
+its settings were chosen and what they measure.
+
 The curve holds the clean-data accuracy after each epoch (and, with an evaluation, test CA and
 ASR for reporting); nothing is chosen from it: FST's result is the model after the last epoch.
 """
@@ -38,10 +53,12 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps, clean_or_blank
@@ -61,6 +78,12 @@ class FSTConfig:
         head: the classifier layer to re-initialise; None: the last fully connected layer that
             produces the model's outputs.
         seed: fixes the new head and the batch order.
+        distill: weight of the distillation term from the original model (goodnet's
+            addition; 0, the paper's FST, adds none).
+        temperature: the distillation's softmax temperature.
+        recover_epochs: epochs of the recovery phase after the penalised ones (goodnet's
+            addition; 0: none).
+        recover_lr: SGD learning rate of the recovery phase (cosine to zero).
     """
 
     alpha: float = 0.2
@@ -69,12 +92,23 @@ class FSTConfig:
     batch_size: int = 128
     head: str | None = None
     seed: int = 0
+    distill: float = 0.0
+    temperature: float = 2.0
+    recover_epochs: int = 0
+    recover_lr: float = 0.01
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.alpha) or self.alpha < 0:
             raise GoodnetError("fst: alpha must be a finite number >= 0")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise GoodnetError("fst: epochs and batch size must be positive, lr > 0")
+        if not math.isfinite(self.distill) or self.distill < 0:
+            raise GoodnetError("fst: distill must be a finite number >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise GoodnetError("fst: temperature must be > 0")
+        if self.recover_epochs < 0 or not (math.isfinite(self.recover_lr)
+                                           and self.recover_lr > 0):
+            raise GoodnetError("fst: recover_epochs must be >= 0 and recover_lr > 0")
 
 
 def find_head(model: nn.Module, example: torch.Tensor) -> str:
@@ -97,6 +131,33 @@ def reinitialise(layer: nn.Linear, generator: torch.Generator) -> None:
             if parameter is not None:
                 values = torch.rand(parameter.shape, generator=generator) * 2 * bound - bound
                 parameter.copy_(values.to(parameter.device, parameter.dtype))
+
+
+class Distiller:
+    """The distillation term on the batch the student has just seen: a forward hook keeps the
+    student's outputs, so the training loop's own forward pass is the one used."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, weight: float,
+                 temperature: float) -> None:
+        self.teacher = copy.deepcopy(teacher).eval()  # the caller's model keeps its mode
+        self.weight, self.temperature = weight, temperature
+        self.outputs: torch.Tensor | None = None
+        self.handle = student.register_forward_hook(self._keep)
+
+    def _keep(self, _module: nn.Module, _inputs: object, outputs: torch.Tensor) -> None:
+        self.outputs = outputs
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.outputs is not None, "the student has not run on this batch"
+        t = self.temperature
+        with torch.no_grad():
+            target = torch.softmax(self.teacher(x).float() / t, 1)
+        student = torch.log_softmax(self.outputs.float() / t, 1)
+        return self.weight * t * t * F.kl_div(student, target, reduction="batchmean")
+
+    def close(self) -> None:
+        self.handle.remove()
+        self.outputs = None
 
 
 class FST(Defense[FSTConfig]):
@@ -123,21 +184,44 @@ class FST(Defense[FSTConfig]):
         reinitialise(head, torch.Generator().manual_seed(cfg.seed))
         points: list[Point] = [steps.measure(model, clean, 0, None)]
 
-        def penalty(_x: torch.Tensor) -> torch.Tensor:
-            return cfg.alpha * (head.weight * original).sum()
+        distiller = Distiller(work, model, cfg.distill, cfg.temperature) if cfg.distill else None
+
+        def penalty(x: torch.Tensor) -> torch.Tensor:
+            turn = cfg.alpha * (head.weight * original).sum()
+            return turn + distiller(x) if distiller else turn
 
         def project() -> None:  # back to the original head's norm
             head.weight.mul_(norm / head.weight.norm().clamp_min(1e-12))
 
-        def measure(epoch: int) -> None:
-            points.append(steps.measure(work.eval(), clean, epoch, None))
+        def measure_from(offset: int) -> Callable[[int], None]:
+            def measure(epoch: int) -> None:
+                points.append(steps.measure(work.eval(), clean, offset + epoch, None))
+            return measure
 
-        history = train(work, clean, TrainConfig(
-            epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=0.9,
-            weight_decay=0.0, schedule="cosine", seed=cfg.seed), progress=progress,
-            hooks=Hooks(penalty=penalty, after_step=project, after_epoch=measure))
+        def settings(epochs: int, lr: float) -> TrainConfig:
+            return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, momentum=0.9,
+                               weight_decay=0.0, schedule="cosine", seed=cfg.seed)
+
+        try:
+            losses = [e.loss for e in train(
+                work, clean, settings(cfg.epochs, cfg.lr), progress=progress,
+                hooks=Hooks(penalty=penalty, after_step=project,
+                            after_epoch=measure_from(0))).epochs]
+            variants = {"tuned": work}
+            marks = [("tuned", len(points) - 1)]
+            if cfg.recover_epochs:
+                variants = {"tuned": copy.deepcopy(work).eval()}
+                losses += [e.loss for e in train(
+                    work, clean, settings(cfg.recover_epochs, cfg.recover_lr),
+                    progress=progress, hooks=Hooks(penalty=distiller,
+                                                   after_epoch=measure_from(cfg.epochs))).epochs]
+                variants["recovered"] = work
+                marks.append(("recovered", len(points) - 1))
+        finally:
+            if distiller:
+                distiller.close()
         work.eval()
-        curve = Curve("epoch", tuple(points), (("tuned", len(points) - 1),))
-        return Repaired(model=work, curve=curve, variants={"tuned": work}, chosen="tuned",
-                        notes={"head": name, "head_norm": float(norm),
-                               "loss": [e.loss for e in history.epochs]})
+        chosen = "recovered" if cfg.recover_epochs else "tuned"
+        curve = Curve("epoch", tuple(points), tuple(marks))
+        return Repaired(model=work, curve=curve, variants=variants, chosen=chosen,
+                        notes={"head": name, "head_norm": float(norm), "loss": losses})
