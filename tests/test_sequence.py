@@ -4,11 +4,13 @@ the result is the last step's, the earlier steps are in its notes."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import pytest
 import torch
 
-from goodnet.defenses import Sequence, SequenceConfig, make_defense
+from goodnet.bench.grid import Entry, digest
+from goodnet.defenses import DEFENSES, FSTConfig, Sequence, SequenceConfig, make_defense
 from goodnet.errors import GoodnetError
 from goodnet.masking import Masked
 from goodnet.metrics import evaluate
@@ -60,3 +62,19 @@ def test_bad_sequences_are_refused(steps, message):
 def test_a_sequence_from_the_command_line_text():
     defense = make_defense("sequence", {"steps": "fst,nc"}, text=True)
     assert defense.config.steps == ("fst", "nc")
+
+
+def test_a_changed_step_default_is_a_new_sequence_cell(monkeypatch):
+    """A sequence runs its steps at their defaults, so the grid's cache key must hash them: a
+    cached sequence cell must not be reused after a step's default changed."""
+    entry = Entry("fst-then-prune", "sequence", (("steps", ["fst", "prune"]),))
+    before = entry.resolved(DEFENSES, "defense")
+    assert [name for name, _ in before["parts"]] == ["fst", "prune"]
+
+    @dataclass(frozen=True)
+    class Changed(FSTConfig):
+        alpha: float = 0.3
+
+    monkeypatch.setattr(DEFENSES["fst"], "Config", Changed)
+    after = entry.resolved(DEFENSES, "defense")
+    assert after["steps"] == before["steps"] and digest(after) != digest(before)

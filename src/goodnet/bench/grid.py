@@ -125,8 +125,16 @@ class Entry:
                               f"{what} {self.label}")
 
     def resolved(self, registry: dict[str, Any], what: str) -> dict[str, Any]:
-        """Every setting, defaults included: what the cache key hashes."""
-        return _jsonable(dataclasses.asdict(self.config(registry, what)))
+        """Every setting, defaults included: what the cache key hashes. A composite (a
+        sequence) runs other defenses at their defaults, so their settings count too: a changed
+        default of a step is a new cell of every sequence that runs it."""
+        config = self.config(registry, what)
+        settings = _jsonable(dataclasses.asdict(config))
+        parts = getattr(config, "parts", None)
+        if callable(parts):
+            settings["parts"] = [[name, _jsonable(dataclasses.asdict(part))]
+                                 for name, part in parts()]
+        return settings
 
 
 def _jsonable(value: Any) -> Any:

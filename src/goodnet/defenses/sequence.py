@@ -54,6 +54,13 @@ class SequenceConfig:
                                    f"{', '.join(n for n in DEFENSES if n != Sequence.name)}")
 
 
+    def parts(self) -> list[tuple[str, Any]]:
+        """Each step's name and settings (its defaults): what the steps run with."""
+        from goodnet.defenses import DEFENSES
+
+        return [(name, DEFENSES[name].Config()) for name in self.steps]
+
+
 class Sequence(Defense[SequenceConfig]):
     """Run registered defenses one after the other, each on the previous one's result."""
 
