@@ -13,6 +13,7 @@ from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, evaluate, predict
 from goodnet.models import MODELS, ModelSpec, build_model, spec_for_data
+from goodnet.scans import SCANNERS, ScanReport, make_scanner, scan
 from goodnet.train import TrainConfig, train
 from goodnet.version import __version__
 
@@ -21,6 +22,7 @@ __all__ = [
     "DATASETS",
     "DEFENSES",
     "MODELS",
+    "SCANNERS",
     "Attack",
     "Defense",
     "GoodNet",
@@ -30,6 +32,7 @@ __all__ = [
     "ModelCard",
     "ModelSpec",
     "RepairResult",
+    "ScanReport",
     "TrainConfig",
     "__version__",
     "attack_from_card",
@@ -39,9 +42,11 @@ __all__ = [
     "load_model",
     "make_attack",
     "make_defense",
+    "make_scanner",
     "predict",
     "read_card",
     "save_model",
+    "scan",
     "spec_for_data",
     "split_clean",
     "train",

@@ -230,6 +230,13 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     print(f"recommended repair (goodnet repair without --defense): "
           f"{describe_defense(recommended())}")
+    from goodnet.scans import SCANNERS
+
+    print("scanners (goodnet scan):")
+    for name, scanner in SCANNERS.items():
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(scanner.Config))
+        data = "clean data" if scanner.needs_clean else "data-free"
+        print(f"  {name:<20} {scanner.paper} ({data})\n  {'':<20} {defaults}")
     return 0
 
 
@@ -336,6 +343,46 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if test is not None:
         print(metrics_table(report.rows()))
     print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    from goodnet.scan_output import check_out, scores_name, write_scan
+    from goodnet.scans import default_scanner, make_scanner, scanner_class
+
+    if args.scanner is not None:
+        scanner_class(args.scanner)  # a typo fails now, not after loading the data
+    loaded = open_model(args)
+    out = Path(args.out)
+    check_out(out)
+    clean = clean_from_args(args, loaded.card.spec) if args.clean is not None else None
+    name = args.scanner or default_scanner(clean)
+    scanner = make_scanner(name, pairs_to_dict(args.param, name), text=True)
+    if scanner.needs_clean and clean is None:
+        raise GoodnetError(f"{name} needs clean data: give --clean")
+    report = scanner.scan(loaded.model, clean, progress=args.progress)
+    written = write_scan(report, out, clean, args.model.name, model=loaded.model)
+    verdict = report.verdict
+    source = (f"{report.clean_images} clean images ({clean.name})" if report.clean_images
+              and clean is not None else "no data")
+    print(f"{name} scan of {args.model}: {report.classes} classes, {source}, "
+          f"{report.seconds:.1f} s")
+    relation = ">" if verdict.backdoored else "<="
+    print(f"verdict: {'BACKDOORED' if verdict.backdoored else 'no backdoor found'} "
+          f"({report.score_name} {verdict.score:.2f} {relation} threshold "
+          f"{verdict.threshold:g})")
+    if verdict.targets:
+        plural = "es" if len(verdict.targets) > 1 else ""
+        print(f"suspected target class{plural}: {', '.join(map(str, verdict.targets))}")
+    per_class = scores_name(report)
+    for k in verdict.targets:
+        if k < len(verdict.triggers):
+            trigger = verdict.triggers[k]
+            print(f"  class {k}: {per_class} {verdict.scores[k]:.2f}, reversed trigger's mask "
+                  f"norm {trigger.norm:.1f}, success {100 * trigger.success:.1f} %")
+        elif k < len(verdict.scores):
+            print(f"  class {k}: {per_class} {verdict.scores[k]:.2f}")
+    print(f"wrote {len(written)} files to {out} (open {out / 'scan.html'})")
     return 0
 
 
@@ -541,8 +588,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for add in (_add_demo, _add_attack, _add_train, _add_eval, _add_zoo, _add_bench,
-                _add_report, _add_repair, _add_finetune, _add_predict, _add_info, _add_import,
-                _add_export, _add_list):
+                _add_report, _add_scan, _add_repair, _add_finetune, _add_predict, _add_info,
+                _add_import, _add_export, _add_list):
         add(sub)
     return parser
 
@@ -642,6 +689,35 @@ def _add_report(sub: Commands) -> None:
                      help="CA points a defense may lose and still be marked best (default 2)")
     rep.add_argument("--title", default=None)
     rep.set_defaults(func=cmd_report)
+
+
+def _add_scan(sub: Commands) -> None:
+    from goodnet.scans import SCANNERS
+
+    scan = sub.add_parser("scan", help="is a model backdoored? the verdict, the suspected "
+                                       "target class and its reversed trigger; writes "
+                                       "scan.json, pictures and scan.html",
+                          epilog=methods_help("scanners for --scanner", SCANNERS),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    scan.add_argument("model", type=Path)
+    scan.add_argument("--scanner", default=None,
+                      help="the scanner (listed below); default: nc with --clean, the "
+                           "data-free mm-bd without")
+    scan.add_argument("--clean", default=None,
+                      help="clean data: a data set name (its training split is cut to "
+                           "--clean-amount) or a file or folder (used whole); not needed by "
+                           "a data-free scanner")
+    scan.add_argument("--clean-amount", default="0.01",
+                      help="fraction or count of the training split (default 0.01)")
+    scan.add_argument("--clean-seed", type=int, default=0)
+    scan.add_argument("--data-root", type=Path, default=None)
+    scan.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                      help="scanner setting, repeatable (see 'goodnet list')")
+    scan.add_argument("--out", required=True,
+                      help="output folder (made at the end; files of the same names in an "
+                           "existing folder are replaced)")
+    add_keras_options(scan)
+    scan.set_defaults(func=cmd_scan)
 
 
 def _add_repair(sub: Commands) -> None:
@@ -745,7 +821,8 @@ def _add_export(sub: Commands) -> None:
 
 
 def _add_list(sub: Commands) -> None:
-    listing = sub.add_parser("list", help="data sets, architectures and attacks on offer")
+    listing = sub.add_parser("list", help="data sets, architectures, attacks, defenses and "
+                                          "scanners on offer")
     listing.set_defaults(func=cmd_list)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import os
 import platform
 import threading
@@ -23,12 +24,13 @@ import torch
 from goodnet.artifacts import load_model, save_model
 from goodnet.attacks import ATTACKS, make_attack
 from goodnet.backdoor import attack_from_card, train_model
-from goodnet.bench.grid import Cell, ModelJob, normal
+from goodnet.bench.grid import CLEAN, Cell, ModelJob, ScanCell, normal
 from goodnet.data import load_dataset, split_clean
 from goodnet.data.dataset import ImageData
 from goodnet.defenses import make_defense
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, poisoned_batches, predict_all
+from goodnet.scans import make_scanner
 from goodnet.version import __version__
 from goodnet.workflow import repair_and_measure
 
@@ -144,7 +146,8 @@ def check_model(job: ModelJob, card_training: dict[str, Any], card_attack: Any) 
     wanted = job.train_config_dict()
     found = card_training.get("config", {})
     attack = (card_attack or {}).get("config")
-    expected_attack = job.attack.resolved(ATTACKS, "attack")
+    expected_attack = (None if job.attack.name == CLEAN
+                       else job.attack.resolved(ATTACKS, "attack"))
     if normal(found) != normal(wanted) or normal(attack) != normal(expected_attack):
         raise GoodnetError(f"{job.path()}: this cached model was built with other training or "
                            f"attack settings than the grid asks for; move it away to rebuild")
@@ -163,7 +166,7 @@ def build_model(job: ModelJob, threads: int = 1) -> dict[str, Any]:
             train = _data(job.data, "train", job.train_limit)
             test = _data(job.data, "test", None)  # the card's figures: the whole test set
             attack = None
-            if job.attack.name != "clean":
+            if job.attack.name != CLEAN:
                 attack = make_attack(job.attack.name, dict(job.attack.settings),
                                      train.image_shape, train.num_classes)
             start = time.perf_counter()
@@ -181,8 +184,60 @@ def _metrics(metrics: Metrics | None) -> dict[str, Any] | None:
     return {k: v for k, v in dataclasses.asdict(metrics).items()}
 
 
-def run_cell(cell: Cell) -> dict[str, Any]:
-    """Run ``cell``'s defense on its (already built) model and measure it: one result record."""
+def _number(value: float) -> float | str:
+    """A float for JSON: infinities and NaN as the strings float() reads back."""
+    return float(value) if math.isfinite(value) else str(float(value))
+
+
+def run_scan_cell(cell: ScanCell) -> dict[str, Any]:
+    """Run ``cell``'s scanner on its (already built) model: one result record, with what the
+    model really is (backdoored or clean, its target and attack success) beside the verdict."""
+    job = cell.model
+    record: dict[str, Any] = {
+        "key": None, "kind": "scan", "status": "ok", "data": job.data, "arch": job.arch,
+        "attack": job.attack.label, "scanner": cell.scanner.label, "seed": job.seed,
+        "versions": versions(), "host": platform.node(),
+    }
+    start = time.perf_counter()
+    try:
+        record.update(key=cell.key, config=cell.configuration())
+        with torch_threads(cell.threads), PeakMemory() as memory:
+            loaded = load_model(job.path())
+            check_model(job, loaded.card.training, loaded.card.attack)
+            clean = None
+            if cell.needs_clean():
+                train = _data(job.data, "train", job.train_limit)
+                clean, _ = split_clean(train, cell.clean, seed=job.seed)
+            scanner = make_scanner(cell.scanner.name, dict(cell.scanner.settings))
+            report = scanner.scan(loaded.model, clean)
+        attack = (loaded.card.attack or {}).get("config") or {}
+        verdict = report.verdict
+        record.update({
+            "backdoored_model": job.attack.name != CLEAN,
+            "true_targets": ([attack["target"]] if attack.get("target") is not None
+                             else list(attack.get("targets") or [])),
+            "all_to_one": (job.attack.name != CLEAN and attack.get("target") is not None
+                           and attack.get("mode", "all-to-one") == "all-to-one"),
+            "model_card": {"clean_accuracy": loaded.card.metrics.get("clean_accuracy"),
+                           "attack_success_rate": loaded.card.metrics.get(
+                               "attack_success_rate")},
+            "flagged": verdict.backdoored, "targets": list(verdict.targets),
+            "score": _number(verdict.score), "threshold": _number(verdict.threshold),
+            "score_name": report.score_name, "scores": [_number(v) for v in verdict.scores],
+            "clean_images": report.clean_images, "scan_seconds": report.seconds,
+            "peak_memory_mib": memory.mib,
+        })
+    except Exception as error:  # recorded, and the grid goes on
+        record.update(_failure(error))
+        record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def run_cell(cell: Cell | ScanCell) -> dict[str, Any]:
+    """Run ``cell``'s defense on its (already built) model and measure it: one result record
+    (a scan cell: :func:`run_scan_cell`)."""
+    if isinstance(cell, ScanCell):
+        return run_scan_cell(cell)
     job = cell.model
     record: dict[str, Any] = {
         "key": None, "status": "ok", "data": job.data, "arch": job.arch,

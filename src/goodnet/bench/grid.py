@@ -1,4 +1,4 @@
-"""A benchmark grid: attack × defense × data set × architecture × seed, read from YAML.
+"""A benchmark grid: attack × defense (or scanner) × data set × architecture × seed, from YAML.
 
 A grid file names what to cross and how to measure it::
 
@@ -19,6 +19,13 @@ A grid file names what to cross and how to measure it::
 
 Every list may be a single value; ``attacks: all`` and ``defenses: all`` take every registered
 one. Unknown keys, attacks, defenses and settings are refused with the file and the key named.
+
+A grid may also scan: ``scanners: [mm-bd, {nc: {epochs: 6}}]`` runs each scanner on every model,
+and ``attacks`` may then name ``clean`` (a model trained on clean data, as ``goodnet zoo`` builds
+it) so that the report can set backdoored models against clean ones (AUROC, ROC). Defenses run
+on the backdoored models only; a grid with ``scanners`` and no ``defenses`` key only scans. A
+data-free scanner's cells do not depend on ``clean``. ``clean_seeds`` gives the clean models
+their own seeds (more of them than the backdoored ones, say; default: ``seeds``).
 
 A grid file is untrusted input and bounded before anything is built from it: at most
 ``MAX_GRID_BYTES`` of YAML, at most ``MAX_EXPANDED`` once every alias is expanded (measured on the
@@ -54,6 +61,7 @@ from goodnet.defenses import DEFENSES
 from goodnet.errors import GoodnetError
 from goodnet.models import MODELS
 from goodnet.paths import require_regular_file
+from goodnet.scans import SCANNERS
 from goodnet.settings import build_settings, check_settings
 from goodnet.train import TrainConfig
 
@@ -67,8 +75,24 @@ MAX_PATH = 4096
 MAX_SEED = 2**63 - 1
 MAX_LIST = 1000
 
-_KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "seeds", "clean", "train",
-         "train_limit", "test_limit", "curve_limit", "threads"}
+_KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "scanners", "seeds",
+         "clean_seeds", "clean", "train", "train_limit", "test_limit", "curve_limit", "threads"}
+
+CLEAN = "clean"  # the pseudo-attack of a model trained on clean data (as in ``goodnet zoo``)
+
+
+@dataclass(frozen=True)
+class _NoSettings:
+    """A clean model's attack settings: none."""
+
+
+class _CleanModel:
+    Config = _NoSettings
+
+
+# What a grid's ``attacks`` may name: every registered attack, and ``clean`` (clean models get
+# scan cells only: a defense has no backdoor to remove there).
+ATTACK_ENTRIES: dict[str, Any] = {**ATTACKS, CLEAN: _CleanModel}
 
 
 def _frozen(settings: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
@@ -176,7 +200,7 @@ class ModelJob:
 
     def configuration(self) -> dict[str, Any]:
         return {"data": self.data, "arch": self.arch, "attack": self.attack.name,
-                "attack_settings": self.attack.resolved(ATTACKS, "attack"),
+                "attack_settings": self.attack.resolved(ATTACK_ENTRIES, "attack"),
                 "train": self.train_config_dict(), "train_limit": self.train_limit}
 
     def train_config(self) -> TrainConfig:
@@ -226,6 +250,34 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class ScanCell:
+    """One scanner on one model (backdoored or clean): a unit of work like :class:`Cell`."""
+
+    model: ModelJob
+    scanner: Entry
+    clean: float | int
+    threads: int
+
+    def needs_clean(self) -> bool:
+        return bool(SCANNERS[self.scanner.name].needs_clean)
+
+    def configuration(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "kind": "scan", **self.model.configuration(),
+                "seed": self.model.seed, "attack_label": self.model.attack.label,
+                "scanner": self.scanner.name, "scanner_label": self.scanner.label,
+                "scanner_settings": self.scanner.resolved(SCANNERS, "scanner"),
+                "clean": self.clean if self.needs_clean() else None, "threads": self.threads}
+
+    @property
+    def key(self) -> str:
+        return digest(self.configuration())
+
+    def describe(self) -> str:
+        m = self.model
+        return f"{m.data} {m.arch} {m.attack.label} seed {m.seed}: scan {self.scanner.label}"
+
+
+@dataclass(frozen=True)
 class Grid:
     """A parsed grid file."""
 
@@ -236,6 +288,8 @@ class Grid:
     attacks: tuple[Entry, ...]
     defenses: tuple[Entry, ...]
     seeds: tuple[int, ...]
+    scanners: tuple[Entry, ...] = ()
+    clean_seeds: tuple[int, ...] | None = None
     clean: float | int = 0.01
     train: tuple[tuple[str, Any], ...] = ()
     train_limit: int | None = None
@@ -245,12 +299,21 @@ class Grid:
     source: str = field(default="", compare=False)
 
     def models(self) -> list[ModelJob]:
-        return [ModelJob(d, a, k, s, self.train, self.train_limit, self.test_limit, self.zoo)
-                for d in self.data for a in self.archs for k in self.attacks for s in self.seeds]
+        def seeds(attack: Entry) -> tuple[int, ...]:
+            if attack.name == CLEAN and self.clean_seeds is not None:
+                return self.clean_seeds
+            return self.seeds
 
-    def cells(self) -> list[Cell]:
-        return [Cell(m, d, self.clean, self.curve_limit, self.threads)
-                for m in self.models() for d in self.defenses]
+        return [ModelJob(d, a, k, s, self.train, self.train_limit, self.test_limit, self.zoo)
+                for d in self.data for a in self.archs for k in self.attacks for s in seeds(k)]
+
+    def cells(self) -> list[Cell | ScanCell]:
+        """Every defense on every backdoored model, then every scanner on every model."""
+        cells: list[Cell | ScanCell] = [
+            Cell(m, d, self.clean, self.curve_limit, self.threads)
+            for m in self.models() if m.attack.name != CLEAN for d in self.defenses]
+        return cells + [ScanCell(m, s, self.clean, self.threads)
+                        for m in self.models() for s in self.scanners]
 
 
 def _count(value: Any, registry: dict[str, Any] | None = None) -> int:
@@ -310,6 +373,26 @@ def _entries(value: Any, registry: dict[str, Any], what: str, source: str) -> tu
     return tuple(entries)
 
 
+def _attacks(value: Any, source: str) -> tuple[Entry, ...]:
+    """The grid's attacks: ``all`` (every registered attack) or a list, which may also name
+    ``clean`` (clean models, for the scanners)."""
+    if value == "all":
+        return _entries(value, ATTACKS, "attack", source)
+    return _entries(value, ATTACK_ENTRIES, "attack", source)
+
+
+def _seeds(value: Any, key: str, source: str) -> tuple[int, ...]:
+    value = [value] if isinstance(value, int) else value
+    if (not isinstance(value, list) or not value or len(value) > MAX_LIST
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
+                       for s in value)):
+        raise GoodnetError(f"{source}: {key} must be a whole number from 0 to 2**63 - 1 or a "
+                           f"list of them")
+    if len(set(value)) != len(value):
+        raise GoodnetError(f"{source}: {key} lists the same seed twice")
+    return tuple(value)
+
+
 def _strings(value: Any, key: str, source: str, limit: int = MAX_LABEL) -> tuple[str, ...]:
     value = [value] if isinstance(value, str) else value
     if not isinstance(value, list) or not value or not all(
@@ -336,12 +419,15 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
     if unknown:
         raise GoodnetError(f"{source}: unknown key {_short(unknown[0])} (known: "
                            f"{', '.join(sorted(_KEYS))})")
+    # A grid with scanners and no defenses key scans only.
+    defenses_raw = raw.get("defenses", [] if "scanners" in raw else "all")
     cells = math.prod([_count(raw.get("data")), _count(raw.get("archs")),
                        _count(raw.get("attacks", "all"), ATTACKS),
-                       _count(raw.get("defenses", "all"), DEFENSES), _count(raw.get("seeds"))])
+                       _count(defenses_raw, DEFENSES) + _count(raw.get("scanners", []), SCANNERS),
+                       max(_count(raw.get("seeds")), _count(raw.get("clean_seeds")))])
     if cells > MAX_CELLS:  # counted before a single entry is parsed or a cell made
-        raise GoodnetError(f"{source}: data × archs × attacks × defenses × seeds is {cells} "
-                           f"cells; at most {MAX_CELLS} (split the grid)")
+        raise GoodnetError(f"{source}: data × archs × attacks × (defenses + scanners) × seeds "
+                           f"is {cells} cells; at most {MAX_CELLS} (split the grid)")
     base = base or Path(".")
     name = _text(raw.get("name", Path(source).stem), "name", source)
     if name in (".", "..") or "/" in name or "\\" in name:
@@ -361,15 +447,9 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
     for key, values in (("data", data), ("archs", archs)):
         if len(set(values)) != len(values):
             raise GoodnetError(f"{source}: {key} lists the same entry twice")
-    seeds = raw.get("seeds", [0])
-    seeds = [seeds] if isinstance(seeds, int) else seeds
-    if (not isinstance(seeds, list) or not seeds
-            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s <= MAX_SEED
-                       for s in seeds)):
-        raise GoodnetError(f"{source}: seeds must be a whole number from 0 to 2**63 - 1 or a "
-                           f"list of them")
-    if len(set(seeds)) != len(seeds):
-        raise GoodnetError(f"{source}: seeds lists the same seed twice")
+    seeds = _seeds(raw.get("seeds", [0]), "seeds", source)
+    clean_seeds = (_seeds(raw["clean_seeds"], "clean_seeds", source)
+                   if raw.get("clean_seeds") is not None else None)
     clean = raw.get("clean", 0.01)
     if isinstance(clean, bool) or not isinstance(clean, int | float) or not math.isfinite(
             clean) or clean <= 0 or (isinstance(clean, float) and clean >= 1):
@@ -390,9 +470,12 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
     return Grid(
         name=name, zoo=local(_text(raw.get("zoo", "zoo"), "zoo", source, MAX_PATH)),
         data=data, archs=archs,
-        attacks=_entries(raw.get("attacks", "all"), ATTACKS, "attack", source),
-        defenses=_entries(raw.get("defenses", "all"), DEFENSES, "defense", source),
-        seeds=tuple(seeds), clean=clean, train=_frozen(train),
+        attacks=_attacks(raw.get("attacks", "all"), source),
+        defenses=(_entries(defenses_raw, DEFENSES, "defense", source)
+                  if defenses_raw != [] or "scanners" not in raw else ()),
+        scanners=(_entries(raw["scanners"], SCANNERS, "scanner", source)
+                  if "scanners" in raw else ()),
+        seeds=seeds, clean_seeds=clean_seeds, clean=clean, train=_frozen(train),
         train_limit=_limit(raw.get("train_limit"), "train_limit", source),
         test_limit=_limit(raw.get("test_limit"), "test_limit", source),
         curve_limit=curve_limit, threads=threads, source=source)

@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 
 from goodnet.artifacts import atomic_path, write_text_atomic
 from goodnet.bench.results import RESULTS, RUNS, in_range, latest, read_records, read_runs
+from goodnet.bench.scan_report import plot_roc, scan_markdown
 from goodnet.defenses.base import AXES, Curve
 from goodnet.errors import GoodnetError
 
@@ -79,6 +80,8 @@ class Report:
         kept = list(latest(records).values())
         if keys is not None:  # only the cells of the current grid
             kept = [r for r in kept if r["key"] in keys]
+        self.scans = [r for r in kept if r.get("kind") == "scan"]  # tabulated apart
+        kept = [r for r in kept if r.get("kind") != "scan"]
         # One record per data set, architecture, attack, defense and seed: the last one written
         # (a grid edited between runs leaves its older settings' records behind).
         kept = list({(r.get("data"), r.get("arch"), r.get("attack"), r.get("defense"),
@@ -389,7 +392,7 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
     if not results.exists():
         raise GoodnetError(f"{results}: no such results file")
     report = Report(read_records(results), tolerance, keys)
-    if not report.ok and not report.failed:
+    if not report.ok and not report.failed and not report.scans:
         raise GoodnetError(f"{results}: no result records in it")
     title = title or f"goodnet benchmark: {results.parent.name}"
     markdown = report.markdown()
@@ -404,12 +407,24 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
              f"{100 * tolerance:g} points of the backdoored model's CA.")
     facts = " ".join(filter(None, [describe_runs(read_runs(results.parent / RUNS)),
                                    facts]))
-    failures = [f"- {r['data']} {r['arch']} {r['attack']} seed {r['seed']}, {r['defense']}: "
-                f"{r.get('error')}" for r in report.failed]
+    if report.scans:
+        scanned = [r for r in report.scans if r.get("status") == "ok"]
+        facts += (f" {len(scanned)} scan cells ({len(report.scans) - len(scanned)} failed), "
+                  f"{sum(r.get('scan_seconds') or 0 for r in scanned) / 60:.1f} min of scans.")
+    failures = [f"- {r['data']} {r['arch']} {r['attack']} seed {r['seed']}, "
+                f"{r.get('defense') or 'scan ' + str(r.get('scanner'))}: {r.get('error')}"
+                for r in report.failed + [r for r in report.scans if r.get("status") != "ok"]]
+    scans = scan_markdown(report.scans)
+    if scans:
+        scans = ("## Scanners\n\nBackdoored against clean models: AUROC of the model-level "
+                 "score, detection and false positives at each scanner's default threshold, "
+                 "the target named on the working all-to-one backdoors.\n\n" + scans)
+    if not report.ok:
+        markdown = ""
     if len(report.defenses) > MAX_PLOTTED:
         facts += (f" The plots show the first {MAX_PLOTTED} of {len(report.defenses)} "
                   f"defenses; the tables show all.")
-    text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown,
+    text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown, scans,
                                      "Failed cells:\n" + "\n".join(failures)
                                      if failures else ""])) + "\n"
     written = []
@@ -429,6 +444,9 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
             curve = plot_curves(report, defense, out / name)
             if curve is not None:
                 images.append((f"{defense}: pruning curve", curve))
+    roc = plot_roc(report.scans, out / "roc.png") if report.scans else None
+    if roc is not None:
+        images.append(("scanners: ROC, backdoored against clean models", roc))
     written += [path for _, path in images]
     figures = "\n".join(
         f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
@@ -450,7 +468,8 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 <h1>{html.escape(title)}</h1>
 {note_html}
 <p>{html.escape(facts)}</p>
-{_html_table(markdown)}
+{_html_table(markdown) if markdown else ""}
+{"<h2>Scanners</h2>" + _html_table(scan_markdown(report.scans)) if scans else ""}
 {failed_html}
 {figures}
 </body></html>

@@ -67,9 +67,17 @@ def cell_problem(record: Any) -> str | None:
     """What is wrong with a cell record, or None: the types every reader of results relies on."""
     if not isinstance(record, dict):
         return "not a record (a JSON object)"
-    for name in ("key", "status", "data", "arch", "attack", "defense"):
+    kind = record.get("kind")
+    if kind not in (None, "scan"):
+        return "kind must be 'scan' or absent"
+    for name in ("key", "status", "data", "arch", "attack",
+                 "scanner" if kind == "scan" else "defense"):
         if not isinstance(record.get(name), str):
             return f"{name} must be a string"
+    if kind == "scan":
+        problem = scan_problem(record)
+        if problem:
+            return problem
     seed = record.get("seed")
     if not (isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63):
         return "seed must be a whole number from 0 to 2**63 - 1"
@@ -109,6 +117,36 @@ def cell_problem(record: Any) -> str | None:
     if pruned is not None and not (isinstance(pruned, int) and not isinstance(pruned, bool)
                                    and 0 <= pruned < 2**63):
         return "pruned must be a whole number >= 0 or null"
+    return None
+
+
+def _score_like(value: Any) -> bool:
+    """A finite number, or one of the strings a non-finite score is stored as."""
+    if isinstance(value, str):
+        return value in ("inf", "-inf", "nan")
+    return in_range(value, -_MAX_AMOUNT, _MAX_AMOUNT)
+
+
+def scan_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with the scan part of a scan cell's record, or None."""
+    if record.get("status") != "ok":
+        return None
+    for name in ("flagged", "backdoored_model", "all_to_one"):
+        if not isinstance(record.get(name), bool):
+            return f"{name} must be true or false"
+    for name in ("score", "threshold"):
+        if not _score_like(record.get(name)):
+            return f"{name} must be a number (or 'inf', '-inf', 'nan')"
+    scores = record.get("scores")
+    if not (isinstance(scores, list) and len(scores) <= 10**6 and all(map(_score_like, scores))):
+        return "scores must be a list of numbers"
+    for name in ("targets", "true_targets"):
+        value = record.get(name)
+        if not (isinstance(value, list) and all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+            return f"{name} must be a list of class numbers"
+    if not in_range(record.get("scan_seconds"), 0, _MAX_AMOUNT):
+        return "scan_seconds must be a number >= 0"
     return None
 
 

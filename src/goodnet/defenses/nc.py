@@ -16,7 +16,8 @@ bolunwang/backdoor ``visualizer.py`` and ``mad_outlier_detection.py``, and Backd
 2. **Outlier detection.** The anomaly index of class ``k`` is ``(median - norm_k) / MAD``, with
    ``MAD = 1.4826 · median(|norm - median|)``; a class is flagged when its index exceeds
    ``anomaly_threshold`` 2. Only norms below the median can be flagged (the index is negative
-   above it).
+   above it). Steps 1 and 2 are :func:`detect`, which the ``nc`` scanner
+   (:mod:`goodnet.scans.nc`) runs alone.
 3. **Unlearning.** If a class is flagged, a copy of the model is fine-tuned on the clean data in
    which ``unlearn_share`` 20 % of the images (a fixed random subset) carry a flagged class's
    reversed trigger and keep their true label. SGD, lr 0.01, cosine schedule, batch 256,
@@ -268,6 +269,20 @@ def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
     return torch.sign(median - norms) * torch.where(norms == median, 0.0, math.inf)
 
 
+def detect(model: nn.Module, clean: ImageData, cfg: NCConfig,
+           progress: bool = False) -> ScanVerdict:
+    """Steps 1 and 2, what the repair and the ``nc`` scanner share: every class's reversed
+    trigger on ``clean`` and the classes whose anomaly index exceeds ``anomaly_threshold``
+    (``model`` in eval mode, its parameters frozen; not modified)."""
+    triggers = reverse_engineer(model, clean, cfg, progress)
+    norms = torch.tensor([t.norm for t in triggers], dtype=torch.float64)
+    index = anomaly_indices(norms)
+    flagged = tuple(int(k) for k in torch.nonzero(index > cfg.anomaly_threshold).flatten())
+    return ScanVerdict(backdoored=bool(flagged), targets=flagged, score=float(index.max()),
+                       threshold=cfg.anomaly_threshold, scores=tuple(float(v) for v in index),
+                       triggers=tuple(triggers))
+
+
 class NeuralCleanse(Defense[NCConfig]):
     """Reverse-engineer a trigger per class, flag outliers by norm, unlearn the flagged ones."""
 
@@ -284,16 +299,11 @@ class NeuralCleanse(Defense[NCConfig]):
         for p in trainable:
             p.requires_grad_(False)
         try:
-            triggers = reverse_engineer(work, clean, cfg, progress)
+            scan = detect(work, clean, cfg, progress)
         finally:
             for p in trainable:
                 p.requires_grad_(True)
-        norms = torch.tensor([t.norm for t in triggers], dtype=torch.float64)
-        index = anomaly_indices(norms)
-        flagged = tuple(int(k) for k in torch.nonzero(index > cfg.anomaly_threshold).flatten())
-        scan = ScanVerdict(backdoored=bool(flagged), targets=flagged, score=float(index.max()),
-                           threshold=cfg.anomaly_threshold,
-                           scores=tuple(float(v) for v in index), triggers=tuple(triggers))
+        triggers, flagged = list(scan.triggers), scan.targets
         notes = {"norms": [t.norm for t in triggers], "anomaly_index": list(scan.scores),
                  "success": [t.success for t in triggers], "flagged": list(flagged)}
         points: list[Point] = [steps.measure(model, clean, 0, None)]

@@ -1,0 +1,77 @@
+"""Backdoor scanners, one module each, through the ``SCANNERS`` registry.
+
+A scanner answers "is this model backdoored, and towards which class?" before any repair:
+``goodnet.scan(model, clean)`` (or ``make_scanner(name, settings).scan(model, clean)``) returns a
+:class:`ScanReport`; the command line is ``goodnet scan``. Adding a scanner is one module (a
+:class:`Scanner` subclass with its settings dataclass and a ``run`` method) and one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from goodnet.data.dataset import ImageData
+from goodnet.errors import GoodnetError
+from goodnet.scans.base import Scanned, Scanner, ScanReport
+from goodnet.scans.mm_bd import MMBD, MMBDConfig
+from goodnet.scans.nc import NCScanner
+from goodnet.settings import build_settings
+
+SCANNERS: dict[str, type[Scanner[Any]]] = {
+    "mm-bd": MMBD,
+    "nc": NCScanner,
+}
+
+
+def scanner_class(name: str) -> type[Scanner[Any]]:
+    """The registered scanner called ``name``, or a clear error listing them."""
+    if name not in SCANNERS:
+        raise GoodnetError(f"unknown scanner {name!r}; choose from {', '.join(SCANNERS)}")
+    return SCANNERS[name]
+
+
+def make_scanner(name: str, settings: Mapping[str, Any] | None = None, *,
+                 text: bool = False) -> Scanner[Any]:
+    """Build a registered scanner from its name and settings (plain values; ``text=True``:
+    command-line text). Unknown settings are refused."""
+    cls = scanner_class(name)
+    return cls(build_settings(cls.Config, settings, name, text=text))
+
+
+def default_scanner(clean: ImageData | None) -> str:
+    """The scanner ``goodnet scan`` runs without ``--scanner``: Neural Cleanse when clean data is
+    given, MM-BD (data-free) otherwise."""
+    return "nc" if clean is not None else "mm-bd"
+
+
+def scan(model: nn.Module, clean: ImageData | None = None, *, scanner: str | None = None,
+         settings: Mapping[str, Any] | None = None, progress: bool = False) -> ScanReport:
+    """Scan ``model`` for a backdoor (the model is not modified).
+
+    Args:
+        model: the network (image-space inputs in [0, 1], as every goodnet model takes).
+        clean: a little clean data, for the scanners that need it.
+        scanner: a registered scanner; default :func:`default_scanner`.
+        settings: the scanner's settings (plain values).
+        progress: show progress bars.
+    """
+    return make_scanner(scanner or default_scanner(clean), settings).scan(
+        model, clean, progress=progress)
+
+
+__all__ = [
+    "MMBD",
+    "SCANNERS",
+    "MMBDConfig",
+    "NCScanner",
+    "ScanReport",
+    "Scanned",
+    "Scanner",
+    "default_scanner",
+    "make_scanner",
+    "scan",
+    "scanner_class",
+]
