@@ -366,6 +366,16 @@ class Repaired:
 C = TypeVar("C")
 
 
+def checked_config(method: Any, config: Any) -> Any:
+    """``config``, or ``method.Config()`` if None, after checking it is ``method``'s settings
+    class (a defense's or a scanner's)."""
+    if config is None:
+        config = method.Config()
+    if not isinstance(config, method.Config):
+        raise GoodnetError(f"{method.name} takes a {method.Config.__name__}, got {config!r}")
+    return config
+
+
 class Defense(ABC, Generic[C]):
     """A repair method. Subclasses set ``name``, ``paper`` and ``Config`` (a frozen settings
     dataclass) and implement :meth:`run`; ``needs_clean = False`` marks a data-free defense
@@ -377,11 +387,7 @@ class Defense(ABC, Generic[C]):
     needs_clean: ClassVar[bool] = True
 
     def __init__(self, config: C | None = None) -> None:
-        if config is None:
-            config = self.Config()
-        if not isinstance(config, self.Config):
-            raise GoodnetError(f"{self.name} takes a {self.Config.__name__}, got {config!r}")
-        self.config: C = config
+        self.config: C = checked_config(self, config)
 
     def repair(self, model: nn.Module, clean: ImageData | None = None, *,
                evaluation: Evaluation | None = None, progress: bool = False) -> RepairResult:

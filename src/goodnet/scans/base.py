@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import ScanVerdict, check_clean, clean_or_blank
+from goodnet.defenses.base import ScanVerdict, check_clean, checked_config, clean_or_blank
 from goodnet.errors import GoodnetError
 from goodnet.models import model_device
 
@@ -106,11 +106,7 @@ class Scanner(ABC, Generic[C]):
     needs_clean: ClassVar[bool] = True
 
     def __init__(self, config: C | None = None) -> None:
-        if config is None:
-            config = self.Config()
-        if not isinstance(config, self.Config):
-            raise GoodnetError(f"{self.name} takes a {self.Config.__name__}, got {config!r}")
-        self.config: C = config
+        self.config: C = checked_config(self, config)
 
     def scan(self, model: nn.Module, clean: ImageData | None = None, *,
              progress: bool = False) -> ScanReport:
