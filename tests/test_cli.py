@@ -209,7 +209,7 @@ def test_prune_takes_its_old_setting_name_with_a_one_line_warning(trained, npz_p
                           "'max_drop'") and err.count("\n") == 1, err
     summary = json.loads((out / "repair.json").read_text())
     assert summary["chosen"] == "0.2" and summary["settings"]["max_drop"] == 0.2
-    assert "select" not in summary["settings"]
+    assert summary["settings"]["select"] == "budget"
 
 
 def test_repair_refuses_an_unknown_layer_before_writing(trained, npz_pair, tmp_path, capsys):

@@ -318,3 +318,14 @@ def test_an_unknown_setting_is_refused_naming_the_known_ones(name):
     known = sorted(f.name for f in dataclasses.fields(DEFENSES[name].Config))
     with pytest.raises(GoodnetError, match=re.escape(f"its settings are {known}")):
         make_defense(name, {"no_such_setting": 1})
+
+
+def test_the_input_that_traces_a_model_is_on_the_models_device():
+    """A model on a GPU is traced with an input on the GPU (the meta device stands in for one
+    here: it has no values, but it has a device)."""
+    from goodnet.defenses.base import clean_or_blank
+
+    model = Planted().to("meta")
+    assert clean_or_blank(model, halves(4)).device.type == "meta"
+    model.input_shape = (1, 8, 8)
+    assert clean_or_blank(model, None).device.type == "meta"

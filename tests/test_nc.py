@@ -5,6 +5,7 @@ networks without BatchNorm and the settings are checked."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -14,6 +15,7 @@ from goodnet.attacks import make_attack
 from goodnet.data import split_clean
 from goodnet.defenses.base import Trigger
 from goodnet.defenses.nc import NCConfig, NeuralCleanse, anomaly_indices, unlearning_data
+from goodnet.defenses.proxy import proxy_asr
 from goodnet.errors import GoodnetError
 from goodnet.metrics import evaluate
 from goodnet.models import ModelSpec, build_model
@@ -67,6 +69,20 @@ def test_unlearning_removes_the_backdoor_and_keeps_the_task(backdoored, repaired
     assert extras[0] == {} and extras[-1]["trigger_success"] <= 0.1
     assert result.notes["flagged"] == [1] and result.notes["unlearning_images"] == 40
     json.dumps(result.notes)  # plain values only
+
+
+def test_the_curve_follows_the_flagged_classs_own_trigger(backdoored):
+    """Each epoch's ``trigger_success`` is the share of other classes' clean images that the
+    flagged class's reversed trigger sends to that class (not to its row among the flagged).
+    With a learning rate too small to unlearn anything, it stays that of the backdoored model."""
+    model, clean, _, _ = backdoored
+    still = dataclasses.replace(FAST, unlearn_epochs=1, unlearn_lr=1e-9)
+    result = NeuralCleanse(still).repair(model, clean)
+    assert result.scan.targets == (1,)
+    expected = proxy_asr(model, clean, result.scan.triggers[1])
+    assert expected >= 0.9
+    assert dict(result.curve.points[-1].extra)["trigger_success"] == pytest.approx(expected,
+                                                                                    abs=0.02)
 
 
 def test_the_same_seed_gives_the_same_weights(backdoored, repaired):

@@ -27,7 +27,9 @@ Departures, each a setting:
   *test* ASR (BackdoorBench issue #35), which a defender cannot know. goodnet holds out 20 % of
   the clean data from mask learning and takes the largest threshold that keeps the held-out
   accuracy within ``tolerance``. ``select="threshold"`` (0.2, the paper's) and
-  ``select="count"`` (prune by number, as the reference's ``--pruning-by number``) are there.
+  ``select="count"`` (prune by number, as the reference's ``--pruning-by number``) are there,
+  and ``select="proxy"``: the threshold within ``tolerance`` with the lowest ASR of Neural
+  Cleanse's reversed trigger (:mod:`goodnet.defenses.proxy`).
 - **Noise projection** (``project=False``, the reference's). The reference never projects the
   noise back into [-eps, eps] after its ascent step, so it can reach ±2·eps; the paper's
   algorithm projects. ``project=True`` does.

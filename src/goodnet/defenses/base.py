@@ -421,10 +421,10 @@ class Defense(ABC, Generic[C]):
 
 
 def clean_or_blank(model: nn.Module, clean: ImageData | None) -> torch.Tensor:
-    """One input to trace ``model``'s layer order with: the first clean image, or (data-free)
-    a blank input of the model's shape."""
+    """One input to trace ``model``'s layer order with, on the model's device: the first clean
+    image, or (data-free) a blank input of the model's shape."""
     if clean is not None:
-        return clean.get(torch.arange(1))[0]
+        return clean.get(torch.arange(1))[0].to(model_device(model))
     # The model's own shape, or that of the network a wrapper (masks, a GoodNet) holds.
     shape: tuple[int, ...] | None = next(
         (tuple(getattr(m, "input_shape")) for m in model.modules()  # noqa: B009

@@ -15,8 +15,10 @@ Choosing how much to prune, honestly: :func:`threshold_curve` prunes the *origin
 threshold (every channel whose mask is at or below it) and measures the accuracy on held-out
 clean data the masks were not learned on; :func:`choose_threshold` takes the largest threshold
 such that every threshold up to it keeps that accuracy within ``tolerance`` of the unpruned
-model's, or prunes nothing if even the smallest threshold costs more than that. Test data, when
-given, only adds CA and ASR to the curve for reporting.
+model's, or prunes nothing if even the smallest threshold costs more than that. With
+``select="proxy"`` the thresholds within that tolerance compete on the held-out ASR of Neural
+Cleanse's reversed trigger instead (:mod:`goodnet.defenses.proxy`). Test data, when given, only
+adds CA and ASR to the curve for reporting.
 
 Recovery (``recover_epochs > 0``, off by default; shared with :mod:`goodnet.defenses.prune`):
 after the choice, the pruned model is fine-tuned on the clean data the masks were learned on,
@@ -43,7 +45,8 @@ import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps
+from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps, clean_or_blank
+from goodnet.defenses.proxy import Proxy, choose_by_proxy, proxy_extra, reversed_proxy
 from goodnet.errors import GoodnetError
 from goodnet.masking import (
     SEMANTICS,
@@ -57,14 +60,14 @@ from goodnet.masking import (
 )
 from goodnet.train import Hooks, TrainConfig, train
 
-SELECTIONS = ("clean", "threshold", "count")
+SELECTIONS = ("clean", "threshold", "count", "proxy")
+HELD_OUT = ("clean", "proxy")  # the selections that choose on a held-out part
 
 
 def all_mask_points(model: nn.Module, clean: ImageData, hidden_linear: bool = True) -> list[str]:
     """The mask point of every convolution, in the order they run, then (with
     ``hidden_linear``) every fully connected layer but the last, whose outputs are neurons."""
-    example, _ = clean.get(torch.arange(1))
-    points = list(dict.fromkeys(mask_points(model, example).values()))
+    points = list(dict.fromkeys(mask_points(model, clean_or_blank(model, clean)).values()))
     if hidden_linear:
         linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         points += linear[:-1]
@@ -184,13 +187,16 @@ class Choice:
     Attributes:
         select: "clean" (the largest threshold keeping held-out clean accuracy within
             ``tolerance``; goodnet's default), "threshold" (a fixed ``threshold``, the papers'),
-            or "count" (the ``count`` lowest masks; ANP's "prune by number").
+            "count" (the ``count`` lowest masks; ANP's "prune by number"), or "proxy" (of the
+            thresholds keeping held-out clean accuracy within ``tolerance``, the one with the
+            lowest ASR of a reversed trigger; see :mod:`goodnet.defenses.proxy`).
         threshold: the fixed threshold for ``select="threshold"``.
         count: channels pruned for ``select="count"``: an int, or a fraction of all channels.
-        thresholds: the thresholds swept for the curve (and for ``select="clean"``).
+        thresholds: the thresholds swept for the curve (and for ``select="clean"`` and
+            ``"proxy"``).
         tolerance: the held-out clean-accuracy loss allowed, absolute (0.02 = two points).
         holdout: share of the clean data kept out of mask learning to choose on (only for
-            ``select="clean"``).
+            ``select="clean"`` and ``"proxy"``).
     """
 
     select: str
@@ -205,7 +211,7 @@ class Choice:
             raise GoodnetError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if not 0 <= self.threshold <= 1 or not 0 <= self.tolerance <= 1:
             raise GoodnetError("threshold and tolerance must lie in [0, 1]")
-        if self.select == "clean" and not 0 < self.holdout < 1:
+        if self.select in HELD_OUT and not 0 < self.holdout < 1:
             raise GoodnetError("holdout must lie in (0, 1)")
         if self.count < 0:
             raise GoodnetError("count must not be negative")
@@ -334,8 +340,8 @@ class MaskSettings:
 
 def split_for_choice(clean: ImageData, choice: Choice, seed: int) -> tuple[ImageData, ImageData]:
     """(data to learn masks on, held-out data to choose on); both all of ``clean`` unless
-    ``select="clean"``."""
-    if choice.select != "clean":
+    ``select`` is "clean" or "proxy"."""
+    if choice.select not in HELD_OUT:
         return clean, clean
     from goodnet.data.dataset import split_clean
 
@@ -356,9 +362,10 @@ def count_pruned(masks: dict[str, torch.Tensor]) -> int:
 
 def sweep_points(model: nn.Module, candidates: Sequence[tuple[float | None,
                  dict[str, torch.Tensor]]], semantics: str, held: ImageData | None,
-                 steps: Steps) -> list[Point]:
-    """``model`` pruned by each candidate's masks, one point each at the candidate's x;
-    candidates that prune the same channels give the same model and are measured once."""
+                 steps: Steps, proxy: Proxy | None = None) -> list[Point]:
+    """``model`` pruned by each candidate's masks, one point each at the candidate's x (with
+    ``proxy``, the reversed trigger's ASR on ``held`` as well); candidates that prune the same
+    channels give the same model and are measured once."""
     work = copy.deepcopy(model)
     seen: dict[tuple, Point] = {}
     points = []
@@ -366,19 +373,22 @@ def sweep_points(model: nn.Module, candidates: Sequence[tuple[float | None,
         key = masks_key(masks)
         if key not in seen:
             with applied(work, MaskSet(masks, semantics)):
-                seen[key] = steps.measure(work, held, x, count_pruned(masks))
+                seen[key] = steps.measure(work, held, x, count_pruned(masks),
+                                          extra=proxy_extra(work, held, proxy))
         points.append(dataclasses.replace(seen[key], x=x))
     return points
 
 
 def threshold_curve(model: nn.Module, values: dict[str, torch.Tensor], choice: Choice,
-                    semantics: str, held: ImageData, steps: Steps) -> list[Point]:
-    """The original model pruned at each threshold: channels pruned, held-out clean accuracy
-    and, with an evaluation, test CA and ASR. Point 0 (x None) is the unpruned model."""
+                    semantics: str, held: ImageData, steps: Steps, proxy: Proxy | None = None
+                    ) -> list[Point]:
+    """The original model pruned at each threshold: channels pruned, held-out clean accuracy,
+    with ``proxy`` its ASR and, with an evaluation, test CA and ASR. Point 0 (x None) is the
+    unpruned model."""
     ones = {name: torch.ones_like(v) for name, v in values.items()}
     candidates: list[tuple[float | None, dict[str, torch.Tensor]]] = [(None, ones)]
     candidates += [(t, binary_masks(values, t)) for t in choice.thresholds]
-    return sweep_points(model, candidates, semantics, held, steps)
+    return sweep_points(model, candidates, semantics, held, steps, proxy)
 
 
 def choose_threshold(points: list[Point], tolerance: float) -> float | None:
@@ -397,10 +407,13 @@ def choose_threshold(points: list[Point], tolerance: float) -> float | None:
 
 
 def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choice,
-                 semantics: str, held: ImageData, steps: Steps
+                 semantics: str, held: ImageData, steps: Steps, proxy: Proxy | None = None
                  ) -> tuple[str, MaskSet, Curve, dict[str, Any]]:
-    """The pruning ``choice`` makes of learned ``values``: (variant name, masks, curve, notes)."""
-    points = threshold_curve(model, values, choice, semantics, held, steps)
+    """The pruning ``choice`` makes of learned ``values``: (variant name, masks, curve, notes).
+    ``select="proxy"`` needs ``proxy``."""
+    if (choice.select == "proxy") != (proxy is not None):
+        raise ValueError("select='proxy' goes with a proxy, and only it")
+    points = threshold_curve(model, values, choice, semantics, held, steps, proxy)
     total = sum(len(v) for v in values.values())
     threshold: float | None = None
     if choice.select == "count":
@@ -410,8 +423,12 @@ def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choi
         binary, name = lowest_masks(values, count), f"count={count}"
         notes: dict[str, Any] = {"count": count}
     else:
-        threshold = (choose_threshold(points, choice.tolerance) if choice.select == "clean"
-                     else choice.threshold)
+        if choice.select == "clean":
+            threshold = choose_threshold(points, choice.tolerance)
+        elif choice.select == "proxy":
+            threshold = points[choose_by_proxy(points, choice.tolerance)].x
+        else:
+            threshold = choice.threshold
         if threshold is None:  # every threshold costs too much clean accuracy: prune nothing
             binary, name = {k: torch.ones_like(v) for k, v in values.items()}, "none"
         else:
@@ -419,7 +436,7 @@ def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choi
         notes = {"threshold": threshold}
     marks = [i for i, p in enumerate(points) if p.x == threshold] if name != "none" else [0]
     if choice.select == "count" or not marks:  # a pruning off the sweep: measured on its own
-        points += sweep_points(model, [(None, binary)], semantics, held, steps)
+        points += sweep_points(model, [(None, binary)], semantics, held, steps, proxy)
         points[-1] = dataclasses.replace(points[-1], label=name)
         marks = [len(points) - 1]
     notes["pruned_channels"] = {layer: torch.nonzero(m == 0).flatten().tolist()
@@ -449,8 +466,12 @@ class MaskDefense(Defense[C]):
         layers = all_mask_points(model, clean, cfg.hidden_linear)
         learn, held = split_for_choice(clean, cfg.choice(), cfg.seed)
         values, learned_notes = self.learn(model, learn, layers, progress)
+        proxy = reversed_proxy(model, learn, cfg.seed, progress) if cfg.select == "proxy" \
+            else None
         name, masks, curve, notes = choose_masks(model, values, cfg.choice(), cfg.semantics,
-                                                 held, steps)
+                                                 held, steps, proxy)
+        if proxy is not None:
+            notes.update(proxy.notes())
         repaired: nn.Module = masked(model, masks)
         if cfg.recover_epochs > 0:
             recovered, curve, losses = recover_variants(model, {name: masks}, curve, learn, held,
@@ -458,7 +479,11 @@ class MaskDefense(Defense[C]):
             repaired = recovered[name]
             notes["recovery_loss"] = dict(losses)
         message = ""
-        if name == "none":
+        if name == "none" and proxy is not None:
+            message = (f"{self.name} pruned nothing: no threshold within {100 * cfg.tolerance:g} "
+                       "points of held-out clean accuracy lowered the reversed trigger's ASR "
+                       f"(class {proxy.trigger.target}; see curve.png)")
+        elif name == "none":
             message = (f"{self.name} pruned nothing: even its smallest threshold cost more than "
                        f"{100 * cfg.tolerance:g} points of held-out clean accuracy (see "
                        "curve.png; -p tolerance= to allow more)")

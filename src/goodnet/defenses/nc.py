@@ -245,8 +245,9 @@ def trigger_success(model: nn.Module, clean: ImageData, mask: torch.Tensor,
     classes that trigger ``k`` sends to ``k``."""
     device = model_device(model)
     classes = list(range(len(mask))) if classes is None else classes
-    ks = torch.tensor(classes, device=device)
-    mask, pattern = mask[ks].to(device), pattern[ks].to(device)
+    rows = torch.tensor(classes, device=mask.device)  # the triggers may be on the CPU
+    mask, pattern = mask[rows].to(device), pattern[rows].to(device)
+    ks = rows.to(device)
     hits = torch.zeros(len(ks), device=device)
     others = torch.zeros(len(ks), device=device)
     chunk = max(1, IMAGES_PER_PASS // 32)
@@ -316,12 +317,12 @@ class NeuralCleanse(Defense[NCConfig]):
                                 "returned unchanged"))
         data = unlearning_data(clean, [triggers[k] for k in flagged], cfg)
         notes["unlearning_images"] = sum(len(g.indices) for g in data.groups)
-        mask = torch.stack([triggers[k].mask for k in flagged])
-        pattern = torch.stack([triggers[k].pattern for k in flagged])
+        mask = torch.stack([t.mask for t in triggers])
+        pattern = torch.stack([t.pattern for t in triggers])
 
         def measure(epoch: int) -> None:
             work.eval()
-            still = trigger_success(work, clean, mask, pattern)
+            still = trigger_success(work, clean, mask, pattern, list(flagged))
             points.append(steps.measure(work, clean, epoch, None,
                                         extra=(("trigger_success", max(still)),)))
 

@@ -25,14 +25,20 @@ With ``recover_epochs > 0`` (off by default; not in the lab) every budget's mode
 on the clean data with its masks held (see :mod:`goodnet.defenses.channel_masks`); the budgets
 are still judged before recovery, so a larger ``max_drop`` is how to prune more and win accuracy
 back. The recovered points' clean-data accuracy is on the data they were tuned on.
+
+With ``select="proxy"`` (issue 17; the default ``"budget"`` is the lab's rule above) each
+budget's model is instead the prefix, among those within the budget, on which Neural Cleanse's
+reversed trigger has the lowest ASR on the clean data (ties: fewer channels; see
+:mod:`goodnet.defenses.proxy`). The trigger is reversed and its ASR measured on all of the
+clean data: prune holds nothing out. A number given as ``select`` is the old name of
+``max_drop``, read as such with a warning.
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from dataclasses import InitVar, dataclass
-from typing import ClassVar
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,10 +48,12 @@ from goodnet.activations import mean_activation
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps, clean_or_blank
 from goodnet.defenses.channel_masks import Recovery, recover_variants
+from goodnet.defenses.proxy import Proxy, choose_by_proxy, proxy_extra, reversed_proxy
 from goodnet.errors import GoodnetError
 from goodnet.masking import MaskSet, applied, channel_count, get_layer, mask_points, masked
 
 RULES = ("within", "lab")
+SELECTIONS = ("budget", "proxy")
 
 
 @dataclass(frozen=True)
@@ -59,17 +67,18 @@ class PruneConfig:
         max_drops: accuracy-drop budgets X, in absolute fractions (0.04 = 4 points): one
             repaired model each.
         max_drop: the budget whose model is ``result.model`` (added to ``max_drops`` if it is
-            not there; formerly ``select``); None: 0.04 if it is a budget, else the first.
+            not there; a number given as ``select`` is read as this, with a warning); None: 0.04
+            if it is a budget, else the first.
         semantics: "channel" (the whole channel is removed) or "keep-bias" (the lab's: the
             kernel is zeroed, the bias or BN shift kept).
         rule: "within" (the last model within the budget) or "lab" (the first beyond it).
+        select: "budget" (each budget's model is the one ``rule`` gives) or "proxy" (the prefix
+            within the budget with the lowest ASR of Neural Cleanse's reversed trigger).
         recover_epochs: fine-tune every budget's model this many epochs on the clean data with
             its masks held (see :func:`goodnet.defenses.channel_masks.recover_pruned`); 0: none.
         recover_lr, recover_batch_size: the recovery's SGD learning rate and batch size.
         seed: fixes the recovery's batch order.
     """
-
-    renamed: ClassVar[dict[str, str]] = {"select": "max_drop"}
 
     layer: str | None = None
     rank_layer: str | None = None
@@ -77,19 +86,28 @@ class PruneConfig:
     max_drop: float | None = None
     semantics: str = "channel"
     rule: str = "within"
-    select: InitVar[float | None] = None  # the old name of max_drop, with a warning
+    select: str | float = "budget"
     recover_epochs: int = 0
     recover_lr: float = 0.01
     recover_batch_size: int = 64
     seed: int = 0
 
-    def __post_init__(self, select: float | None) -> None:
-        if select is not None:
-            warnings.warn("PruneConfig: 'select' is now called 'max_drop'; the old name will "
-                          "be removed in a later version", FutureWarning, stacklevel=3)
+    def __post_init__(self) -> None:
+        if self.select not in SELECTIONS:
+            old = _number(self.select)
+            if old is None:
+                raise GoodnetError(f"prune select must be one of {SELECTIONS}, got "
+                                   f"{self.select!r}")
+            warnings.warn("prune: setting 'select' is now called 'max_drop' when it is a number "
+                          "(select now takes 'budget' or 'proxy'); the old use will be removed "
+                          "in a later version", FutureWarning, stacklevel=3)
             if self.max_drop is not None:
                 raise GoodnetError("prune: give max_drop or its old name select, not both")
-            object.__setattr__(self, "max_drop", select)
+            object.__setattr__(self, "max_drop", old)
+            object.__setattr__(self, "select", "budget")
+        if self.select == "proxy" and self.rule != "within":
+            raise GoodnetError("prune: select='proxy' chooses within each budget; it takes "
+                               "rule='within'")
         if self.rule not in RULES:
             raise GoodnetError(f"prune rule must be one of {RULES}, got {self.rule!r}")
         drops = tuple(float(x) for x in self.max_drops)
@@ -108,6 +126,16 @@ class PruneConfig:
 
     def recovery(self) -> Recovery:
         return Recovery(self.recover_epochs, self.recover_lr, self.recover_batch_size, self.seed)
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a number if it is one or spells one (the old ``select``), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def default_layer(model: nn.Module, clean: ImageData | None) -> str:
@@ -138,17 +166,17 @@ def prefix_mask(order: torch.Tensor, count: int, layer: str, semantics: str) -> 
 
 def prune_curve(
     model: nn.Module, clean: ImageData, layer: str, order: torch.Tensor, semantics: str,
-    steps: Steps, progress: bool = False,
+    steps: Steps, progress: bool = False, proxy: Proxy | None = None,
 ) -> list[Point]:
-    """Clean accuracy (and, with an evaluation, test CA and ASR) after pruning each prefix of
-    ``order``; point 0 is the unpruned model."""
+    """Clean accuracy (with ``proxy``, its ASR on the clean data; with an evaluation, test CA
+    and ASR) after pruning each prefix of ``order``; point 0 is the unpruned model."""
     work = copy.deepcopy(model)
     points = []
     for count in tqdm(range(len(order) + 1), disable=not progress, desc="pruning", leave=False):
         with applied(work, prefix_mask(order, count, layer, semantics)):
             channel = int(order[count - 1]) if count else None
-            points.append(steps.measure(work, clean, count, count,
-                                        extra=(("channel", channel),)))
+            points.append(steps.measure(work, clean, count, count, extra=(
+                ("channel", channel), *proxy_extra(work, clean, proxy))))
     return points
 
 
@@ -185,19 +213,23 @@ class Prune(Defense[PruneConfig]):
         layer = cfg.layer or default_layer(model, clean)
         get_layer(model, layer)
         order = pruning_order(model, clean, layer, cfg.rank_layer)
-        points = prune_curve(model, clean, layer, order, cfg.semantics, steps, progress)
+        proxy = reversed_proxy(model, clean, cfg.seed, progress) if cfg.select == "proxy" \
+            else None
+        points = prune_curve(model, clean, layer, order, cfg.semantics, steps, progress, proxy)
         variants: dict[str, nn.Module] = {}
         variant_masks: dict[str, MaskSet] = {}
         counts = {}
         for drop in cfg.max_drops:
-            count = pruned_count(points, drop, cfg.rule)
+            count = (pruned_count(points, drop, cfg.rule) if proxy is None
+                     else choose_by_proxy(points, drop))
             key = f"{drop:g}"
             variant_masks[key] = prefix_mask(order, count, layer, cfg.semantics)
             variants[key] = masked(model, variant_masks[key])
             counts[key] = count
         chosen = f"{cfg.max_drop:g}"
         curve = Curve("pruned", tuple(points), tuple(counts.items()))
-        notes = {"layer": layer, "order": order.tolist(), "pruned": counts}
+        notes = {"layer": layer, "order": order.tolist(), "pruned": counts,
+                 **(proxy.notes() if proxy is not None else {})}
         if cfg.recover_epochs > 0:  # measured on the data it was recovered on: no held-out part
             variants, curve, losses = recover_variants(model, variant_masks, curve, clean, clean,
                                                        cfg.recovery(), steps, progress)

@@ -38,7 +38,9 @@ Departures, each a setting (``reference=True`` restores the reference code's beh
   goodnet holds out 20 % of the clean data from unlearning and recovering and takes the largest
   threshold that keeps the held-out accuracy within ``tolerance`` (see
   :mod:`goodnet.defenses.channel_masks`); ``select="threshold"`` uses a fixed one,
-  ``select="count"`` a number of channels.
+  ``select="count"`` a number of channels, and ``select="proxy"`` the threshold within
+  ``tolerance`` with the lowest ASR of Neural Cleanse's reversed trigger
+  (:mod:`goodnet.defenses.proxy`).
 - **Fully connected neurons** (``hidden_linear=True``). The reference networks (ResNet-18,
   VGG) end in global pooling and one linear layer, so masking BatchNorm channels reaches every
   hidden unit. On a network with a fully connected head (``small_cnn``, ``deepid``), the ascent

@@ -80,7 +80,7 @@ def channel_scores(model: nn.Module, layer: str, clean: ImageData, score: str) -
         weight = get_layer(model, layer).weight
         assert isinstance(weight, torch.Tensor)
         weight = weight.detach()
-        return weight.flatten(1).norm(dim=1) if weight.ndim > 1 else weight.abs()
+        return (weight.flatten(1).norm(dim=1) if weight.ndim > 1 else weight.abs()).cpu()
     return mean_activation(model, layer, clean, relu=True)
 
 
