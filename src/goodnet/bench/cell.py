@@ -233,6 +233,20 @@ def run_scan_cell(cell: ScanCell) -> dict[str, Any]:
     return record
 
 
+def _suspected(result: Any) -> dict[str, Any] | None:
+    """What a repair suspected, where it says: Neural Cleanse's verdict, and the class whose
+    reversed trigger chose a pruning (``select="proxy"``)."""
+    out: dict[str, Any] = {}
+    if result.scan is not None:
+        out.update(backdoored=result.scan.backdoored, targets=list(result.scan.targets),
+                   score=result.scan.score)
+    proxy = {k.removeprefix("proxy_"): v for k, v in result.notes.items()
+             if k.startswith("proxy_")}
+    if proxy:
+        out["proxy"] = proxy
+    return out or None
+
+
 def run_cell(cell: Cell | ScanCell) -> dict[str, Any]:
     """Run ``cell``'s defense on its (already built) model and measure it: one result record
     (a scan cell: :func:`run_scan_cell`)."""
@@ -270,6 +284,7 @@ def run_cell(cell: Cell | ScanCell) -> dict[str, Any]:
             "chosen": chosen,
             "variants": {k: _metrics(v) for k, v in report.variants.items()},
             "pruned": result.pruned_count,
+            "suspected": _suspected(result),
             "curve": result.curve.records(),
             "curve_axis": result.curve.axis,
             "curve_marks": dict(result.curve.marks),
