@@ -1,0 +1,48 @@
+"""Input-level backdoor detectors, one module each, through the ``DETECTORS`` registry (issue
+18).
+
+``make_detector(name, settings).detect(model, clean)`` returns a
+:class:`~goodnet.detectors.base.Detection`, a module scoring each input (higher: more
+suspicious); :func:`~goodnet.detectors.base.calibrate` turns clean scores into the threshold for
+a chosen false-alarm rate. Adding a detector is one module (an :class:`InputDetector` subclass
+with its settings dataclass and a ``fit`` method) and one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from goodnet.detectors.base import Detection, InputDetector, calibrate
+from goodnet.detectors.scale_up import ScaleUp, ScaleUpConfig
+from goodnet.detectors.strip import STRIP, STRIPConfig
+from goodnet.errors import GoodnetError
+from goodnet.settings import build_settings
+
+DETECTORS: dict[str, type[InputDetector[Any]]] = {
+    "scale-up": ScaleUp,
+    "strip": STRIP,
+}
+
+
+def make_detector(name: str, settings: Mapping[str, Any] | None = None, *,
+                  text: bool = False) -> InputDetector[Any]:
+    """Build a registered detector from its name and settings (plain values; ``text=True``:
+    command-line text). Unknown detectors and settings are refused."""
+    if name not in DETECTORS:
+        raise GoodnetError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
+    cls = DETECTORS[name]
+    return cls(build_settings(cls.Config, settings, name, text=text))
+
+
+__all__ = [
+    "DETECTORS",
+    "STRIP",
+    "Detection",
+    "InputDetector",
+    "STRIPConfig",
+    "ScaleUp",
+    "ScaleUpConfig",
+    "calibrate",
+    "make_detector",
+]

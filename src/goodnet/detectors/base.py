@@ -1,0 +1,102 @@
+"""What every input-level detector shares (issue 18): the :class:`InputDetector` contract, the
+:class:`Detection` it returns, and the calibration of a threshold to a false-alarm rate.
+
+A model-level scanner (:mod:`goodnet.scans`) asks whether a model is backdoored; an input-level
+detector asks whether one *input* carries a trigger. ``detector.detect(model, clean)`` learns
+what the detector needs from a little clean data (STRIP's overlay images; nothing for a
+data-free one) and returns a :class:`Detection`: a module that maps a batch of images (in
+[0, 1], as every goodnet model takes them) to one score per image, higher for more suspicious.
+It holds a copy of the model: the caller's is never modified.
+
+A score becomes a decision through a threshold. :func:`calibrate` sets it from the scores of
+clean images that took no part in fitting, for a false-alarm rate ``α`` the user chooses: the
+``⌈(n + 1)(1 − α)⌉``-th smallest of the ``n`` clean scores, the split-conformal quantile. For
+a fresh clean image drawn like the calibration images, the chance that its score passes that
+threshold is at most ``α`` (and at least ``α − 1/(n + 1)`` when scores do not tie), whatever the
+detector; so the rate is the user's, not a property of the detector. It needs
+``n ≥ 1/α − 1`` images (99 for 1 %), and says so when there are fewer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Generic, TypeVar
+
+import torch
+from torch import nn
+
+from goodnet.data.dataset import BatchSource, ImageData, batches
+from goodnet.defenses.base import check_clean, checked_config
+from goodnet.errors import GoodnetError
+from goodnet.models import model_device
+
+C = TypeVar("C")
+
+
+class Detection(nn.Module):
+    """A fitted detector: ``forward(x)`` gives one score per image of ``x`` (``(B, C, H, W)``
+    in [0, 1]), higher for more suspicious. Subclasses hold a frozen copy of the model."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Detection:
+        """A detection stays in eval mode (its scores must not depend on the mode)."""
+        super().train(False)
+        return self
+
+    @torch.no_grad()
+    def scores(self, data: BatchSource, batch_size: int = 256) -> torch.Tensor:
+        """The score of every image of ``data``, in order, on the CPU."""
+        device = model_device(self.model)
+        out = [self(x).float().cpu() for x, _ in batches(data, batch_size, device=device)]
+        return torch.cat(out) if out else torch.empty(0)
+
+
+class InputDetector(ABC, Generic[C]):
+    """An input-level backdoor detector. Subclasses set ``name``, ``paper`` and ``Config`` (a
+    frozen settings dataclass) and implement :meth:`fit`; ``needs_clean = False`` marks one that
+    learns nothing from clean data."""
+
+    name: ClassVar[str]
+    paper: ClassVar[str]
+    Config: ClassVar[type[Any]]
+    needs_clean: ClassVar[bool] = True
+
+    def __init__(self, config: C | None = None) -> None:
+        self.config: C = checked_config(self, config)
+
+    def detect(self, model: nn.Module, clean: ImageData | None = None) -> Detection:
+        """The detection of ``model``, fitted on ``clean`` where the detector needs data."""
+        if self.needs_clean:
+            if clean is None:
+                raise GoodnetError(f"{self.name} needs clean data")
+            check_clean(clean)
+        return self.fit(model, clean if self.needs_clean else None).eval()
+
+    @abstractmethod
+    def fit(self, model: nn.Module, clean: ImageData | None) -> Detection:
+        """The detector's work: a :class:`Detection` holding a copy of ``model``."""
+
+
+def calibrate(clean_scores: torch.Tensor, false_alarm: float) -> float:
+    """The threshold a score must exceed to be flagged, for a false-alarm rate ``false_alarm``
+    on fresh clean images: the ``⌈(n + 1)(1 − false_alarm)⌉``-th smallest of the ``n`` clean
+    scores (see the module docstring)."""
+    if not 0 < false_alarm < 1:
+        raise GoodnetError(f"the false-alarm rate must lie in (0, 1), got {false_alarm:g}")
+    scores = torch.as_tensor(clean_scores, dtype=torch.float64).flatten()
+    if not torch.isfinite(scores).all():
+        raise GoodnetError("calibration scores must be finite numbers")
+    n = len(scores)
+    rank = math.ceil((n + 1) * (1 - false_alarm) - 1e-9)
+    if rank > n:
+        needed = math.ceil(1 / false_alarm - 1 - 1e-9)
+        raise GoodnetError(f"{n} clean images cannot calibrate a false-alarm rate of "
+                           f"{false_alarm:g}: it takes at least {needed}")
+    return float(torch.sort(scores).values[rank - 1])

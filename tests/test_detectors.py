@@ -1,0 +1,154 @@
+"""Input-level detectors (issue 18): triggered inputs score above clean ones on a backdoored
+network, the calibrated threshold gives the requested false-alarm rate on fresh clean data, the
+same seed gives the same scores, the caller's model is untouched, and bad settings are refused
+in one line."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import pytest
+import torch
+
+from goodnet.bench.scan_report import auroc
+from goodnet.data import split_clean
+from goodnet.detectors import DETECTORS, calibrate, make_detector
+from goodnet.errors import GoodnetError
+from goodnet.metrics import poisoned_batches
+from tests.conftest import Planted, halves, stripes
+
+# --- calibration -------------------------------------------------------------------------------
+
+
+def test_the_threshold_is_the_conformal_order_statistic():
+    scores = torch.arange(1.0, 100.0)  # 99 scores, 1..99
+    assert calibrate(scores, 0.01) == 99.0  # rank ⌈100 · 0.99⌉ = 99
+    assert calibrate(scores, 0.05) == 95.0  # rank ⌈100 · 0.95⌉ = 95
+    assert calibrate(scores[torch.randperm(99)], 0.05) == 95.0  # order does not matter
+    with pytest.raises(GoodnetError, match=re.escape(
+            "98 clean images cannot calibrate a false-alarm rate of 0.01: it takes at least 99")):
+        calibrate(scores[:98], 0.01)
+
+
+@pytest.mark.parametrize("rate", [0.0, 1.0, -0.1, 1.5])
+def test_a_false_alarm_rate_outside_zero_one_is_refused(rate):
+    with pytest.raises(GoodnetError, match="false-alarm rate must lie in"):
+        calibrate(torch.rand(500), rate)
+
+
+@pytest.mark.parametrize("rate", [0.01, 0.05, 0.2])
+def test_calibration_keeps_the_rate_on_fresh_scores(rate):
+    """Over many draws of 300 calibration scores, the share of fresh scores above the threshold
+    averages between rate − 1/(n+1) and rate (the conformal bounds), within sampling error."""
+    generator = torch.Generator().manual_seed(0)
+    n, draws, fresh = 300, 200, 2000
+    rates = []
+    for _ in range(draws):
+        threshold = calibrate(torch.randn(n, generator=generator), rate)
+        rates.append(float((torch.randn(fresh, generator=generator) > threshold).float().mean()))
+    mean = sum(rates) / draws
+    spread = 3 * math.sqrt(rate * (1 - rate) / fresh / draws) + 0.003
+    assert rate - 1 / (n + 1) - spread <= mean <= rate + spread, mean
+
+
+# --- the detectors on a backdoored network ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def scored(backdoored):
+    """Each detector's scores on the clean test images and on their triggered copies (those of
+    other classes than the target)."""
+    model, clean, test, attack = backdoored
+    out = {}
+    for name in sorted(DETECTORS):
+        detection = make_detector(name).detect(model, clean)
+        clean_scores = detection.scores(test)
+        triggered = torch.cat([detection(x_poisoned) for _, _, parts in
+                               poisoned_batches(test, attack, 64)
+                               for _, x_poisoned, _, _ in parts])
+        out[name] = (clean_scores, triggered)
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_triggered_inputs_score_above_clean_ones(scored, name):
+    clean_scores, triggered = scored[name]
+    assert len(triggered) > 100 and len(clean_scores) == 200
+    assert auroc(triggered.tolist(), clean_scores.tolist()) >= 0.8  # chance is 0.5
+
+
+@pytest.mark.parametrize("name", sorted(DETECTORS))
+def test_the_same_seed_gives_the_same_scores_and_the_model_is_untouched(backdoored, name):
+    model, clean, test, _ = backdoored
+    before = copy.deepcopy(model.state_dict())
+    model.train()
+    first = make_detector(name).detect(model, clean).scores(test)
+    second = make_detector(name).detect(model, clean).scores(test)
+    assert torch.equal(first, second)
+    assert model.training  # the caller's mode is kept
+    model.eval()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+def test_strip_overlays_come_from_the_clean_data_by_seed(backdoored):
+    model, clean, test, _ = backdoored
+    one = make_detector("strip", {"overlays": 20, "seed": 0}).detect(model, clean)
+    other = make_detector("strip", {"overlays": 20, "seed": 1}).detect(model, clean)
+    assert one.get_buffer("overlays").shape == (20, *clean.image_shape)
+    assert not torch.equal(one.scores(test), other.scores(test))
+    everything = make_detector("strip", {"overlays": 10_000}).detect(model, clean)
+    assert len(everything.get_buffer("overlays")) == len(clean)
+
+
+def test_a_calibrated_detector_keeps_the_requested_rate_on_fresh_clean_images(backdoored):
+    """Calibrated on 300 clean images held out from the overlays, STRIP's false-alarm rate on
+    1000 fresh clean images is the requested 5 % within its sampling error."""
+    model, _, _, _ = backdoored
+    data = stripes(1600, seed=7)
+    pool, rest = split_clean(data, 300, seed=0)
+    calibration, fresh = split_clean(rest, 300, seed=1)
+    detection = make_detector("strip").detect(model, pool)
+    threshold = calibrate(detection.scores(calibration), 0.05)
+    measured = float((detection.scores(fresh) > threshold).float().mean())
+    assert abs(measured - 0.05) <= 3 * math.sqrt(0.05 * 0.95 / len(fresh)) + 1 / 301
+
+
+def test_the_planted_trigger_is_certain_under_strip_and_consistent_under_scale_up():
+    """On the planted network the lit corner sends every blend and every scaled copy to class 0
+    with near certainty: STRIP's and soft SCALE-UP's scores of triggered inputs exceed every
+    clean input's."""
+    data = halves(100)
+    x, _ = data.get(torch.arange(100))
+    triggered = x.clone()
+    triggered[:, :, 6:8, 6:8] = 1.0
+    for name, settings in (("strip", {}), ("scale-up", {"soft": True})):
+        detection = make_detector(name, settings).detect(Planted(), data)
+        assert detection(triggered).min() > detection(x).max(), name
+
+
+def test_scale_up_needs_no_data_and_takes_a_handful_of_values(backdoored):
+    model, _, test, _ = backdoored
+    detection = make_detector("scale-up").detect(model)
+    values = {round(v, 5) for v in detection.scores(test).tolist()}
+    assert values <= {k / 5 for k in range(6)} and len(values) >= 2
+
+
+@pytest.mark.parametrize(("name", "settings", "message"), [
+    ("strip", {"overlays": 0}, "overlays must be positive"),
+    ("strip", {"weight": 0.0}, "weight must lie in"),
+    ("scale-up", {"scales": [0.5, 3]}, "factors above 1"),
+    ("scale-up", {"scales": []}, "factors above 1"),
+    ("strip", {"no_such": 1}, "has no setting 'no_such'"),
+])
+def test_bad_settings_are_refused(name, settings, message):
+    with pytest.raises(GoodnetError, match=message):
+        make_detector(name, settings)
+
+
+def test_an_unknown_detector_and_missing_clean_data_are_refused():
+    with pytest.raises(GoodnetError, match="unknown detector 'teco'; choose from"):
+        make_detector("teco")
+    with pytest.raises(GoodnetError, match="strip needs clean data"):
+        make_detector("strip").detect(Planted())
