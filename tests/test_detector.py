@@ -77,3 +77,98 @@ def test_goodnet_metrics_from_predictions_equal_running_the_goodnet():
     derived = score(detector_predictions(predictions["a"], predictions["b"], 10), 10)
     assert 0 < derived.false_alarm_rate < 1  # the two random nets do disagree sometimes
     assert derived == direct
+
+
+# --- GoodNets with calibrated detectors (issue 18) -------------------------------------------
+
+def _calibrated(backdoored, false_alarm=0.05, detectors=None):
+    from goodnet.data import split_clean
+    from goodnet.detector import calibrated
+    from tests.conftest import stripes
+
+    model, clean, _, _ = backdoored
+    calibration, _ = split_clean(stripes(1200, seed=11), 300, seed=0)
+    return calibrated(model, model, detectors or {"strip": {"overlays": 30},
+                                                  "scale-up": {"soft": True}},
+                      clean, calibration, false_alarm)
+
+
+def test_a_calibrated_goodnet_flags_triggers_and_few_clean_inputs(backdoored):
+    import math
+
+    from tests.conftest import stripes
+
+    _, _, test, attack = backdoored
+    goodnet = _calibrated(backdoored)
+    assert [s.detector for s in goodnet.screens] == ["strip", "scale-up"]
+    assert all(s.false_alarm == 0.025 and s.calibration_images == 300 for s in goodnet.screens)
+    assert not goodnet.disagree
+    fresh = stripes(1000, seed=12)
+    metrics = evaluate(goodnet, fresh, attack, reject_class=4)
+    # two detectors at 2.5 % each: at most 5 % together, within sampling error
+    assert metrics.false_alarm_rate <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 1000)
+    assert metrics.detection_rate >= 0.5  # the repaired model here is the BadNet itself
+    x, _ = test.get(torch.arange(8))
+    assert set(goodnet.scores(x)) == {"strip", "scale-up"}
+
+
+def test_a_goodnet_with_detectors_round_trips_through_its_file(backdoored, tmp_path):
+    from goodnet.models import spec_for_data
+    from tests.conftest import stripes
+
+    _, _, test, _ = backdoored
+    goodnet = _calibrated(backdoored)
+    spec = spec_for_data("small_cnn", stripes(800, seed=0))  # the backdoored model's
+    path = save_model(tmp_path / "g.safetensors", goodnet, ModelCard(spec=spec))
+    loaded = load_model(path).model
+    assert isinstance(loaded, GoodNet) and loaded.screens == goodnet.screens
+    assert loaded.disagree is False
+    assert torch.equal(loaded.detections["strip"].get_buffer("overlays"),
+                       goodnet.detections["strip"].get_buffer("overlays"))
+    x, _ = test.get(torch.arange(64))
+    assert torch.equal(loaded(x), goodnet(x))
+    for name, expected in goodnet.scores(x).items():
+        assert torch.allclose(loaded.scores(x)[name], expected)
+
+
+def test_a_goodnet_file_with_bad_detector_parts_is_refused(backdoored, tmp_path):
+    import json
+
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from goodnet.artifacts import CARD_KEY
+    from goodnet.errors import GoodnetError
+    from goodnet.models import spec_for_data
+    from tests.conftest import stripes
+
+    goodnet = _calibrated(backdoored, detectors={"strip": {"overlays": 20}})
+    spec = spec_for_data("small_cnn", stripes(800, seed=0))  # the backdoored model's
+    path = save_model(tmp_path / "g.safetensors", goodnet, ModelCard(spec=spec))
+    tensors = load_file(path)
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        card = json.loads(handle.metadata()[CARD_KEY])
+
+    def write(name, tensors, card):
+        target = tmp_path / name
+        save_file(tensors, target, metadata={CARD_KEY: json.dumps(card)})
+        return target
+
+    bigger = dict(tensors)
+    bigger["extra/detector/strip/overlays"] = torch.rand(21, 1, 16, 16)
+    with pytest.raises(GoodnetError, match="strip: expected overlays"):
+        load_model(write("big.safetensors", bigger, card))
+    stray = dict(tensors)
+    stray["extra/detector/teco/x"] = torch.zeros(1)
+    with pytest.raises(GoodnetError, match="belongs to no detector"):
+        load_model(write("stray.safetensors", stray, card))
+    broken = json.loads(json.dumps(card))
+    del broken["notes"]["goodnet"]["screens"][0]["threshold"]
+    with pytest.raises(GoodnetError, match="malformed detector record"):
+        load_model(write("broken.safetensors", tensors, broken))
+    unknown = json.loads(json.dumps(card))
+    unknown["notes"]["goodnet"]["screens"][0]["detector"] = "teco"
+    with pytest.raises(GoodnetError, match="unknown detector 'teco'"):
+        load_model(write("unknown.safetensors", tensors, unknown))

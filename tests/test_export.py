@@ -71,3 +71,29 @@ def test_an_unwritable_export_leaves_nothing(files, tmp_path, capsys):
     assert main(["export", str(files / "goodnet.safetensors"),
                  "--out", str(blocker / "m.onnx")]) != 0
     assert "cannot write" in capsys.readouterr().err
+
+
+def test_a_goodnet_with_detectors_exports_them_for_any_batch_size(backdoored, tmp_path):
+    """STRIP and SCALE-UP are plain tensor operations: the exported GoodNet answers as PyTorch
+    does, and scores a batch larger than the example the graph was traced with (2) and than
+    STRIP's chunk, so no input is dropped."""
+    from goodnet.data import split_clean
+    from goodnet.detector import calibrated
+    from goodnet.models import spec_for_data
+    from tests.conftest import stripes
+
+    model, clean, test, _ = backdoored
+    calibration, _ = split_clean(stripes(600, seed=11), 200, seed=0)
+    goodnet = calibrated(model, model, {"strip": {"overlays": 100}, "scale-up": {}}, clean,
+                         calibration, 0.1)
+    spec = spec_for_data("small_cnn", stripes(800, seed=0))
+    save_model(tmp_path / "g.safetensors", goodnet, ModelCard(spec=spec))
+    assert main(["export", str(tmp_path / "g.safetensors"), "--out",
+                 str(tmp_path / "g.onnx")]) == 0
+    x, _ = test.get(torch.arange(40))  # STRIP's chunk at 100 overlays is 20 inputs
+    with torch.no_grad():
+        expected = goodnet(x)
+    got = run_onnx(tmp_path / "g.onnx", x)
+    assert got.shape == (40, 5)
+    assert got.argmax(1).tolist() == expected.argmax(1).tolist()
+    assert np.allclose(got, expected.numpy(), atol=1e-4)

@@ -268,15 +268,21 @@ def save_model(
 
     A masked model (``goodnet.masking.Masked``) is saved as its unmasked weights plus its masks
     (``extra/mask/<layer>``) and their semantics in the card; a :class:`GoodNet` as both of its
-    models (``original.*``, ``repaired.*``).
+    models (``original.*``, ``repaired.*``), its checks in the card (``notes["goodnet"]``: the
+    disagreement flag and each detector's name, settings and threshold) and what its detectors
+    learned from data (``extra/detector/<name>/<tensor>``).
     """
     from goodnet.detector import GoodNet
 
     extras = dict(extras or {})
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(model, GoodNet):
-        card = dataclasses.replace(card, kind="goodnet")
+        card = dataclasses.replace(card, kind="goodnet", notes={**card.notes, "goodnet": {
+            "disagree": model.disagree, "screens": [s.record() for s in model.screens]}})
         parts = {"original": model.original, "repaired": model.repaired}
+        for screen in model.screens:
+            for name, tensor in model.detections[screen.detector].tensors().items():
+                extras[f"detector/{screen.detector}/{name}"] = tensor
     else:
         parts = {"": model}
     for prefix, part in parts.items():
@@ -322,7 +328,6 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
     memory a file costs is bounded by its size. Masks saved beside the weights are installed
     again (a ``Masked`` model comes back); a GoodNet file comes back as a :class:`GoodNet`.
     """
-    from goodnet.detector import GoodNet
     from goodnet.masking import MaskSet, masked
 
     path = Path(path)
@@ -352,11 +357,45 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         last = prefixes[-1]
         models[last] = masked(models[last], MaskSet.from_tensors(mask_tensors, semantics))
     if card.kind == "goodnet":
-        model: nn.Module = GoodNet(models["original"], models["repaired"])
+        model: nn.Module = _goodnet(models["original"], models["repaired"], card, extras, path)
     else:
         model = models[""]
     model.eval()
     return LoadedModel(model.to(device), card, extras)
+
+
+def _goodnet(original: nn.Module, repaired: nn.Module, card: ModelCard,
+             extras: dict[str, torch.Tensor], path: Path) -> nn.Module:
+    """A GoodNet from its two models and the checks its card lists (a file from before the
+    detectors has only the disagreement check)."""
+    from goodnet.detector import GoodNet, Screen
+    from goodnet.detectors import make_detector
+
+    checks = card.notes.get("goodnet", {"disagree": True, "screens": []})
+    if not isinstance(checks, dict) or not isinstance(checks.get("disagree"), bool) or \
+            not isinstance(checks.get("screens"), list):
+        raise GoodnetError(f"{path}: the card's goodnet checks are malformed")
+    screens = []
+    for record in checks["screens"]:
+        try:
+            screen = Screen(str(record["detector"]), dict(record["settings"]),
+                            float(record["threshold"]), float(record["false_alarm"]),
+                            int(record["calibration_images"]))
+        except (KeyError, TypeError, ValueError):
+            raise GoodnetError(f"{path}: a malformed detector record in the card") from None
+        prefix = f"detector/{screen.detector}/"
+        tensors = {k[len(prefix):]: v for k, v in extras.items() if k.startswith(prefix)}
+        try:
+            detection = make_detector(screen.detector, screen.settings).restore(original, tensors)
+        except GoodnetError as error:
+            raise GoodnetError(f"{path}: {error}") from None
+        screens.append((screen, detection))
+    known = {f"detector/{s.detector}/" for s, _ in screens}
+    stray = [k for k in extras if k.startswith("detector/")
+             and not any(k.startswith(p) for p in known)]
+    if stray:
+        raise GoodnetError(f"{path}: detector tensor {stray[0]!r} belongs to no detector")
+    return GoodNet(original, repaired, screens, disagree=checks["disagree"])
 
 
 def _key(prefix: str, name: str) -> str:

@@ -1,43 +1,110 @@
-"""GoodNet: the CSAW-HackML lab's detector, built from a BadNet and its repaired version.
+"""GoodNet: the CSAW-HackML lab's detector, built from a BadNet and its repaired version, and
+the input-level detectors a user calibrates to a false-alarm rate (issue 18).
 
-For each input both models classify it; where their top classes agree, the GoodNet answers that
-class; where they disagree it answers ``N``, an extra class meaning "judged poisoned". A
-backdoor that the repair removed makes the two disagree on triggered inputs, and a repair that
-kept clean accuracy makes them agree on clean ones.
+For each input the GoodNet answers ``N``, an extra class meaning "judged poisoned", when one of
+its checks fires, and the repaired model's class otherwise. The checks:
+
+- **disagreement** (the lab's, on by default): the original and the repaired model's top classes
+  differ. A backdoor that the repair removed makes the two disagree on triggered inputs, and a
+  repair that kept clean accuracy makes them agree on clean ones; its false-alarm rate is
+  whatever the two happen to disagree on.
+- **detectors** (:mod:`goodnet.detectors`, each fitted on the *original* model, where a trigger
+  still works): a detector fires when its score exceeds its threshold. :func:`calibrated` sets
+  every threshold from clean images held out from the repair, for a false-alarm rate the user
+  chooses, split evenly between the detectors (so together they stay within it).
 
 The output is a score vector over ``N + 1`` classes whose argmax is that answer: the repaired
-model's softmax (with 0 for class N) where the models agree, and the unit vector of class N where
-they disagree. It is built from plain tensor operations, so it exports to ONNX.
+model's softmax (with 0 for class N) where no check fires, and the unit vector of class N where
+one does. It is built from plain tensor operations, so it exports to ONNX.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from goodnet.data.dataset import ImageData
+from goodnet.errors import GoodnetError
 
-class GoodNet(nn.Module):
-    """``N + 1`` outputs: the shared class where ``original`` and ``repaired`` agree, else ``N``.
 
-    Both models are copied; the caller's are never modified.
+@dataclass(frozen=True)
+class Screen:
+    """A detector as a GoodNet uses it: which one, with what settings, and its threshold.
+
+    Attributes:
+        detector: the registry name (``goodnet.detectors.DETECTORS``).
+        settings: its settings, as plain values.
+        threshold: a score above this answers N.
+        false_alarm: the false-alarm rate the threshold was calibrated for (this detector's
+            share of the GoodNet's).
+        calibration_images: how many clean images calibrated it.
     """
 
-    def __init__(self, original: nn.Module, repaired: nn.Module) -> None:
+    detector: str
+    settings: dict[str, Any] = field(default_factory=dict)
+    threshold: float = float("inf")
+    false_alarm: float = 0.0
+    calibration_images: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {"detector": self.detector, "settings": dict(self.settings),
+                "threshold": self.threshold, "false_alarm": self.false_alarm,
+                "calibration_images": self.calibration_images}
+
+
+class GoodNet(nn.Module):
+    """``N + 1`` outputs: the repaired model's class, or ``N`` where a check fires (see the
+    module docstring). The models are copied; the caller's are never modified.
+
+    Args:
+        original: the backdoored model.
+        repaired: its repaired version.
+        screens: detectors with their thresholds, each with its fitted detection.
+        disagree: also answer N where the two models' top classes differ.
+    """
+
+    def __init__(self, original: nn.Module, repaired: nn.Module,
+                 screens: Sequence[tuple[Screen, nn.Module]] = (), disagree: bool = True
+                 ) -> None:
         super().__init__()
         self.original = copy.deepcopy(original).eval()
         self.repaired = copy.deepcopy(repaired).eval()
+        self.screens = tuple(screen for screen, _ in screens)
+        names = [screen.detector for screen in self.screens]
+        if len(set(names)) != len(names):
+            raise GoodnetError(f"a GoodNet takes each detector once, got {names}")
+        self.detections = nn.ModuleDict({s.detector: d for s, d in screens})
+        self.disagree = disagree
+
+    def flags(self, x: torch.Tensor, repaired_logits: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """Whether each input of ``x`` is answered N."""
+        second = self.repaired(x) if repaired_logits is None else repaired_logits
+        flagged = torch.zeros_like(second[:, 0], dtype=torch.bool)
+        if self.disagree:  # not in place: ONNX has no in-place or
+            flagged = flagged | (self.original(x).argmax(1) != second.argmax(1))
+        for screen in self.screens:
+            flagged = flagged | (self.detections[screen.detector](x) > screen.threshold)
+        return flagged
+
+    def scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each detector's score for each input of ``x``."""
+        return {s.detector: self.detections[s.detector](x) for s in self.screens}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        first = self.original(x)
         second = self.repaired(x)
-        agree = (first.argmax(1) == second.argmax(1)).unsqueeze(1)
+        flagged = self.flags(x, second).unsqueeze(1)
         scores = F.pad(second.softmax(1), (0, 1))
-        flagged = F.one_hot(torch.full_like(first.argmax(1), first.shape[1]),
-                            first.shape[1] + 1).to(scores.dtype)
-        return torch.where(agree, scores, flagged)
+        poisoned = F.one_hot(torch.full_like(second.argmax(1), second.shape[1]),
+                             second.shape[1] + 1).to(scores.dtype)
+        return torch.where(flagged, poisoned, scores)
 
     @property
     def reject_class(self) -> int:
@@ -46,3 +113,32 @@ class GoodNet(nn.Module):
             if isinstance(module, nn.Linear):
                 return module.out_features
         raise AttributeError("cannot tell the number of classes of the original model")
+
+
+def calibrated(original: nn.Module, repaired: nn.Module, detectors: Mapping[str, Any],
+               fit_data: ImageData | None, calibration: ImageData, false_alarm: float = 0.01,
+               disagree: bool = False) -> GoodNet:
+    """A GoodNet whose detectors (registry name → settings) are fitted on ``fit_data`` with the
+    original model and calibrated on ``calibration`` (clean images held out from the repair and
+    from fitting) so that, together, they answer N on at most ``false_alarm`` of fresh clean
+    inputs: each gets ``false_alarm / len(detectors)``. ``disagree`` adds the lab's check, whose
+    false alarms are not calibrated (off by default here)."""
+    from goodnet.detectors import calibrate, make_detector
+
+    if not detectors:
+        raise GoodnetError("a calibrated GoodNet needs at least one detector")
+    share = false_alarm / len(detectors)
+    screens = []
+    for name, settings in detectors.items():
+        detector = make_detector(name, settings)
+        detection = detector.detect(original, fit_data)
+        threshold = calibrate(detection.scores(calibration), share)
+        screens.append((Screen(name, _settings(detector.config), threshold,
+                               share, len(calibration)), detection))
+    return GoodNet(original, repaired, screens, disagree=disagree)
+
+
+def _settings(config: Any) -> dict[str, Any]:
+    """A detector's settings as plain values (lists, not tuples: they go to JSON)."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(config).items()}

@@ -50,6 +50,11 @@ class Detection(nn.Module):
         super().train(False)
         return self
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What the detection learned from data, to save beside the model (its buffers, not
+        the model's weights)."""
+        return {name: buffer for name, buffer in self.named_buffers(recurse=False)}
+
     @torch.no_grad()
     def scores(self, data: BatchSource, batch_size: int = 256) -> torch.Tensor:
         """The score of every image of ``data``, in order, on the CPU."""
@@ -82,6 +87,13 @@ class InputDetector(ABC, Generic[C]):
     @abstractmethod
     def fit(self, model: nn.Module, clean: ImageData | None) -> Detection:
         """The detector's work: a :class:`Detection` holding a copy of ``model``."""
+
+    def restore(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> Detection:
+        """The detection that :meth:`Detection.tensors` saved, on ``model`` (a file's tensors
+        are untrusted: their names and shapes are checked)."""
+        if tensors:
+            raise GoodnetError(f"{self.name} saves no tensors, got {sorted(tensors)}")
+        return self.fit(model, None).eval()
 
 
 def calibrate(clean_scores: torch.Tensor, false_alarm: float) -> float:

@@ -65,7 +65,7 @@ class ScaleUpDetection(Detection):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.model(x).argmax(1)
-        total = torch.zeros(len(x), device=x.device)
+        total = torch.zeros_like(base, dtype=torch.float32)
         for scale in self.scales:
             out = self.model((x * scale).clamp(0, 1))
             if self.soft:

@@ -75,16 +75,19 @@ class STRIPDetection(Detection):
         self.weight = weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export():  # one graph for any batch size: no chunks
+            return self._score(x)
+        chunk = max(1, IMAGES_PER_PASS // len(self.get_buffer("overlays")))
+        return torch.cat([self._score(x[first:first + chunk])
+                          for first in range(0, len(x), chunk)])
+
+    def _score(self, x: torch.Tensor) -> torch.Tensor:
         overlays = self.get_buffer("overlays")
-        chunk = max(1, IMAGES_PER_PASS // len(overlays))
-        out = []
-        for first in range(0, len(x), chunk):
-            part = x[first:first + chunk]
-            blends = part.unsqueeze(1) + self.weight * overlays.unsqueeze(0)
-            probs = self.model(blends.flatten(0, 1)).softmax(1)
-            entropy = torch.special.entr(probs).sum(1).view(len(part), len(overlays))
-            out.append(-entropy.mean(1))
-        return torch.cat(out)
+        blends = x.unsqueeze(1) + self.weight * overlays.unsqueeze(0)
+        probs = self.model(blends.flatten(0, 1)).softmax(1)
+        # -p log p with 0 log 0 = 0, in plain operations (ONNX has no entr)
+        entropy = -(probs * probs.clamp_min(1e-30).log()).sum(1)
+        return -entropy.view(-1, overlays.shape[0]).mean(1)
 
 
 class STRIP(InputDetector[STRIPConfig]):
@@ -100,3 +103,15 @@ class STRIP(InputDetector[STRIPConfig]):
         chosen = torch.randperm(len(clean), generator=generator)[:self.config.overlays]
         overlays, _ = clean.get(chosen.sort().values)
         return STRIPDetection(model, overlays, self.config.weight)
+
+    def restore(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> Detection:
+        overlays = tensors.get("overlays")
+        shape = getattr(model, "input_shape", None)
+        if set(tensors) != {"overlays"} or overlays is None or overlays.ndim != 4 or not (
+                1 <= len(overlays) <= self.config.overlays) or (
+                shape is not None and tuple(overlays.shape[1:]) != tuple(shape)):
+            raise GoodnetError(f"strip: expected overlays of shape (<= {self.config.overlays}, "
+                               f"{shape}), got {({k: tuple(v.shape) for k, v in tensors.items()})}")
+        if not torch.isfinite(overlays).all() or overlays.min() < 0 or overlays.max() > 1:
+            raise GoodnetError("strip: overlays must be images in [0, 1]")
+        return STRIPDetection(model, overlays.float(), self.config.weight).eval()
