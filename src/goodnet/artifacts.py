@@ -280,8 +280,8 @@ def save_model(
         card = dataclasses.replace(card, kind="goodnet", notes={**card.notes, "goodnet": {
             "disagree": model.disagree, "screens": [s.record() for s in model.screens]}})
         parts = {"original": model.original, "repaired": model.repaired}
-        for screen in model.screens:
-            for name, tensor in model.detections[screen.detector].tensors().items():
+        for screen, detection in model.screened():
+            for name, tensor in detection.tensors().items():
                 extras[f"detector/{screen.detector}/{name}"] = tensor
     else:
         parts = {"": model}

@@ -24,7 +24,7 @@ import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,9 @@ from torch import nn
 
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
+
+if TYPE_CHECKING:
+    from goodnet.detectors.base import Detection
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,10 @@ class GoodNet(nn.Module):
         self.detections = nn.ModuleDict({s.detector: d for s, d in screens})
         self.disagree = disagree
 
+    def screened(self) -> list[tuple[Screen, Detection]]:
+        """Each screen with its fitted detection."""
+        return [(s, cast("Detection", self.detections[s.detector])) for s in self.screens]
+
     def flags(self, x: torch.Tensor, repaired_logits: torch.Tensor | None = None
               ) -> torch.Tensor:
         """Whether each input of ``x`` is answered N."""
@@ -90,13 +97,13 @@ class GoodNet(nn.Module):
         flagged = torch.zeros_like(second[:, 0], dtype=torch.bool)
         if self.disagree:  # not in place: ONNX has no in-place or
             flagged = flagged | (self.original(x).argmax(1) != second.argmax(1))
-        for screen in self.screens:
-            flagged = flagged | (self.detections[screen.detector](x) > screen.threshold)
+        for screen, detection in self.screened():
+            flagged = flagged | (detection(x) > screen.threshold)
         return flagged
 
     def scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each detector's score for each input of ``x``."""
-        return {s.detector: self.detections[s.detector](x) for s in self.screens}
+        return {screen.detector: detection(x) for screen, detection in self.screened()}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         second = self.repaired(x)

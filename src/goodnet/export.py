@@ -30,8 +30,7 @@ def exportable(model: nn.Module) -> nn.Module:
         with model.unmasked() as bare:  # bake the weights, not a copy that still has hooks
             return bake(bare, model.masks).eval()
     if isinstance(model, GoodNet):  # detectors hold plain copies of the original: kept as they are
-        screens = [(s, model.detections[s.detector]) for s in model.screens]
-        return GoodNet(exportable(model.original), exportable(model.repaired), screens,
+        return GoodNet(exportable(model.original), exportable(model.repaired), model.screened(),
                        disagree=model.disagree).eval()
     return model.eval()
 
