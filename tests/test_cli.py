@@ -537,3 +537,59 @@ def test_repair_with_neural_cleanse_writes_its_triggers(trained, npz_pair, tmp_p
     assert summary["scan"]["targets"] == list(verdict.targets)
     assert verdict.triggers[1].mask.shape == (1, *verdict.triggers[1].pattern.shape[1:])
     assert (out / "triggers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repair_with_detectors_writes_a_calibrated_goodnet(trained, npz_pair, tmp_path, capsys):
+    """``--detect strip,disagree``: STRIP calibrated on clean images held out from the repair,
+    beside the lab's check; the GoodNet file carries both, repair.json says so, and predict
+    prints each input's STRIP score beside its answer."""
+    from PIL import Image
+
+    from goodnet.detector import GoodNet
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    clean = stripes(200, seed=3)
+    np.savez(folder / "clean.npz", x=clean.images.numpy(), y=clean.labels.numpy())
+    out = tmp_path / "repair"
+    assert main(["--no-progress", "repair", str(trained), "--defense", "prune", "--clean",
+                 str(folder / "clean.npz"), "--test", str(npz_pair[1]), "--detect",
+                 "strip,disagree", "--false-alarm", "0.05", "--max-drop", "0.2",
+                 "--curve-limit", "0", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "on 19 clean images held out from the repair" in printed  # ⌈1/0.05 − 1⌉ = 19
+    assert "181 clean images" in printed and "GoodNet checks: strip (threshold" in printed
+    summary = json.loads((out / "repair.json").read_text())
+    checks = summary["goodnet_checks"]
+    assert checks["disagree"] is True and [s["detector"] for s in checks["screens"]] == ["strip"]
+    assert checks["screens"][0]["false_alarm"] == 0.05
+    goodnet = load_model(out / "goodnet-0.2.safetensors").model
+    assert isinstance(goodnet, GoodNet) and goodnet.disagree
+    assert goodnet.screens[0].threshold == checks["screens"][0]["threshold"]
+    path = tmp_path / "img.png"
+    Image.fromarray(clean.images[0, 0].numpy()).save(path)
+    assert main(["predict", str(out / "goodnet-0.2.safetensors"), str(path)]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert header == "image\tclass\tstrip"
+    assert line.split("\t")[0] == str(path) and len(line.split("\t")) == 3
+    float(line.split("\t")[2])  # a number
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--detect", "teco"], "unknown detector 'teco' for --detect; choose from"),
+    (["--detect", "strip,strip"], "distinct detector names"),
+    (["--detect", "strip", "--false-alarm", "1.5"], "--false-alarm must lie in (0, 1)"),
+    (["--detect", "strip", "--false-alarm", "0.001"], "takes 999 clean images, more than half "
+                                                       "of the 120 given"),
+    (["--detect", "strip", "--calibration", "5", "--false-alarm", "0.1"],
+     "--calibration 5 cannot calibrate 1 detector(s) at a false-alarm rate of 0.1"),
+])
+def test_bad_detector_options_get_one_line(pruned_repair, trained, tmp_path, capsys, extra,
+                                           message):
+    clean = pruned_repair.parent / "clean.npz"
+    out = tmp_path / "x"
+    assert main(["--no-progress", "repair", str(trained), "--defense", "prune", "--clean",
+                 str(clean), *extra, "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not out.exists()

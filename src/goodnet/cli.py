@@ -27,6 +27,7 @@ from goodnet.backdoor import TrainedModel, attack_from_card, train_model
 from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
 from goodnet.defenses.base import Defense
 from goodnet.demo import run_demo
+from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
 from goodnet.metrics import evaluate, metrics_table, percent
 from goodnet.models import MODELS, ModelSpec, check_input
@@ -304,11 +305,53 @@ def _amount(text: str) -> float | int:
     return int(value) if value >= 1 and value == int(value) else value
 
 
+def detect_from_args(args: argparse.Namespace) -> tuple[list[str], bool]:
+    """``--detect``: the detectors a GoodNet calibrates, and whether it keeps the lab's
+    disagreement check (on without ``--detect``, and where ``--detect`` names it)."""
+    from goodnet.detector import DISAGREE
+    from goodnet.detectors import DETECTORS
+
+    if args.detect is None:
+        return [], True
+    names = [n.strip() for n in args.detect.split(",") if n.strip()]
+    for name in names:
+        if name != DISAGREE and name not in DETECTORS:
+            raise GoodnetError(f"unknown detector {name!r} for --detect; choose from "
+                               f"{', '.join([*DETECTORS, DISAGREE])}")
+    if not names or len(set(names)) != len(names):
+        raise GoodnetError(f"--detect takes distinct detector names, got {args.detect!r}")
+    if not 0 < args.false_alarm < 1:
+        raise GoodnetError(f"--false-alarm must lie in (0, 1), got {args.false_alarm:g}")
+    return [n for n in names if n != DISAGREE], DISAGREE in names
+
+
+def calibration_from_args(args: argparse.Namespace, clean: ImageData, detectors: list[str]
+                          ) -> tuple[ImageData, ImageData]:
+    """(the calibration images of ``--detect``, the clean data left for the repair): the
+    calibration images are held out of ``clean`` first (stratified, ``--clean-seed``)."""
+    from goodnet.detector import calibration_size
+
+    needed = calibration_size(len(detectors), args.false_alarm)
+    size = args.calibration if args.calibration is not None else needed
+    if size < needed:
+        raise GoodnetError(f"--calibration {size} cannot calibrate {len(detectors)} "
+                           f"detector(s) at a false-alarm rate of {args.false_alarm:g}: it "
+                           f"takes at least {needed} clean images")
+    if size > len(clean) // 2:
+        raise GoodnetError(f"calibrating {len(detectors)} detector(s) at a false-alarm rate of "
+                           f"{args.false_alarm:g} takes {size} clean images, more than half of "
+                           f"the {len(clean)} given: give more clean data (--clean-amount), a "
+                           "larger --false-alarm or fewer detectors")
+    calibration, rest = split_clean(clean, size, seed=args.clean_seed)
+    return calibration, rest
+
+
 def cmd_repair(args: argparse.Namespace) -> int:
     from goodnet.masking import get_layer
     from goodnet.workflow import repair_and_measure, write_repair
 
     defense = defense_from_args(args)
+    detectors, disagree = detect_from_args(args)
     loaded = open_model(args)
     spec = loaded.card.spec
     if args.layer is not None:
@@ -321,8 +364,20 @@ def cmd_repair(args: argparse.Namespace) -> int:
                 from None
     if args.clean is None and defense.needs_clean:
         raise GoodnetError(f"{defense.name} needs clean data: give --clean")
-    check_writable(Path(args.out) / "repair.json")
+    if args.clean is None and detectors:
+        raise GoodnetError("--detect calibrates on clean data: give --clean")
     clean = clean_from_args(args, spec) if args.clean is not None else None
+    calibration = None
+    if detectors:
+        assert clean is not None
+        calibration, clean = calibration_from_args(args, clean, detectors)
+    check_writable(Path(args.out) / "repair.json")
+    screens: list = []
+    if calibration is not None:
+        from goodnet.detector import calibrated_screens
+
+        screens = calibrated_screens(loaded.model, {name: {} for name in detectors}, clean,
+                                     calibration, args.false_alarm)
     test = None
     test_name = args.test or (args.clean if args.clean in DATASETS else None)
     if test_name is not None:
@@ -333,11 +388,18 @@ def cmd_repair(args: argparse.Namespace) -> int:
     attack = attack_from_card(loaded.card, loaded.extras, test) if test is not None else None
     report = repair_and_measure(
         loaded.model, defense, clean, test, attack, curve_limit=args.curve_limit,
-        progress=args.progress, poisoned=poisoned, num_classes=spec.num_classes)
-    written = write_repair(Path(args.out), report, loaded.model, loaded.card)
+        progress=args.progress, poisoned=poisoned, num_classes=spec.num_classes,
+        screens=screens, disagree=disagree)
+    written = write_repair(Path(args.out), report, loaded.model, loaded.card, screens, disagree)
     source = f"{len(clean)} clean images ({clean.name})" if clean is not None else "no data"
     what = defense.name if args.defense else f"the recommended repair ({describe_defense(defense)})"
     print(f"{what} on {args.model}: {source}, {report.result.seconds:.1f} s")
+    if screens:
+        checks = ", ".join(f"{s.detector} (threshold {s.threshold:.4g}, {100 * s.false_alarm:g} %)"
+                           for s, _ in screens)
+        lab = " and the models' disagreement" if disagree else ""
+        print(f"GoodNet checks: {checks}{lab}; calibrated on {screens[0][0].calibration_images} "
+              "clean images held out from the repair")
     if report.result.message:
         print(report.result.message)
     if test is not None:
@@ -437,8 +499,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     images = torch.stack([read_image(path, spec.input_shape) for path in args.images])
     with torch.no_grad():
         classes = loaded.model(images).argmax(1).tolist()
-    for path, label in zip(args.images, classes, strict=True):
-        print(f"{path}\t{label}")
+        scores = loaded.model.scores(images) if isinstance(loaded.model, GoodNet) else {}
+    if scores:
+        print("image\tclass\t" + "\t".join(scores))
+    for i, (path, label) in enumerate(zip(args.images, classes, strict=True)):
+        extra = "".join(f"\t{float(s[i]):.4g}" for s in scores.values())
+        print(f"{path}\t{label}{extra}")
     return 0
 
 
@@ -756,6 +822,17 @@ def _add_repair(sub: Commands) -> None:
     repair.add_argument("--poisoned", default=None,
                         help="already-poisoned test images labelled with their targets (the "
                              "CSAW-HackML bd_test.h5 layout), for the figures")
+    repair.add_argument("--detect", default=None, metavar="NAMES",
+                        help="the GoodNet's checks, comma-separated: input detectors ("
+                             "strip, scale-up) calibrated on clean images held out from the "
+                             "repair, and 'disagree' (the lab's: the original and repaired "
+                             "models disagree); default: disagree alone")
+    repair.add_argument("--false-alarm", dest="false_alarm", type=float, default=0.01,
+                        help="with --detect: the share of clean inputs the detectors together "
+                             "may answer N (default 0.01)")
+    repair.add_argument("--calibration", type=int, default=None,
+                        help="with --detect: clean images held out to calibrate (default: the "
+                             "fewest the rate needs, 99 for one detector at 0.01)")
     repair.add_argument("--out", required=True, help="output folder")
     add_keras_options(repair)
     repair.set_defaults(func=cmd_repair)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -122,27 +123,48 @@ class GoodNet(nn.Module):
         raise AttributeError("cannot tell the number of classes of the original model")
 
 
-def calibrated(original: nn.Module, repaired: nn.Module, detectors: Mapping[str, Any],
-               fit_data: ImageData | None, calibration: ImageData, false_alarm: float = 0.01,
-               disagree: bool = False) -> GoodNet:
-    """A GoodNet whose detectors (registry name → settings) are fitted on ``fit_data`` with the
-    original model and calibrated on ``calibration`` (clean images held out from the repair and
-    from fitting) so that, together, they answer N on at most ``false_alarm`` of fresh clean
-    inputs: each gets ``false_alarm / len(detectors)``. ``disagree`` adds the lab's check, whose
-    false alarms are not calibrated (off by default here)."""
+DISAGREE = "disagree"  # the lab's check, named beside the detectors on the command line
+
+
+def calibration_size(detectors: int, false_alarm: float) -> int:
+    """The fewest clean images that can calibrate ``detectors`` detectors sharing a false-alarm
+    rate of ``false_alarm`` (each at ``false_alarm / detectors``; see
+    :func:`goodnet.detectors.calibrate`)."""
+    if not 0 < false_alarm < 1:
+        raise GoodnetError(f"the false-alarm rate must lie in (0, 1), got {false_alarm:g}")
+    return max(1, math.ceil(detectors / false_alarm - 1 - 1e-9))
+
+
+def calibrated_screens(original: nn.Module, detectors: Mapping[str, Any],
+                       fit_data: ImageData | None, calibration: ImageData,
+                       false_alarm: float = 0.01) -> list[tuple[Screen, Detection]]:
+    """Detectors (registry name → settings) fitted on ``fit_data`` with the original model and
+    calibrated on ``calibration`` (clean images held out from the repair and from fitting) so
+    that, together, they answer N on at most ``false_alarm`` of fresh clean inputs: each gets
+    ``false_alarm / len(detectors)``."""
     from goodnet.detectors import calibrate, make_detector
 
     if not detectors:
-        raise GoodnetError("a calibrated GoodNet needs at least one detector")
+        raise GoodnetError("calibrating needs at least one detector")
     share = false_alarm / len(detectors)
-    screens = []
+    screens: list[tuple[Screen, Detection]] = []
     for name, settings in detectors.items():
         detector = make_detector(name, settings)
         detection = detector.detect(original, fit_data)
         threshold = calibrate(detection.scores(calibration), share)
-        screens.append((Screen(name, _settings(detector.config), threshold,
-                               share, len(calibration)), detection))
-    return GoodNet(original, repaired, screens, disagree=disagree)
+        screens.append((Screen(name, _settings(detector.config), threshold, share,
+                               len(calibration)), detection))
+    return screens
+
+
+def calibrated(original: nn.Module, repaired: nn.Module, detectors: Mapping[str, Any],
+               fit_data: ImageData | None, calibration: ImageData, false_alarm: float = 0.01,
+               disagree: bool = False) -> GoodNet:
+    """A GoodNet with :func:`calibrated_screens`; ``disagree`` adds the lab's check, whose
+    false alarms are not calibrated (off by default here)."""
+    return GoodNet(original, repaired,
+                   calibrated_screens(original, detectors, fit_data, calibration, false_alarm),
+                   disagree=disagree)
 
 
 def _settings(config: Any) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,9 +26,16 @@ from goodnet.artifacts import ModelCard, atomic_path, save_model, write_text_ato
 from goodnet.attacks.base import Attack
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Curve, Defense, Evaluation, RepairResult
-from goodnet.detector import GoodNet
+from goodnet.detector import GoodNet, Screen
 from goodnet.errors import GoodnetError
-from goodnet.metrics import Metrics, Predictions, detector_predictions, predict_all, score
+from goodnet.metrics import (
+    Metrics,
+    Predictions,
+    detector_predictions,
+    evaluate,
+    predict_all,
+    score,
+)
 from goodnet.triggers import plot_triggers, save_triggers, verdict_summary
 
 _ORIGINAL = "__original__"
@@ -75,6 +83,8 @@ def repair_and_measure(
     poisoned: ImageData | None = None,
     num_classes: int | None = None,
     prepared: list | None = None,
+    screens: Sequence[tuple[Screen, nn.Module]] = (),
+    disagree: bool = True,
 ) -> RepairReport:
     """Repair ``model`` with ``defense`` on ``clean``; measure everything on ``test``.
 
@@ -90,7 +100,8 @@ def repair_and_measure(
 
     The per-step curve is measured on the first ``curve_limit`` test images (it is for
     plotting; 0 skips it and keeps only the clean-data accuracy per step); the final figures on
-    the whole test set.
+    the whole test set. Each GoodNet has the checks ``screens`` and ``disagree`` (see
+    :class:`goodnet.detector.GoodNet`); with detectors, its figures come from running it.
     """
     evaluation = None
     if test is not None and curve_limit > 0:
@@ -115,7 +126,11 @@ def repair_and_measure(
     report = RepairReport(result, score(original), reject_class=num_classes)
     for name in result.variants:
         report.variants[name] = score(predictions[name])
-        if goodnets:
+        if goodnets and (screens or not disagree):
+            goodnet = GoodNet(model, result.variants[name], screens, disagree=disagree)
+            report.goodnets[name] = evaluate(goodnet, test, attack, reject_class=num_classes,
+                                             poisoned=poisoned)
+        elif goodnets:
             report.goodnets[name] = score(
                 detector_predictions(original, predictions[name], num_classes), num_classes)
     return report
@@ -126,9 +141,12 @@ def _metrics_dict(metrics: Metrics) -> dict[str, Any]:
             for k, v in dataclasses.asdict(metrics).items()}
 
 
-def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelCard) -> list[Path]:
-    """Write the repaired models, their GoodNets, ``curve.csv``, ``curve.png`` and
-    ``repair.json`` into ``out``; returns the paths written."""
+def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelCard,
+                 screens: Sequence[tuple[Screen, nn.Module]] = (), disagree: bool = True
+                 ) -> list[Path]:
+    """Write the repaired models, their GoodNets (with the checks ``screens`` and
+    ``disagree``), ``curve.csv``, ``curve.png`` and ``repair.json`` into ``out``; returns the
+    paths written."""
     out = Path(out)
     result = report.result
     written = []
@@ -143,8 +161,8 @@ def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelC
         goodnet_card = dataclasses.replace(
             variant_card, metrics=_metrics_dict(report.goodnets[name])
             if name in report.goodnets else {})
-        written.append(save_model(out / f"goodnet-{tag}.safetensors", GoodNet(model, variant),
-                                  goodnet_card))
+        goodnet = GoodNet(model, variant, screens, disagree=disagree)
+        written.append(save_model(out / f"goodnet-{tag}.safetensors", goodnet, goodnet_card))
     if result.curve:
         write_text_atomic(out / "curve.csv", curve_csv(result.curve))
         written.append(out / "curve.csv")
@@ -162,6 +180,7 @@ def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelC
         "original": _metrics_dict(report.original),
         "variants": {k: _metrics_dict(v) for k, v in report.variants.items()},
         "goodnets": {k: _metrics_dict(v) for k, v in report.goodnets.items()},
+        "goodnet_checks": {"disagree": disagree, "screens": [s.record() for s, _ in screens]},
     }
     write_text_atomic(out / "repair.json", json.dumps(summary, indent=2, default=str))
     written.append(out / "repair.json")
