@@ -109,6 +109,10 @@ def test_list_names_every_registry_entry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in [*ATTACKS, *DATASETS, *MODELS, *DEFENSES])
+    from goodnet.detectors import DETECTORS
+
+    detectors = out[out.index("input detectors"):]
+    assert all(f"  {name} " in detectors for name in DETECTORS)
     from goodnet.defenses import RECOMMENDED
 
     assert f"recommended repair (goodnet repair without --defense): {RECOMMENDED[0]}" in out

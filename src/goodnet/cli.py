@@ -223,22 +223,29 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:<12} {attack.paper}\n  {'':<12} {defaults}")
     from goodnet.defenses import DEFENSES
 
-    print("defenses:")
-    for name, defense in DEFENSES.items():
-        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(defense.Config))
-        print(f"  {name:<20} {defense.paper}\n  {'':<20} {defaults}")
+    _list_methods("defenses:", DEFENSES, data_note=False)
     from goodnet.defenses import recommended
 
     print(f"recommended repair (goodnet repair without --defense): "
           f"{describe_defense(recommended())}")
     from goodnet.scans import SCANNERS
 
-    print("scanners (goodnet scan):")
-    for name, scanner in SCANNERS.items():
-        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(scanner.Config))
-        data = "clean data" if scanner.needs_clean else "data-free"
-        print(f"  {name:<20} {scanner.paper} ({data})\n  {'':<20} {defaults}")
+    _list_methods("scanners (goodnet scan):", SCANNERS)
+    from goodnet.detectors import DETECTORS
+
+    _list_methods("input detectors (goodnet repair --detect; also 'disagree', the lab's check):",
+                  DETECTORS)
     return 0
+
+
+def _list_methods(title: str, registry: Mapping[str, Any], data_note: bool = True) -> None:
+    """A registry's methods, each with its paper (and whether it needs clean data) and its
+    settings' defaults."""
+    print(title)
+    for name, method in registry.items():
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(method.Config))
+        data = (" (clean data)" if method.needs_clean else " (data-free)") if data_note else ""
+        print(f"  {name:<20} {method.paper}{data}\n  {'':<20} {defaults}")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
