@@ -1,5 +1,5 @@
-"""Every defense and scanner on a model that lives on a GPU: a check that nothing in goodnet
-assumes the CPU, and the time each takes there beside the CPU's.
+"""Every defense, scanner and input detector on a model that lives on a GPU: a check that
+nothing in goodnet assumes the CPU, and the time each takes there beside the CPU's.
 
 The planted-backdoor small CNN of the tests (stripes, 4 classes, BadNets target 1; trained on
 the CPU, then moved) is repaired by every registered defense at its defaults and scanned by
@@ -91,6 +91,20 @@ def main(argv: list[str] | None = None) -> int:
                                          "targets": list(report.targets)}
 
         record("scanner", name, scan)
+    from goodnet.detector import calibrated
+    from goodnet.detectors import DETECTORS
+
+    for name in sorted(DETECTORS):
+        if only and name not in only:
+            continue
+
+        def screen(name: str = name):
+            goodnet = calibrated(model, model, {name: {}}, clean, clean, false_alarm=0.05)
+            x, _ = test.get(torch.arange(16))
+            answers = goodnet(x.to(device))
+            return model_device(goodnet), {"answers": answers.argmax(1).tolist()}
+
+        record("detector", name, screen)
     if args.out:
         args.out.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return 0 if all(line["ok"] for line in lines) else 1
