@@ -11,7 +11,7 @@ reports and the contract tests all iterate over the registry.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from goodnet.defenses.anp import ANP, ANPConfig
 from goodnet.defenses.base import (
@@ -38,7 +38,7 @@ from goodnet.defenses.sau import SAU, SAUConfig
 from goodnet.defenses.sequence import Sequence, SequenceConfig
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
 from goodnet.errors import GoodnetError
-from goodnet.settings import build_settings
+from goodnet.settings import make_method
 
 DEFENSES: dict[str, type[Defense[Any]]] = {
     "prune": Prune,
@@ -84,8 +84,7 @@ def make_defense(name: str, settings: Mapping[str, Any] | None = None, *,
     Unknown settings are refused rather than ignored; a renamed setting still works under its
     old name, with a warning.
     """
-    cls = defense_class(name)
-    return cls(build_settings(cls.Config, settings, name, text=text))
+    return cast(Defense[Any], make_method(DEFENSES, "defense", name, settings, text=text))
 
 
 __all__ = [

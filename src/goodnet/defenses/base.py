@@ -16,7 +16,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ from goodnet.metrics import (
     score,
 )
 from goodnet.models import model_device
+from goodnet.settings import Method
 
 
 @dataclass(frozen=True)
@@ -366,28 +367,10 @@ class Repaired:
 C = TypeVar("C")
 
 
-def checked_config(method: Any, config: Any) -> Any:
-    """``config``, or ``method.Config()`` if None, after checking it is ``method``'s settings
-    class (a defense's or a scanner's)."""
-    if config is None:
-        config = method.Config()
-    if not isinstance(config, method.Config):
-        raise GoodnetError(f"{method.name} takes a {method.Config.__name__}, got {config!r}")
-    return config
-
-
-class Defense(ABC, Generic[C]):
+class Defense(Method[C], ABC):
     """A repair method. Subclasses set ``name``, ``paper`` and ``Config`` (a frozen settings
     dataclass) and implement :meth:`run`; ``needs_clean = False`` marks a data-free defense
     (``clean`` may then be None)."""
-
-    name: ClassVar[str]
-    paper: ClassVar[str]
-    Config: ClassVar[type[Any]]
-    needs_clean: ClassVar[bool] = True
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = checked_config(self, config)
 
     def repair(self, model: nn.Module, clean: ImageData | None = None, *,
                evaluation: Evaluation | None = None, progress: bool = False) -> RepairResult:

@@ -11,13 +11,12 @@ with its settings dataclass and a ``fit`` method) and one line here.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from goodnet.detectors.base import Detection, InputDetector, calibrate
 from goodnet.detectors.scale_up import ScaleUp, ScaleUpConfig
 from goodnet.detectors.strip import STRIP, STRIPConfig
-from goodnet.errors import GoodnetError
-from goodnet.settings import build_settings
+from goodnet.settings import make_method
 
 DETECTORS: dict[str, type[InputDetector[Any]]] = {
     "scale-up": ScaleUp,
@@ -29,10 +28,8 @@ def make_detector(name: str, settings: Mapping[str, Any] | None = None, *,
                   text: bool = False) -> InputDetector[Any]:
     """Build a registered detector from its name and settings (plain values; ``text=True``:
     command-line text). Unknown detectors and settings are refused."""
-    if name not in DETECTORS:
-        raise GoodnetError(f"unknown detector {name!r}; choose from {', '.join(DETECTORS)}")
-    cls = DETECTORS[name]
-    return cls(build_settings(cls.Config, settings, name, text=text))
+    return cast(InputDetector[Any], make_method(DETECTORS, "detector", name, settings,
+                                               text=text))
 
 
 __all__ = [

@@ -22,15 +22,16 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from goodnet.data.dataset import BatchSource, ImageData, batches
-from goodnet.defenses.base import check_clean, checked_config
+from goodnet.defenses.base import check_clean
 from goodnet.errors import GoodnetError
 from goodnet.models import model_device
+from goodnet.settings import Method
 
 C = TypeVar("C")
 
@@ -63,18 +64,10 @@ class Detection(nn.Module):
         return torch.cat(out) if out else torch.empty(0)
 
 
-class InputDetector(ABC, Generic[C]):
+class InputDetector(Method[C], ABC):
     """An input-level backdoor detector. Subclasses set ``name``, ``paper`` and ``Config`` (a
     frozen settings dataclass) and implement :meth:`fit`; ``needs_clean = False`` marks one that
     learns nothing from clean data."""
-
-    name: ClassVar[str]
-    paper: ClassVar[str]
-    Config: ClassVar[type[Any]]
-    needs_clean: ClassVar[bool] = True
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = checked_config(self, config)
 
     def detect(self, model: nn.Module, clean: ImageData | None = None) -> Detection:
         """The detection of ``model``, fitted on ``clean`` where the detector needs data."""

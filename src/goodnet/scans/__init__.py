@@ -9,7 +9,7 @@ A scanner answers "is this model backdoored, and towards which class?" before an
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -18,7 +18,7 @@ from goodnet.errors import GoodnetError
 from goodnet.scans.base import Scanned, Scanner, ScanReport
 from goodnet.scans.mm_bd import MMBD, MMBDConfig
 from goodnet.scans.nc import NCScanner
-from goodnet.settings import build_settings
+from goodnet.settings import make_method
 
 SCANNERS: dict[str, type[Scanner[Any]]] = {
     "mm-bd": MMBD,
@@ -37,8 +37,7 @@ def make_scanner(name: str, settings: Mapping[str, Any] | None = None, *,
                  text: bool = False) -> Scanner[Any]:
     """Build a registered scanner from its name and settings (plain values; ``text=True``:
     command-line text). Unknown settings are refused."""
-    cls = scanner_class(name)
-    return cls(build_settings(cls.Config, settings, name, text=text))
+    return cast(Scanner[Any], make_method(SCANNERS, "scanner", name, settings, text=text))
 
 
 def default_scanner(clean: ImageData | None) -> str:

@@ -18,15 +18,16 @@ import dataclasses
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import ScanVerdict, check_clean, checked_config, clean_or_blank
+from goodnet.defenses.base import ScanVerdict, check_clean, clean_or_blank
 from goodnet.errors import GoodnetError
 from goodnet.models import model_device
+from goodnet.settings import Method
 
 C = TypeVar("C")
 
@@ -95,18 +96,10 @@ def count_classes(model: nn.Module, example: torch.Tensor) -> int:
     return int(out.shape[1])
 
 
-class Scanner(ABC, Generic[C]):
+class Scanner(Method[C], ABC):
     """A backdoor detector at the model level. Subclasses set ``name``, ``paper`` and ``Config``
     (a frozen settings dataclass) and implement :meth:`run`; ``needs_clean = False`` marks a
     data-free scanner (``clean`` may then be None, and is ignored if given)."""
-
-    name: ClassVar[str]
-    paper: ClassVar[str]
-    Config: ClassVar[type[Any]]
-    needs_clean: ClassVar[bool] = True
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = checked_config(self, config)
 
     def scan(self, model: nn.Module, clean: ImageData | None = None, *,
              progress: bool = False) -> ScanReport:
