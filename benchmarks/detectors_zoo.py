@@ -34,7 +34,7 @@ from goodnet.metrics import poisoned_batches
 
 ATTACKS = ("adaptive_blend", "badnets", "blend", "input_aware", "label_consistent",
            "low_frequency", "multi_target", "sig", "trojannn", "wanet")
-DETECTORS = {"strip": {}, "scale-up": {}, "scale-up-soft": {"soft": True}}
+DETECTORS = {"strip": {}, "scale-up": {}, "scale-up-soft": {"soft": True}, "teco": {}}
 RATES = (0.01, 0.05)
 
 

@@ -580,7 +580,7 @@ def test_repair_with_detectors_writes_a_calibrated_goodnet(trained, npz_pair, tm
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--detect", "teco"], "unknown detector 'teco' for --detect; choose from"),
+    (["--detect", "frost"], "unknown detector 'frost' for --detect; choose from"),
     (["--detect", "strip,strip"], "distinct detector names"),
     (["--detect", "strip", "--false-alarm", "1.5"], "--false-alarm must lie in (0, 1)"),
     (["--detect", "strip", "--false-alarm", "0.001"], "takes 999 clean images, more than half "

@@ -831,7 +831,7 @@ def _add_repair(sub: Commands) -> None:
                              "CSAW-HackML bd_test.h5 layout), for the figures")
     repair.add_argument("--detect", default=None, metavar="NAMES",
                         help="the GoodNet's checks, comma-separated: input detectors ("
-                             "strip, scale-up) calibrated on clean images held out from the "
+                             "strip, scale-up, teco) calibrated on clean images held out from the "
                              "repair, and 'disagree' (the lab's: the original and repaired "
                              "models disagree); default: disagree alone")
     repair.add_argument("--false-alarm", dest="false_alarm", type=float, default=0.01,

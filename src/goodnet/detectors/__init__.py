@@ -16,11 +16,13 @@ from typing import Any, cast
 from goodnet.detectors.base import Detection, InputDetector, calibrate
 from goodnet.detectors.scale_up import ScaleUp, ScaleUpConfig
 from goodnet.detectors.strip import STRIP, STRIPConfig
+from goodnet.detectors.teco import TeCo, TeCoConfig
 from goodnet.settings import make_method
 
 DETECTORS: dict[str, type[InputDetector[Any]]] = {
     "scale-up": ScaleUp,
     "strip": STRIP,
+    "teco": TeCo,
 }
 
 
@@ -40,6 +42,8 @@ __all__ = [
     "STRIPConfig",
     "ScaleUp",
     "ScaleUpConfig",
+    "TeCo",
+    "TeCoConfig",
     "calibrate",
     "make_detector",
 ]

@@ -75,7 +75,7 @@ class InputDetector(Method[C], ABC):
             if clean is None:
                 raise GoodnetError(f"{self.name} needs clean data")
             check_clean(clean)
-        return self.fit(model, clean if self.needs_clean else None).eval()
+        return self.fit(model, clean).eval()  # a data-free one reads at most its image shape
 
     @abstractmethod
     def fit(self, model: nn.Module, clean: ImageData | None) -> Detection:
