@@ -27,10 +27,9 @@ import torch
 
 from goodnet.artifacts import load_model
 from goodnet.backdoor import attack_from_card
-from goodnet.bench.scan_report import auroc
 from goodnet.data import load_dataset, split_clean
 from goodnet.detectors import calibrate, make_detector
-from goodnet.metrics import poisoned_batches
+from goodnet.metrics import auroc, poisoned_batches
 
 ATTACKS = ("adaptive_blend", "badnets", "blend", "input_aware", "label_consistent",
            "low_frequency", "multi_target", "sig", "trojannn", "wanet")

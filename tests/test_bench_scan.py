@@ -15,8 +15,9 @@ from goodnet.bench import parse_grid, run_grid
 from goodnet.bench.grid import Cell, ScanCell
 from goodnet.bench.report import write_report
 from goodnet.bench.results import read_records
-from goodnet.bench.scan_report import auroc, roc_points, scan_rows
+from goodnet.bench.scan_report import scan_rows
 from goodnet.errors import GoodnetError
+from goodnet.metrics import auroc, roc_points
 from tests.conftest import stripes, write_idx_dataset
 from tests.test_bench import tiny
 

@@ -12,11 +12,10 @@ import re
 import pytest
 import torch
 
-from goodnet.bench.scan_report import auroc
 from goodnet.data import split_clean
 from goodnet.detectors import DETECTORS, calibrate, make_detector
 from goodnet.errors import GoodnetError
-from goodnet.metrics import poisoned_batches
+from goodnet.metrics import auroc, poisoned_batches
 from tests.conftest import Planted, halves, stripes
 
 # --- calibration -------------------------------------------------------------------------------

@@ -271,3 +271,29 @@ def metrics_table(rows: Sequence[tuple[str, Metrics]]) -> str:
             line += f"  {percent(m.detection_rate)}     {percent(m.false_alarm_rate)}"
         lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def auroc(positives: Sequence[float], negatives: Sequence[float]) -> float:
+    """The probability that a random positive scores above a random negative (ties: half), the
+    area under the ROC curve; NaN without both kinds."""
+    if not len(positives) or not len(negatives):
+        return math.nan
+    pos = torch.as_tensor(positives, dtype=torch.float64)
+    neg = torch.as_tensor(negatives, dtype=torch.float64)
+    wins = 0.0
+    for first in range(0, len(pos), 1024):  # bounded memory: 1024 × len(negatives) at a time
+        part = pos[first:first + 1024, None]
+        wins += float((part > neg).sum()) + 0.5 * float((part == neg).sum())
+    return wins / (len(pos) * len(neg))
+
+
+def roc_points(positives: Sequence[float], negatives: Sequence[float]
+               ) -> list[tuple[float, float]]:
+    """(false-positive rate, true-positive rate) at every threshold, from (0, 0) to (1, 1)."""
+    points = [(0.0, 0.0)]
+    for threshold in sorted(set(positives) | set(negatives), reverse=True):
+        points.append((sum(n >= threshold for n in negatives) / len(negatives),
+                       sum(p >= threshold for p in positives) / len(positives)))
+    points.append((1.0, 1.0))
+    return points
+

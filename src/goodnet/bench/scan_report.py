@@ -16,26 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from goodnet.metrics import auroc, roc_points
+
 WORKING_BACKDOOR = 0.9  # an all-to-one backdoor counts for target accuracy at ASR >= 90 %
-
-
-def auroc(positives: list[float], negatives: list[float]) -> float:
-    """The probability that a random positive scores above a random negative (ties: half), the
-    area under the ROC curve; NaN without both kinds."""
-    if not positives or not negatives:
-        return math.nan
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
-
-
-def roc_points(positives: list[float], negatives: list[float]) -> list[tuple[float, float]]:
-    """(false-positive rate, true-positive rate) at every threshold, from (0, 0) to (1, 1)."""
-    points = [(0.0, 0.0)]
-    for threshold in sorted(set(positives) | set(negatives), reverse=True):
-        points.append((sum(n >= threshold for n in negatives) / len(negatives),
-                       sum(p >= threshold for p in positives) / len(positives)))
-    points.append((1.0, 1.0))
-    return points
 
 
 def _score(record: dict[str, Any]) -> float:
