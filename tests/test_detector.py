@@ -161,7 +161,7 @@ def test_a_goodnet_file_with_bad_detector_parts_is_refused(backdoored, tmp_path)
     with pytest.raises(GoodnetError, match="strip: expected overlays"):
         load_model(write("big.safetensors", bigger, card))
     stray = dict(tensors)
-    stray["extra/detector/teco/x"] = torch.zeros(1)
+    stray["extra/detector/frost/x"] = torch.zeros(1)
     with pytest.raises(GoodnetError, match="belongs to no detector"):
         load_model(write("stray.safetensors", stray, card))
     broken = json.loads(json.dumps(card))
@@ -169,6 +169,6 @@ def test_a_goodnet_file_with_bad_detector_parts_is_refused(backdoored, tmp_path)
     with pytest.raises(GoodnetError, match="malformed detector record"):
         load_model(write("broken.safetensors", tensors, broken))
     unknown = json.loads(json.dumps(card))
-    unknown["notes"]["goodnet"]["screens"][0]["detector"] = "teco"
-    with pytest.raises(GoodnetError, match="unknown detector 'teco'"):
+    unknown["notes"]["goodnet"]["screens"][0]["detector"] = "frost"
+    with pytest.raises(GoodnetError, match="unknown detector 'frost'"):
         load_model(write("unknown.safetensors", tensors, unknown))
