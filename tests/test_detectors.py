@@ -118,7 +118,7 @@ def test_a_calibrated_detector_keeps_the_requested_rate_on_fresh_clean_images(ba
     data = stripes(1600, seed=7)
     pool, rest = split_clean(data, 300, seed=0)
     calibration, fresh = split_clean(rest, 300, seed=1)
-    detection = make_detector("strip").detect(model, pool)
+    detection = make_detector("strip", {"overlays": 30}).detect(model, pool)
     threshold = calibrate(detection.scores(calibration), 0.05)
     measured = float((detection.scores(fresh) > threshold).float().mean())
     assert abs(measured - 0.05) <= 3 * math.sqrt(0.05 * 0.95 / len(fresh)) + 1 / 301
