@@ -776,14 +776,7 @@ def _add_scan(sub: Commands) -> None:
     scan.add_argument("--scanner", default=None,
                       help="the scanner (listed below); default: nc with --clean, the "
                            "data-free mm-bd without")
-    scan.add_argument("--clean", default=None,
-                      help="clean data: a data set name (its training split is cut to "
-                           "--clean-amount) or a file or folder (used whole); not needed by "
-                           "a data-free scanner")
-    scan.add_argument("--clean-amount", default="0.01",
-                      help="fraction or count of the training split (default 0.01)")
-    scan.add_argument("--clean-seed", type=int, default=0)
-    scan.add_argument("--data-root", type=Path, default=None)
+    add_clean_options(scan, "; not needed by a data-free scanner")
     scan.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                       help="scanner setting, repeatable (see 'goodnet list')")
     scan.add_argument("--out", required=True,
@@ -803,14 +796,7 @@ def _add_repair(sub: Commands) -> None:
     repair.add_argument("model", type=Path)
     repair.add_argument("--defense", help="the defense (listed below); without it, the "
                         "recommended repair (BENCHMARKS.md, 'The recommended repair')")
-    repair.add_argument("--clean", default=None,
-                        help="clean data: a data set name (its training split is cut to "
-                             "--clean-amount) or a file or folder (used whole); not needed "
-                             "by the data-free clp")
-    repair.add_argument("--clean-amount", default="0.01",
-                        help="fraction or count of the training split (default 0.01)")
-    repair.add_argument("--clean-seed", type=int, default=0)
-    repair.add_argument("--data-root", type=Path, default=None)
+    add_clean_options(repair, "; not needed by the data-free clp")
     repair.add_argument("--test", default=None,
                         help="test data for the figures (default: the test split of --clean)")
     repair.add_argument("--layer", default=None, help="layer to prune (default: last conv)")
@@ -845,17 +831,23 @@ def _add_repair(sub: Commands) -> None:
     repair.set_defaults(func=cmd_repair)
 
 
+def add_clean_options(parser: argparse.ArgumentParser, note: str = "",
+                      required: bool = False) -> None:
+    """--clean, --clean-amount, --clean-seed and --data-root (read by :func:`clean_from_args`)."""
+    parser.add_argument("--clean", default=None, required=required,
+                        help="clean data: a data set name (its training split is cut to "
+                             f"--clean-amount) or a file or folder (used whole){note}")
+    parser.add_argument("--clean-amount", default="0.01",
+                        help="fraction or count of the training split (default 0.01)")
+    parser.add_argument("--clean-seed", type=int, default=0)
+    parser.add_argument("--data-root", type=Path, default=None)
+
+
 def _add_finetune(sub: Commands) -> None:
     finetune = sub.add_parser("finetune", help="train a model (a repaired one keeps its masks) "
                                                "some more on clean data and save it")
     finetune.add_argument("model", type=Path)
-    finetune.add_argument("--clean", required=True,
-                          help="clean data: a data set name (its training split is cut to "
-                               "--clean-amount) or a file or folder (used whole)")
-    finetune.add_argument("--clean-amount", default="0.01",
-                          help="fraction or count of the training split (default 0.01)")
-    finetune.add_argument("--clean-seed", type=int, default=0)
-    finetune.add_argument("--data-root", type=Path, default=None)
+    add_clean_options(finetune, required=True)
     finetune.add_argument("--test", default=None,
                           help="test data: report CA and ASR (the card's attack) before and "
                                "after, and store the new figures in the card")

@@ -189,21 +189,30 @@ def _number(value: float) -> float | str:
     return float(value) if math.isfinite(value) else str(float(value))
 
 
+def _new_record(job: Any, **fields: str) -> dict[str, Any]:
+    """A cell's record before it runs: the model it is about and the method (``fields``)."""
+    return {"key": None, "status": "ok", "data": job.data, "arch": job.arch,
+            "attack": job.attack.label, **fields, "seed": job.seed, "versions": versions(),
+            "host": platform.node()}
+
+
+def _load_checked(job: Any) -> Any:
+    """The job's model file, checked to be the model the job describes."""
+    loaded = load_model(job.path())
+    check_model(job, loaded.card.training, loaded.card.attack)
+    return loaded
+
+
 def run_scan_cell(cell: ScanCell) -> dict[str, Any]:
     """Run ``cell``'s scanner on its (already built) model: one result record, with what the
     model really is (backdoored or clean, its target and attack success) beside the verdict."""
     job = cell.model
-    record: dict[str, Any] = {
-        "key": None, "kind": "scan", "status": "ok", "data": job.data, "arch": job.arch,
-        "attack": job.attack.label, "scanner": cell.scanner.label, "seed": job.seed,
-        "versions": versions(), "host": platform.node(),
-    }
+    record = _new_record(job, kind="scan", scanner=cell.scanner.label)
     start = time.perf_counter()
     try:
         record.update(key=cell.key, config=cell.configuration())
         with torch_threads(cell.threads), PeakMemory() as memory:
-            loaded = load_model(job.path())
-            check_model(job, loaded.card.training, loaded.card.attack)
+            loaded = _load_checked(job)
             clean = None
             if cell.needs_clean():
                 train = _data(job.data, "train", job.train_limit)
@@ -253,17 +262,12 @@ def run_cell(cell: Cell | ScanCell) -> dict[str, Any]:
     if isinstance(cell, ScanCell):
         return run_scan_cell(cell)
     job = cell.model
-    record: dict[str, Any] = {
-        "key": None, "status": "ok", "data": job.data, "arch": job.arch,
-        "attack": job.attack.label, "defense": cell.defense.label, "seed": job.seed,
-        "versions": versions(), "host": platform.node(),
-    }
+    record = _new_record(job, defense=cell.defense.label)
     start = time.perf_counter()
     try:
         record.update(key=cell.key, config=cell.configuration())
         with torch_threads(cell.threads), PeakMemory() as memory:
-            loaded = load_model(job.path())
-            check_model(job, loaded.card.training, loaded.card.attack)
+            loaded = _load_checked(job)
             train = _data(job.data, "train", job.train_limit)
             test = _data(job.data, "test", job.test_limit)
             clean, _ = split_clean(train, cell.clean, seed=job.seed)
