@@ -24,12 +24,14 @@ import torch
 from goodnet.artifacts import load_model, save_model
 from goodnet.attacks import ATTACKS, make_attack
 from goodnet.backdoor import attack_from_card, train_model
-from goodnet.bench.grid import CLEAN, Cell, ModelJob, ScanCell, normal
+from goodnet.bench.grid import CLEAN, AnyCell, DetectCell, ModelJob, ScanCell, normal
 from goodnet.data import load_dataset, split_clean
 from goodnet.data.dataset import ImageData
 from goodnet.defenses import make_defense
+from goodnet.detectors import make_detector
 from goodnet.errors import GoodnetError
-from goodnet.metrics import Metrics, poisoned_batches, predict_all
+from goodnet.metrics import Metrics, auroc, poisoned_batches, predict_all
+from goodnet.models import model_device
 from goodnet.scans import make_scanner
 from goodnet.version import __version__
 from goodnet.workflow import repair_and_measure
@@ -242,6 +244,72 @@ def run_scan_cell(cell: ScanCell) -> dict[str, Any]:
     return record
 
 
+SCORE_DIGITS = 6  # significant digits of a stored score (the report combines detectors on them)
+
+
+def _stored(scores: torch.Tensor) -> list[float]:
+    return [float(f"{v:.{SCORE_DIGITS}g}") for v in scores.double().tolist()]
+
+
+def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
+    """Fit ``cell``'s detector on its (already built) model and measure it on the test images
+    and their triggered copies (the inputs of other classes than the target, as ASR counts
+    them): one result record, with the three lists of scores the report combines."""
+    from goodnet.bench.detect_report import screen_figures
+
+    job = cell.model
+    record = _new_record(job, kind="detect", detector=cell.detector.label)
+    start = time.perf_counter()
+    try:
+        record.update(key=cell.key, config=cell.configuration())
+        with torch_threads(cell.threads), PeakMemory() as memory:
+            loaded = _load_checked(job)
+            train = _data(job.data, "train", job.train_limit)
+            test = _data(job.data, "test", job.test_limit)
+            clean, _ = split_clean(train, cell.clean, seed=job.seed)
+            if cell.calibration >= len(clean):
+                raise GoodnetError(f"calibration {cell.calibration} takes every one of the "
+                                   f"{len(clean)} clean images; none is left to fit on")
+            calibration, fit = split_clean(clean, cell.calibration, seed=job.seed)
+            detector = make_detector(cell.detector.name, dict(cell.detector.settings))
+            fit_start = time.perf_counter()
+            detection = detector.detect(loaded.model, fit if detector.needs_clean else None)
+            fit_seconds = time.perf_counter() - fit_start
+            attack = attack_from_card(loaded.card, loaded.extras, test)
+            calibration_scores = detection.scores(calibration)
+            score_start = time.perf_counter()
+            clean_scores = detection.scores(test)
+            device = model_device(detection.model)
+            with torch.no_grad():
+                triggered = [detection(x_poisoned.to(device)).float().cpu()
+                             for _, _, parts in poisoned_batches(test, attack, 256)
+                             for _, x_poisoned, _, _ in parts]
+            triggered_scores = torch.cat(triggered) if triggered else torch.empty(0)
+            score_seconds = time.perf_counter() - score_start
+        scores = {"calibration": _stored(calibration_scores), "clean": _stored(clean_scores),
+                  "triggered": _stored(triggered_scores)}
+        figures = screen_figures([(scores["calibration"], scores["clean"],
+                                   scores["triggered"])], cell.false_alarms)
+        scored = len(clean_scores) + len(triggered_scores)
+        record.update({
+            "calibration_images": len(calibration), "fit_images": len(fit),
+            "test_images": len(clean_scores), "triggered_images": len(triggered_scores),
+            "auroc": (auroc(scores["triggered"], scores["clean"])
+                      if scores["triggered"] and scores["clean"] else None),
+            **figures,
+            "ms_per_input": 1000 * score_seconds / scored if scored else 0.0,
+            "fit_seconds": fit_seconds, "detect_seconds": fit_seconds + score_seconds,
+            "peak_memory_mib": memory.mib, "scores": scores,
+            "model_card": {"clean_accuracy": loaded.card.metrics.get("clean_accuracy"),
+                           "attack_success_rate": loaded.card.metrics.get(
+                               "attack_success_rate")},
+        })
+    except Exception as error:  # recorded, and the grid goes on
+        record.update(_failure(error))
+        record["seconds"] = time.perf_counter() - start
+    return record
+
+
 def _suspected(result: Any) -> dict[str, Any] | None:
     """What a repair suspected, where it says: Neural Cleanse's verdict, and the class whose
     reversed trigger chose a pruning (``select="proxy"``)."""
@@ -256,11 +324,13 @@ def _suspected(result: Any) -> dict[str, Any] | None:
     return out or None
 
 
-def run_cell(cell: Cell | ScanCell) -> dict[str, Any]:
+def run_cell(cell: AnyCell) -> dict[str, Any]:
     """Run ``cell``'s defense on its (already built) model and measure it: one result record
-    (a scan cell: :func:`run_scan_cell`)."""
+    (a scan cell: :func:`run_scan_cell`; a detector cell: :func:`run_detect_cell`)."""
     if isinstance(cell, ScanCell):
         return run_scan_cell(cell)
+    if isinstance(cell, DetectCell):
+        return run_detect_cell(cell)
     job = cell.model
     record = _new_record(job, defense=cell.defense.label)
     start = time.perf_counter()

@@ -27,6 +27,15 @@ on the backdoored models only; a grid with ``scanners`` and no ``defenses`` key 
 data-free scanner's cells do not depend on ``clean``. ``clean_seeds`` gives the clean models
 their own seeds (more of them than the backdoored ones, say; default: ``seeds``).
 
+A grid may also measure input-level detectors (:mod:`goodnet.detectors`):
+``detectors: [strip, teco, {scale-up: {soft: true}}]`` runs each on every backdoored model. The
+defender's clean share is cut into ``calibration`` images (default 300) that set the thresholds
+and the rest, which the detector fits on; each cell scores the test images and their triggered
+copies and records AUROC, and detection and measured false-alarm rates at each rate of
+``false_alarms`` (default ``[0.01, 0.05]``), with the scores themselves so that the report can
+measure GoodNets that combine detectors (:mod:`goodnet.bench.detect_report`). Like
+``scanners``, ``detectors`` without a ``defenses`` key runs no defense.
+
 A grid file is untrusted input and bounded before anything is built from it: at most
 ``MAX_GRID_BYTES`` of YAML, at most ``MAX_EXPANDED`` once every alias is expanded (measured on the
 parsed nodes, so a few hundred bytes of nested aliases cannot grow into gigabytes), no alias
@@ -58,6 +67,7 @@ import yaml
 from goodnet.attacks import ATTACKS
 from goodnet.data import DATASETS
 from goodnet.defenses import DEFENSES
+from goodnet.detectors import DETECTORS
 from goodnet.errors import GoodnetError
 from goodnet.models import MODELS
 from goodnet.paths import require_regular_file
@@ -75,8 +85,12 @@ MAX_PATH = 4096
 MAX_SEED = 2**63 - 1
 MAX_LIST = 1000
 
-_KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "scanners", "seeds",
-         "clean_seeds", "clean", "train", "train_limit", "test_limit", "curve_limit", "threads"}
+_KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "scanners", "detectors",
+         "false_alarms", "calibration", "seeds", "clean_seeds", "clean", "train", "train_limit",
+         "test_limit", "curve_limit", "threads"}
+
+FALSE_ALARMS = (0.01, 0.05)  # the requested false-alarm rates a detector cell measures at
+CALIBRATION = 300  # clean images that calibrate a detector cell (the rest it fits on)
 
 CLEAN = "clean"  # the pseudo-attack of a model trained on clean data (as in ``goodnet zoo``)
 
@@ -278,6 +292,38 @@ class ScanCell:
 
 
 @dataclass(frozen=True)
+class DetectCell:
+    """One input-level detector on one backdoored model: a unit of work like :class:`Cell`."""
+
+    model: ModelJob
+    detector: Entry
+    clean: float | int
+    calibration: int
+    false_alarms: tuple[float, ...]
+    threads: int
+
+    def configuration(self) -> dict[str, Any]:
+        return {"schema": SCHEMA, "kind": "detect", **self.model.configuration(),
+                "seed": self.model.seed, "attack_label": self.model.attack.label,
+                "detector": self.detector.name, "detector_label": self.detector.label,
+                "detector_settings": self.detector.resolved(DETECTORS, "detector"),
+                "clean": self.clean, "calibration": self.calibration,
+                "false_alarms": list(self.false_alarms), "test_limit": self.model.test_limit,
+                "threads": self.threads}
+
+    @property
+    def key(self) -> str:
+        return digest(self.configuration())
+
+    def describe(self) -> str:
+        m = self.model
+        return f"{m.data} {m.arch} {m.attack.label} seed {m.seed}: detect {self.detector.label}"
+
+
+AnyCell = Cell | ScanCell | DetectCell
+
+
+@dataclass(frozen=True)
 class Grid:
     """A parsed grid file."""
 
@@ -289,6 +335,9 @@ class Grid:
     defenses: tuple[Entry, ...]
     seeds: tuple[int, ...]
     scanners: tuple[Entry, ...] = ()
+    detectors: tuple[Entry, ...] = ()
+    false_alarms: tuple[float, ...] = FALSE_ALARMS
+    calibration: int = CALIBRATION
     clean_seeds: tuple[int, ...] | None = None
     clean: float | int = 0.01
     train: tuple[tuple[str, Any], ...] = ()
@@ -307,13 +356,16 @@ class Grid:
         return [ModelJob(d, a, k, s, self.train, self.train_limit, self.test_limit, self.zoo)
                 for d in self.data for a in self.archs for k in self.attacks for s in seeds(k)]
 
-    def cells(self) -> list[Cell | ScanCell]:
-        """Every defense on every backdoored model, then every scanner on every model."""
-        cells: list[Cell | ScanCell] = [
-            Cell(m, d, self.clean, self.curve_limit, self.threads)
-            for m in self.models() if m.attack.name != CLEAN for d in self.defenses]
-        return cells + [ScanCell(m, s, self.clean, self.threads)
-                        for m in self.models() for s in self.scanners]
+    def cells(self) -> list[AnyCell]:
+        """Every defense on every backdoored model, then every scanner on every model, then
+        every detector on every backdoored model."""
+        backdoored = [m for m in self.models() if m.attack.name != CLEAN]
+        cells: list[AnyCell] = [Cell(m, d, self.clean, self.curve_limit, self.threads)
+                                for m in backdoored for d in self.defenses]
+        cells += [ScanCell(m, s, self.clean, self.threads)
+                  for m in self.models() for s in self.scanners]
+        return cells + [DetectCell(m, d, self.clean, self.calibration, self.false_alarms,
+                                   self.threads) for m in backdoored for d in self.detectors]
 
 
 def _count(value: Any, registry: dict[str, Any] | None = None) -> int:
@@ -402,6 +454,17 @@ def _strings(value: Any, key: str, source: str, limit: int = MAX_LABEL) -> tuple
     return tuple(value)
 
 
+def _false_alarms(value: Any, source: str) -> tuple[float, ...]:
+    value = [value] if isinstance(value, int | float) else value
+    if (not isinstance(value, list) or not value or len(value) > MAX_LIST or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < 1
+            for v in value)):
+        raise GoodnetError(f"{source}: false_alarms must be a rate in (0, 1) or a list of them")
+    if len(set(value)) != len(value):
+        raise GoodnetError(f"{source}: false_alarms lists the same rate twice")
+    return tuple(float(v) for v in value)
+
+
 def _limit(value: Any, key: str, source: str) -> int | None:
     if value is None:
         return None
@@ -419,14 +482,17 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
     if unknown:
         raise GoodnetError(f"{source}: unknown key {_short(unknown[0])} (known: "
                            f"{', '.join(sorted(_KEYS))})")
-    # A grid with scanners and no defenses key scans only.
-    defenses_raw = raw.get("defenses", [] if "scanners" in raw else "all")
+    # A grid with scanners or detectors and no defenses key runs no defense.
+    others = "scanners" in raw or "detectors" in raw
+    defenses_raw = raw.get("defenses", [] if others else "all")
     cells = math.prod([_count(raw.get("data")), _count(raw.get("archs")),
                        _count(raw.get("attacks", "all"), ATTACKS),
-                       _count(defenses_raw, DEFENSES) + _count(raw.get("scanners", []), SCANNERS),
+                       _count(defenses_raw, DEFENSES) + _count(raw.get("scanners", []), SCANNERS)
+                       + _count(raw.get("detectors", []), DETECTORS),
                        max(_count(raw.get("seeds")), _count(raw.get("clean_seeds")))])
     if cells > MAX_CELLS:  # counted before a single entry is parsed or a cell made
-        raise GoodnetError(f"{source}: data × archs × attacks × (defenses + scanners) × seeds "
+        raise GoodnetError(f"{source}: data × archs × attacks × (defenses + scanners + "
+                           f"detectors) × seeds "
                            f"is {cells} cells; at most {MAX_CELLS} (split the grid)")
     base = base or Path(".")
     name = _text(raw.get("name", Path(source).stem), "name", source)
@@ -467,14 +533,24 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
                 or value > 10**9:
             raise GoodnetError(f"{source}: {key} must be a whole number"
                                f"{' >= 1' if key == 'threads' else ' >= 0'}")
+    false_alarms = _false_alarms(raw.get("false_alarms", list(FALSE_ALARMS)), source)
+    calibration = _limit(raw.get("calibration", CALIBRATION), "calibration", source)
+    assert calibration is not None
+    needed = math.ceil(1 / min(false_alarms) - 1 - 1e-9)
+    if calibration < needed:
+        raise GoodnetError(f"{source}: calibration {calibration} cannot calibrate a false-alarm "
+                           f"rate of {min(false_alarms):g}: it takes at least {needed} images")
     return Grid(
         name=name, zoo=local(_text(raw.get("zoo", "zoo"), "zoo", source, MAX_PATH)),
         data=data, archs=archs,
         attacks=_attacks(raw.get("attacks", "all"), source),
         defenses=(_entries(defenses_raw, DEFENSES, "defense", source)
-                  if defenses_raw != [] or "scanners" not in raw else ()),
+                  if defenses_raw != [] or not others else ()),
         scanners=(_entries(raw["scanners"], SCANNERS, "scanner", source)
                   if "scanners" in raw else ()),
+        detectors=(_entries(raw["detectors"], DETECTORS, "detector", source)
+                   if "detectors" in raw else ()),
+        false_alarms=false_alarms, calibration=calibration,
         seeds=seeds, clean_seeds=clean_seeds, clean=clean, train=_frozen(train),
         train_limit=_limit(raw.get("train_limit"), "train_limit", source),
         test_limit=_limit(raw.get("test_limit"), "test_limit", source),

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from goodnet.artifacts import atomic_path, write_text_atomic
+from goodnet.bench.detect_report import choose_default, detect_markdown, plot_detection
 from goodnet.bench.results import RESULTS, RUNS, in_range, latest, read_records, read_runs
 from goodnet.bench.scan_report import plot_roc, scan_markdown
 from goodnet.defenses.base import AXES, Curve
@@ -81,7 +82,8 @@ class Report:
         if keys is not None:  # only the cells of the current grid
             kept = [r for r in kept if r["key"] in keys]
         self.scans = [r for r in kept if r.get("kind") == "scan"]  # tabulated apart
-        kept = [r for r in kept if r.get("kind") != "scan"]
+        self.detects = [r for r in kept if r.get("kind") == "detect"]
+        kept = [r for r in kept if r.get("kind") not in ("scan", "detect")]
         # One record per data set, architecture, attack, defense and seed: the last one written
         # (a grid edited between runs leaves its older settings' records behind).
         kept = list({(r.get("data"), r.get("arch"), r.get("attack"), r.get("defense"),
@@ -392,7 +394,7 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
     if not results.exists():
         raise GoodnetError(f"{results}: no such results file")
     report = Report(read_records(results), tolerance, keys)
-    if not report.ok and not report.failed and not report.scans:
+    if not report.ok and not report.failed and not report.scans and not report.detects:
         raise GoodnetError(f"{results}: no result records in it")
     title = title or f"goodnet benchmark: {results.parent.name}"
     markdown = report.markdown()
@@ -411,20 +413,45 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
         scanned = [r for r in report.scans if r.get("status") == "ok"]
         facts += (f" {len(scanned)} scan cells ({len(report.scans) - len(scanned)} failed), "
                   f"{sum(r.get('scan_seconds') or 0 for r in scanned) / 60:.1f} min of scans.")
-    failures = [f"- {r['data']} {r['arch']} {r['attack']} seed {r['seed']}, "
-                f"{r.get('defense') or 'scan ' + str(r.get('scanner'))}: {r.get('error')}"
-                for r in report.failed + [r for r in report.scans if r.get("status") != "ok"]]
+    if report.detects:
+        measured = [r for r in report.detects if r.get("status") == "ok"]
+        facts += (f" {len(measured)} detector cells ({len(report.detects) - len(measured)} "
+                  f"failed), {sum(r.get('detect_seconds') or 0 for r in measured) / 60:.1f} "
+                  f"min of detection.")
+
+    def method(r: dict[str, Any]) -> str:
+        if r.get("kind") == "scan":
+            return f"scan {r.get('scanner')}"
+        if r.get("kind") == "detect":
+            return f"detect {r.get('detector')}"
+        return str(r.get("defense"))
+
+    failures = [f"- {r['data']} {r['arch']} {r['attack']} seed {r['seed']}, {method(r)}: "
+                f"{r.get('error')}" for r in report.failed + [
+                    r for r in report.scans + report.detects if r.get("status") != "ok"]]
     scans = scan_markdown(report.scans)
     if scans:
         scans = ("## Scanners\n\nBackdoored against clean models: AUROC of the model-level "
                  "score, detection and false positives at each scanner's default threshold, "
                  "the target named on the working all-to-one backdoors.\n\n" + scans)
+    detects = detect_markdown(report.detects)
+    if detects:
+        ranking = choose_default(report.detects)
+        chosen = (f" By the rule of BENCHMARKS.md (most models on target, then mean detection "
+                  f"at 1 %, then time), the default GoodNet would be **{ranking[0][0]}**."
+                  if ranking else "")
+        detects = ("## Input detectors\n\nEach row a GoodNet's checks: one detector, or several "
+                   "(a+b) each calibrated at the requested rate divided by their number, "
+                   "answering N when any fires. Detection: triggered test inputs answered N; FA: "
+                   "clean test inputs answered N, at each requested false-alarm rate; on "
+                   "target: models with detection ≥ 95 % at a measured false-alarm rate ≤ 1 % "
+                   f"(1 % requested).{chosen}\n\n" + detects)
     if not report.ok:
         markdown = ""
     if len(report.defenses) > MAX_PLOTTED:
         facts += (f" The plots show the first {MAX_PLOTTED} of {len(report.defenses)} "
                   f"defenses; the tables show all.")
-    text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown, scans,
+    text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown, scans, detects,
                                      "Failed cells:\n" + "\n".join(failures)
                                      if failures else ""])) + "\n"
     written = []
@@ -447,6 +474,11 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
     roc = plot_roc(report.scans, out / "roc.png") if report.scans else None
     if roc is not None:
         images.append(("scanners: ROC, backdoored against clean models", roc))
+    detection = plot_detection(report.detects, out / "detection.png") if report.detects \
+        else None
+    if detection is not None:
+        images.append(("input detectors: detection at the lowest requested false-alarm rate",
+                       detection))
     written += [path for _, path in images]
     figures = "\n".join(
         f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
@@ -470,6 +502,7 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 <p>{html.escape(facts)}</p>
 {_html_table(markdown) if markdown else ""}
 {"<h2>Scanners</h2>" + _html_table(scan_markdown(report.scans)) if scans else ""}
+{"<h2>Input detectors</h2>" + _html_table(detect_markdown(report.detects)) if detects else ""}
 {failed_html}
 {figures}
 </body></html>

@@ -68,14 +68,14 @@ def cell_problem(record: Any) -> str | None:
     if not isinstance(record, dict):
         return "not a record (a JSON object)"
     kind = record.get("kind")
-    if kind not in (None, "scan"):
-        return "kind must be 'scan' or absent"
-    for name in ("key", "status", "data", "arch", "attack",
-                 "scanner" if kind == "scan" else "defense"):
+    if kind not in (None, "scan", "detect"):
+        return "kind must be 'scan', 'detect' or absent"
+    method = {"scan": "scanner", "detect": "detector"}.get(kind or "", "defense")
+    for name in ("key", "status", "data", "arch", "attack", method):
         if not isinstance(record.get(name), str):
             return f"{name} must be a string"
-    if kind == "scan":
-        problem = scan_problem(record)
+    if kind is not None:
+        problem = (scan_problem if kind == "scan" else detect_problem)(record)
         if problem:
             return problem
     seed = record.get("seed")
@@ -148,6 +148,42 @@ def scan_problem(record: dict[str, Any]) -> str | None:
     if not in_range(record.get("scan_seconds"), 0, _MAX_AMOUNT):
         return "scan_seconds must be a number >= 0"
     return None
+
+
+_MAX_SCORES = 10**7
+
+
+def detect_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with the detector part of a detector cell's record, or None."""
+    if record.get("status") != "ok":
+        return None
+    value = record.get("auroc")
+    if value is not None and not in_range(value, 0, 1):
+        return "auroc must be a number between 0 and 1 or null"
+    for name in ("detection", "false_alarm"):
+        rates = record.get(name)
+        if not (isinstance(rates, dict) and rates and all(
+                isinstance(k, str) and _rate_like(k) and (v is None or in_range(v, 0, 1))
+                for k, v in rates.items())):
+            return f"{name} must map rates to numbers between 0 and 1 (or null)"
+    if set(record["detection"]) != set(record["false_alarm"]):
+        return "detection and false_alarm must name the same rates"
+    scores = record.get("scores")
+    if not (isinstance(scores, dict) and set(scores) == {"calibration", "clean", "triggered"}
+            and all(isinstance(v, list) and len(v) <= _MAX_SCORES
+                    and all(in_range(x, -_MAX_AMOUNT, _MAX_AMOUNT) for x in v)
+                    for v in scores.values())):
+        return "scores must hold the calibration, clean and triggered lists of numbers"
+    if not in_range(record.get("ms_per_input"), 0, _MAX_AMOUNT):
+        return "ms_per_input must be a number >= 0"
+    return None
+
+
+def _rate_like(text: str) -> bool:
+    try:
+        return 0 < float(text) < 1
+    except ValueError:
+        return False
 
 
 def run_problem(record: Any) -> str | None:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from goodnet.bench.cell import build_model, machine, run_cell, versions
 from goodnet.bench.executors import LocalExecutor, RayExecutor
-from goodnet.bench.grid import Cell, Grid, ScanCell
+from goodnet.bench.grid import AnyCell, DetectCell, Grid, ScanCell
 from goodnet.bench.results import RESULTS, RUNS, ResultsFile, latest, read_records
 from goodnet.errors import GoodnetError
 
@@ -38,7 +38,7 @@ class RunSummary:
     failures: list[str] = field(default_factory=list)
 
 
-def pending_cells(grid: Grid, results: Path) -> tuple[list[Cell | ScanCell], int]:
+def pending_cells(grid: Grid, results: Path) -> tuple[list[AnyCell], int]:
     """The grid's cells without a successful record in ``results``, and how many have one."""
     finished = {key for key, record in latest(read_records(results)).items()
                 if record.get("status") == "ok"}
@@ -135,10 +135,15 @@ def _run(grid: Grid, out: Path, executor: LocalExecutor | RayExecutor,
     bar.close()
 
 
-def _failed(cell: Cell | ScanCell, error: str) -> dict[str, Any]:
+def _failed(cell: AnyCell, error: str) -> dict[str, Any]:
     m = cell.model
-    what = ({"kind": "scan", "scanner": cell.scanner.label} if isinstance(cell, ScanCell)
-            else {"defense": cell.defense.label})
+    what: dict[str, str]
+    if isinstance(cell, ScanCell):
+        what = {"kind": "scan", "scanner": cell.scanner.label}
+    elif isinstance(cell, DetectCell):
+        what = {"kind": "detect", "detector": cell.detector.label}
+    else:
+        what = {"defense": cell.defense.label}
     return {"key": cell.key, "status": "failed", "error": error, "data": m.data, "arch": m.arch,
             "attack": m.attack.label, **what, "seed": m.seed,
             "config": cell.configuration(), "versions": versions()}

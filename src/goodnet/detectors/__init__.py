@@ -14,12 +14,14 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from goodnet.detectors.base import Detection, InputDetector, calibrate
+from goodnet.detectors.mahalanobis import Mahalanobis, MahalanobisConfig
 from goodnet.detectors.scale_up import ScaleUp, ScaleUpConfig
 from goodnet.detectors.strip import STRIP, STRIPConfig
 from goodnet.detectors.teco import TeCo, TeCoConfig
 from goodnet.settings import make_method
 
 DETECTORS: dict[str, type[InputDetector[Any]]] = {
+    "mahalanobis": Mahalanobis,
     "scale-up": ScaleUp,
     "strip": STRIP,
     "teco": TeCo,
@@ -39,6 +41,8 @@ __all__ = [
     "STRIP",
     "Detection",
     "InputDetector",
+    "Mahalanobis",
+    "MahalanobisConfig",
     "STRIPConfig",
     "ScaleUp",
     "ScaleUpConfig",
