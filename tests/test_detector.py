@@ -117,7 +117,8 @@ def test_a_goodnet_with_detectors_round_trips_through_its_file(backdoored, tmp_p
     from tests.conftest import stripes
 
     _, _, test, _ = backdoored
-    goodnet = _calibrated(backdoored)
+    goodnet = _calibrated(backdoored, detectors={"strip": {"overlays": 30},
+                                                 "scale-up": {"soft": True}, "mahalanobis": {}})
     spec = spec_for_data("small_cnn", stripes(800, seed=0))  # the backdoored model's
     path = save_model(tmp_path / "g.safetensors", goodnet, ModelCard(spec=spec))
     loaded = load_model(path).model
@@ -125,6 +126,8 @@ def test_a_goodnet_with_detectors_round_trips_through_its_file(backdoored, tmp_p
     assert loaded.disagree is False
     assert torch.equal(loaded.detections["strip"].get_buffer("overlays"),
                        goodnet.detections["strip"].get_buffer("overlays"))
+    assert torch.equal(loaded.detections["mahalanobis"].get_buffer("precision"),
+                       goodnet.detections["mahalanobis"].get_buffer("precision"))
     x, _ = test.get(torch.arange(64))
     assert torch.equal(loaded(x), goodnet(x))
     for name, expected in goodnet.scores(x).items():

@@ -74,7 +74,7 @@ def scored(backdoored):
 # Not TeCo: on this network the patch holds its class under every corruption at every
 # severity, so every triggered input scores 0 (all types "never" flip, the reference's 6), below
 # clean inputs, which give way at different severities (see the next test).
-@pytest.mark.parametrize("name", ["scale-up", "strip"])
+@pytest.mark.parametrize("name", ["mahalanobis", "scale-up", "strip"])
 def test_triggered_inputs_score_above_clean_ones(scored, name):
     clean_scores, triggered = scored[name]
     assert len(triggered) > 100 and len(clean_scores) == 200
@@ -127,13 +127,15 @@ def test_a_calibrated_detector_keeps_the_requested_rate_on_fresh_clean_images(ba
 def test_the_planted_trigger_stands_out_under_every_detector():
     """On the planted network the lit corner sends every blend and every scaled copy of a
     class-1 image to class 0 with near certainty, and gives way to contrast and blur long before
-    it gives way to noise: STRIP's, soft SCALE-UP's and TeCo's scores of triggered inputs exceed
-    every clean input's."""
+    it gives way to noise, and its features (the third channel lit) are nothing a clean class-0
+    image has: STRIP's, soft SCALE-UP's, TeCo's and Mahalanobis's scores of triggered inputs
+    exceed every clean input's."""
     data = halves(100)
     x, y = data.get(torch.arange(100))
     triggered = x[y == 1].clone()  # the inputs whose class the trigger changes
     triggered[:, :, 6:8, 6:8] = 1.0
-    for name, settings in (("strip", {}), ("scale-up", {"soft": True}), ("teco", {})):
+    for name, settings in (("strip", {}), ("scale-up", {"soft": True}), ("teco", {}),
+                           ("mahalanobis", {})):
         detection = make_detector(name, settings).detect(Planted(), data)
         assert detection(triggered).min() > detection(x).max(), name
 
@@ -153,6 +155,7 @@ def test_scale_up_needs_no_data_and_takes_a_handful_of_values(backdoored):
     ("teco", {"corruptions": ["fog"]}, "two or more distinct"),
     ("teco", {"corruptions": ["contrast", "contrast"]}, "two or more distinct"),
     ("strip", {"no_such": 1}, "has no setting 'no_such'"),
+    ("mahalanobis", {"layer": ""}, "layer must be"),
 ])
 def test_bad_settings_are_refused(name, settings, message):
     with pytest.raises(GoodnetError, match=message):
@@ -164,3 +167,60 @@ def test_an_unknown_detector_and_missing_clean_data_are_refused():
         make_detector("frost")
     with pytest.raises(GoodnetError, match="strip needs clean data"):
         make_detector("strip").detect(Planted())
+
+
+# --- Mahalanobis -------------------------------------------------------------------------------
+
+
+def test_mahalanobis_scores_the_distance_to_the_predicted_class_mean(backdoored):
+    """The score is (f − μ_c)ᵀ Σ⁻¹ (f − μ_c) at the last linear layer's input, with μ_c the clean
+    mean of the predicted class and Σ the shrunk pooled within-class covariance, recomputed here
+    from the clean features with NumPy."""
+    import numpy as np
+
+    from goodnet.detectors.mahalanobis import ledoit_wolf
+
+    model, clean, test, _ = backdoored
+    detection = make_detector("mahalanobis").detect(model, clean)
+    layer = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    captured = []
+    handle = layer.register_forward_hook(lambda _m, i, _o: captured.append(i[0].flatten(1)))
+    model.eval()
+    x_clean, y_clean = clean.get(torch.arange(len(clean)))
+    x_test, _ = test.get(torch.arange(50))
+    with torch.no_grad():
+        model(x_clean)
+        predicted = model(x_test).argmax(1).numpy()
+    handle.remove()
+    features = captured[0].double().numpy()
+    labels = y_clean.numpy()
+    means = np.stack([features[labels == c].mean(0) for c in range(layer.out_features)])
+    covariance = ledoit_wolf(torch.from_numpy(features - means[labels])).numpy()
+    d = captured[1].double().numpy() - means[predicted]
+    expected = np.einsum("ij,jk,ik->i", d, np.linalg.pinv(covariance), d)
+    got = detection(x_test).double().numpy()
+    assert np.allclose(got, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_ledoit_wolf_shrinks_when_data_are_few_and_not_when_they_are_many():
+    from goodnet.detectors.mahalanobis import ledoit_wolf
+
+    generator = torch.Generator().manual_seed(0)
+    few = torch.randn(20, 50, generator=generator)  # isotropic, fewer rows than columns
+    shrunk = ledoit_wolf(few - few.mean(0))
+    assert torch.linalg.eigvalsh(shrunk).min() > 0  # invertible though the sample one is not
+    off = shrunk - torch.diag(torch.diagonal(shrunk))
+    sample = (few - few.mean(0)).double().T @ (few - few.mean(0)).double() / 20
+    assert off.abs().mean() < 0.2 * (sample - torch.diag(torch.diagonal(sample))).abs().mean()
+    scale = torch.tensor([5.0, 1.0, 0.2])
+    many = torch.randn(20000, 3, generator=generator) * scale
+    estimate = ledoit_wolf(many - many.mean(0))
+    assert torch.allclose(torch.diagonal(estimate).float(), scale**2, rtol=0.05)
+
+
+def test_mahalanobis_refuses_a_model_without_linear_layer_and_a_layer_that_is_not_one():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())
+    with pytest.raises(GoodnetError, match="no linear layer"):
+        make_detector("mahalanobis").detect(model, halves(20))
+    with pytest.raises(GoodnetError, match="'0' is not a linear layer"):
+        make_detector("mahalanobis", {"layer": "0"}).detect(model, halves(20))

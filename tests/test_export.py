@@ -74,9 +74,9 @@ def test_an_unwritable_export_leaves_nothing(files, tmp_path, capsys):
 
 
 def test_a_goodnet_with_detectors_exports_them_for_any_batch_size(backdoored, tmp_path):
-    """STRIP, SCALE-UP and TeCo are plain tensor operations: the exported GoodNet answers as PyTorch
-    does, and scores a batch larger than the example the graph was traced with (2) and than
-    STRIP's chunk, so no input is dropped."""
+    """STRIP, SCALE-UP, TeCo and Mahalanobis are plain tensor operations: the exported GoodNet
+    answers as PyTorch does, and scores a batch larger than the example the graph was traced
+    with (2) and than STRIP's chunk, so no input is dropped."""
     from goodnet.data import split_clean
     from goodnet.detector import calibrated
     from goodnet.models import spec_for_data
@@ -84,8 +84,8 @@ def test_a_goodnet_with_detectors_exports_them_for_any_batch_size(backdoored, tm
 
     model, clean, test, _ = backdoored
     calibration, _ = split_clean(stripes(600, seed=11), 200, seed=0)
-    goodnet = calibrated(model, model, {"strip": {"overlays": 100}, "scale-up": {}, "teco": {}},
-                         clean, calibration, 0.1)
+    goodnet = calibrated(model, model, {"strip": {"overlays": 100}, "scale-up": {}, "teco": {},
+                                        "mahalanobis": {}}, clean, calibration, 0.1)
     spec = spec_for_data("small_cnn", stripes(800, seed=0))
     save_model(tmp_path / "g.safetensors", goodnet, ModelCard(spec=spec))
     assert main(["export", str(tmp_path / "g.safetensors"), "--out",

@@ -87,7 +87,9 @@ def at_defaults(record: dict[str, Any]) -> bool:
     """Whether a detector record ran its detector at the default settings."""
     from goodnet.bench.grid import Entry
 
-    config = record.get("config") or {}
+    config = record.get("config")
+    if not isinstance(config, dict):
+        return False
     name = config.get("detector")
     if name not in DETECTORS:
         return False
@@ -129,7 +131,10 @@ def candidates(records: list[dict[str, Any]], rates: Sequence[float] | None = No
         for size in range(2, min(MAX_COMBINED, len(defaults)) + 1):
             for members in itertools.combinations(defaults, size):
                 rs = [by_label[m] for m in members]
-                figures = screen_figures([_scores(r) for r in rs], wanted)
+                try:
+                    figures = screen_figures([_scores(r) for r in rs], wanted)
+                except GoodnetError:  # scored on other test images (another test_limit)
+                    continue
                 out.append(Candidate(SEPARATOR.join(members), members, data, arch, attack, seed,
                                      None, figures["detection"], figures["false_alarm"],
                                      sum(r["ms_per_input"] for r in rs)))
