@@ -579,6 +579,25 @@ def test_repair_with_detectors_writes_a_calibrated_goodnet(trained, npz_pair, tm
     float(line.split("\t")[2])  # a number
 
 
+def test_detect_alone_calibrates_the_default_detectors(pruned_repair, trained, tmp_path,
+                                                      capsys):
+    from goodnet.detector import DEFAULT_DETECTORS, GoodNet
+
+    out = tmp_path / "repair"
+    assert main(["--no-progress", "repair", str(trained), "--defense", "prune", "--clean",
+                 str(pruned_repair.parent / "clean.npz"), "--detect", "--false-alarm", "0.1",
+                 "--max-drop", "0.2", "--curve-limit", "0", "--out", str(out)]) == 0
+    checks = json.loads((out / "repair.json").read_text())["goodnet_checks"]
+    assert [s["detector"] for s in checks["screens"]] == list(DEFAULT_DETECTORS)
+    assert checks["disagree"] is False
+    goodnet = load_model(out / "goodnet-0.2.safetensors").model
+    assert isinstance(goodnet, GoodNet)
+    assert [s.detector for s in goodnet.screens] == list(DEFAULT_DETECTORS)
+    assert main(["list"]) == 0
+    assert f"goodnet repair --detect with no names): {', '.join(DEFAULT_DETECTORS)}" in \
+        capsys.readouterr().out
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--detect", "frost"], "unknown detector 'frost' for --detect; choose from"),
     (["--detect", "strip,strip"], "distinct detector names"),

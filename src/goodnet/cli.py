@@ -233,8 +233,12 @@ def cmd_list(args: argparse.Namespace) -> int:
     _list_methods("scanners (goodnet scan):", SCANNERS)
     from goodnet.detectors import DETECTORS
 
+    from goodnet.detector import DEFAULT_DETECTORS
+
     _list_methods("input detectors (goodnet repair --detect; also 'disagree', the lab's check):",
                   DETECTORS)
+    print(f"default detectors (goodnet repair --detect with no names): "
+          f"{', '.join(DEFAULT_DETECTORS)}")
     return 0
 
 
@@ -315,12 +319,13 @@ def _amount(text: str) -> float | int:
 def detect_from_args(args: argparse.Namespace) -> tuple[list[str], bool]:
     """``--detect``: the detectors a GoodNet calibrates, and whether it keeps the lab's
     disagreement check (on without ``--detect``, and where ``--detect`` names it)."""
-    from goodnet.detector import DISAGREE
+    from goodnet.detector import DEFAULT_DETECTORS, DISAGREE
     from goodnet.detectors import DETECTORS
 
     if args.detect is None:
         return [], True
-    names = [n.strip() for n in args.detect.split(",") if n.strip()]
+    text = ",".join(DEFAULT_DETECTORS) if args.detect == "default" else args.detect
+    names = [n.strip() for n in text.split(",") if n.strip()]
     for name in names:
         if name != DISAGREE and name not in DETECTORS:
             raise GoodnetError(f"unknown detector {name!r} for --detect; choose from "
@@ -815,11 +820,12 @@ def _add_repair(sub: Commands) -> None:
     repair.add_argument("--poisoned", default=None,
                         help="already-poisoned test images labelled with their targets (the "
                              "CSAW-HackML bd_test.h5 layout), for the figures")
-    repair.add_argument("--detect", default=None, metavar="NAMES",
+    repair.add_argument("--detect", default=None, metavar="NAMES", nargs="?", const="default",
                         help="the GoodNet's checks, comma-separated: input detectors ("
-                             "strip, scale-up, teco) calibrated on clean images held out from the "
-                             "repair, and 'disagree' (the lab's: the original and repaired "
-                             "models disagree); default: disagree alone")
+                             "mahalanobis, strip, scale-up, teco) calibrated on clean images "
+                             "held out from the repair, and 'disagree' (the lab's: the original "
+                             "and repaired models disagree); --detect alone: the default set "
+                             "(BENCHMARKS.md); without --detect: disagree alone")
     repair.add_argument("--false-alarm", dest="false_alarm", type=float, default=0.01,
                         help="with --detect: the share of clean inputs the detectors together "
                              "may answer N (default 0.01)")

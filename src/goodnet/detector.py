@@ -125,6 +125,10 @@ class GoodNet(nn.Module):
 
 DISAGREE = "disagree"  # the lab's check, named beside the detectors on the command line
 
+# ``goodnet repair --detect`` with no names: the set the rule of BENCHMARKS.md ("The default
+# GoodNet's detectors") picked over the small-CNN zoo, once, for every model.
+DEFAULT_DETECTORS: tuple[str, ...] = ("mahalanobis",)
+
 
 def calibration_size(detectors: int, false_alarm: float) -> int:
     """The fewest clean images that can calibrate ``detectors`` detectors sharing a false-alarm

@@ -407,6 +407,8 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
              f"and measurement, summed); host {', '.join(hosts)}; goodnet {', '.join(version)}. "
              f"CA / ASR in %, mean ± std over seeds; ★ the lowest ASR within "
              f"{100 * tolerance:g} points of the backdoored model's CA.")
+    if not report.ok and not report.failed:  # a grid of scans or detectors only
+        facts = ""
     facts = " ".join(filter(None, [describe_runs(read_runs(results.parent / RUNS)),
                                    facts]))
     if report.scans:
