@@ -231,9 +231,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from goodnet.scans import SCANNERS
 
     _list_methods("scanners (goodnet scan):", SCANNERS)
-    from goodnet.detectors import DETECTORS
-
     from goodnet.detector import DEFAULT_DETECTORS
+    from goodnet.detectors import DETECTORS
 
     _list_methods("input detectors (goodnet repair --detect; also 'disagree', the lab's check):",
                   DETECTORS)
