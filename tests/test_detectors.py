@@ -222,5 +222,5 @@ def test_mahalanobis_refuses_a_model_without_linear_layer_and_a_layer_that_is_no
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())
     with pytest.raises(GoodnetError, match="no linear layer"):
         make_detector("mahalanobis").detect(model, halves(20))
-    with pytest.raises(GoodnetError, match="'0' is not a linear layer"):
+    with pytest.raises(GoodnetError, match="'0' is not a fully connected layer"):
         make_detector("mahalanobis", {"layer": "0"}).detect(model, halves(20))

@@ -56,6 +56,17 @@ def get_layer(model: nn.Module, name: str) -> nn.Module:
     return layer
 
 
+def get_linear(model: nn.Module, name: str, who: str) -> nn.Linear:
+    """The named fully connected layer, or a one-line error naming ``who`` asked."""
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise GoodnetError(f"{who}: the model has no layer {name!r}") from None
+    if not isinstance(layer, nn.Linear):
+        raise GoodnetError(f"{who}: {name!r} is not a fully connected layer")
+    return layer
+
+
 def _broadcast(vector: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return vector.view(1, -1, *([1] * (output.ndim - 2)))
 

@@ -205,6 +205,15 @@ def _load_checked(job: Any) -> Any:
     return loaded
 
 
+def _model_and_data(job: ModelJob, clean: float | int) -> tuple[Any, ImageData, ImageData]:
+    """(the job's checked model, its test images, the defender's clean split of the training
+    set by the job's seed): what a defense or detector cell starts from."""
+    loaded = _load_checked(job)
+    train = _data(job.data, "train", job.train_limit)
+    test = _data(job.data, "test", job.test_limit)
+    return loaded, test, split_clean(train, clean, seed=job.seed)[0]
+
+
 def run_scan_cell(cell: ScanCell) -> dict[str, Any]:
     """Run ``cell``'s scanner on its (already built) model: one result record, with what the
     model really is (backdoored or clean, its target and attack success) beside the verdict."""
@@ -263,10 +272,7 @@ def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
     try:
         record.update(key=cell.key, config=cell.configuration())
         with torch_threads(cell.threads), PeakMemory() as memory:
-            loaded = _load_checked(job)
-            train = _data(job.data, "train", job.train_limit)
-            test = _data(job.data, "test", job.test_limit)
-            clean, _ = split_clean(train, cell.clean, seed=job.seed)
+            loaded, test, clean = _model_and_data(job, cell.clean)
             if cell.calibration >= len(clean):
                 raise GoodnetError(f"calibration {cell.calibration} takes every one of the "
                                    f"{len(clean)} clean images; none is left to fit on")
@@ -337,10 +343,7 @@ def run_cell(cell: AnyCell) -> dict[str, Any]:
     try:
         record.update(key=cell.key, config=cell.configuration())
         with torch_threads(cell.threads), PeakMemory() as memory:
-            loaded = _load_checked(job)
-            train = _data(job.data, "train", job.train_limit)
-            test = _data(job.data, "test", job.test_limit)
-            clean, _ = split_clean(train, cell.clean, seed=job.seed)
+            loaded, test, clean = _model_and_data(job, cell.clean)
             attack = attack_from_card(loaded.card, loaded.extras, test)
             prepared = list(poisoned_batches(test, attack))  # made once, measured twice
             baseline = predict_all({"original": loaded.model}, test, attack,

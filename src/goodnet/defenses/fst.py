@@ -64,6 +64,7 @@ from torch.nn import functional as F
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps, clean_or_blank
 from goodnet.errors import GoodnetError
+from goodnet.masking import get_linear
 from goodnet.train import Hooks, TrainConfig, train
 
 
@@ -174,12 +175,7 @@ class FST(Defense[FSTConfig]):
         cfg = self.config
         work = copy.deepcopy(model)
         name = cfg.head or find_head(work, clean_or_blank(work, clean))
-        try:
-            head = work.get_submodule(name)
-        except AttributeError:
-            raise GoodnetError(f"fst: the model has no layer {name!r}") from None
-        if not isinstance(head, nn.Linear):
-            raise GoodnetError(f"fst: {name!r} is not a fully connected layer")
+        head = get_linear(work, name, "fst")
         original = head.weight.detach().clone()
         norm = original.norm()
         reinitialise(head, torch.Generator().manual_seed(cfg.seed))

@@ -43,6 +43,7 @@ from torch import nn
 from goodnet.data.dataset import ImageData, batches
 from goodnet.detectors.base import Detection, InputDetector
 from goodnet.errors import GoodnetError
+from goodnet.masking import get_linear
 from goodnet.models import model_device
 
 
@@ -64,13 +65,7 @@ class MahalanobisConfig:
 
 def _last_linear(model: nn.Module, name: str | None) -> tuple[str, nn.Linear]:
     if name is not None:
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise GoodnetError(f"mahalanobis: the model has no layer {name!r}") from None
-        if not isinstance(layer, nn.Linear):
-            raise GoodnetError(f"mahalanobis: layer {name!r} is not a linear layer")
-        return name, layer
+        return name, get_linear(model, name, "mahalanobis")
     found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not found:
         raise GoodnetError("mahalanobis: the model has no linear layer to take features from")
