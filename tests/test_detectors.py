@@ -202,6 +202,30 @@ def test_mahalanobis_scores_the_distance_to_the_predicted_class_mean(backdoored)
     assert np.allclose(got, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_ledoit_wolf_is_sklearns_estimate():
+    """The shrunk covariance against scikit-learn's ``ledoit_wolf`` (``assume_centered=True``)
+    written out here in NumPy from its source: block sums of X²ᵀX² and (XᵀX)²."""
+    import numpy as np
+
+    from goodnet.detectors.mahalanobis import ledoit_wolf
+
+    rng = np.random.default_rng(0)
+    for n, p in ((20, 50), (300, 40), (1000, 5)):
+        x = rng.standard_normal((n, p)) @ rng.standard_normal((p, p)) * 0.3
+        x2 = x**2
+        trace = x2.sum(0) / n
+        mu = trace.sum() / p
+        beta_ = (x2.T @ x2).sum()
+        delta_ = ((x.T @ x) ** 2).sum() / n**2
+        beta = min(1.0 / (p * n) * (beta_ / n - delta_),
+                   (delta_ - 2.0 * mu * trace.sum() + p * mu**2) / p)
+        delta = (delta_ - 2.0 * mu * trace.sum() + p * mu**2) / p
+        shrinkage = 0.0 if beta == 0 else beta / delta
+        expected = (1 - shrinkage) * (x.T @ x / n) + shrinkage * mu * np.eye(p)
+        got = ledoit_wolf(torch.from_numpy(x)).numpy()
+        assert np.allclose(got, expected, rtol=1e-9, atol=1e-12), (n, p)
+
+
 def test_ledoit_wolf_shrinks_when_data_are_few_and_not_when_they_are_many():
     from goodnet.detectors.mahalanobis import ledoit_wolf
 
@@ -218,9 +242,9 @@ def test_ledoit_wolf_shrinks_when_data_are_few_and_not_when_they_are_many():
     assert torch.allclose(torch.diagonal(estimate).float(), scale**2, rtol=0.05)
 
 
-def test_mahalanobis_refuses_a_model_without_linear_layer_and_a_layer_that_is_not_one():
+def test_mahalanobis_refuses_a_model_without_classifier_and_a_layer_that_is_not_one():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.Flatten())
-    with pytest.raises(GoodnetError, match="no linear layer"):
+    with pytest.raises(GoodnetError, match="no fully connected layer produces the model's"):
         make_detector("mahalanobis").detect(model, halves(20))
     with pytest.raises(GoodnetError, match="'0' is not a fully connected layer"):
         make_detector("mahalanobis", {"layer": "0"}).detect(model, halves(20))

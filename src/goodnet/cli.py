@@ -823,8 +823,9 @@ def _add_repair(sub: Commands) -> None:
                         help="the GoodNet's checks, comma-separated: input detectors ("
                              "mahalanobis, strip, scale-up, teco) calibrated on clean images "
                              "held out from the repair, and 'disagree' (the lab's: the original "
-                             "and repaired models disagree); --detect alone: the default set "
-                             "(BENCHMARKS.md); without --detect: disagree alone")
+                             "and repaired models disagree); --detect alone (after the model): "
+                             "the default set (BENCHMARKS.md); without --detect: disagree "
+                             "alone")
     repair.add_argument("--false-alarm", dest="false_alarm", type=float, default=0.01,
                         help="with --detect: the share of clean inputs the detectors together "
                              "may answer N (default 0.01)")

@@ -67,6 +67,19 @@ def get_linear(model: nn.Module, name: str, who: str) -> nn.Linear:
     return layer
 
 
+def classifier_layer(model: nn.Module, example: torch.Tensor, who: str, option: str) -> str:
+    """The name of the last fully connected layer whose output size is the model's (run on
+    ``example``); ``option`` is how the user names another."""
+    with torch.no_grad():
+        outputs = model.eval()(example).shape[-1]
+    heads = [name for name, m in model.named_modules()
+             if isinstance(m, nn.Linear) and m.out_features == outputs]
+    if not heads:
+        raise GoodnetError(f"{who}: no fully connected layer produces the model's outputs; name "
+                           f"the classifier layer with {option}")
+    return heads[-1]
+
+
 def _broadcast(vector: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     return vector.view(1, -1, *([1] * (output.ndim - 2)))
 

@@ -292,6 +292,9 @@ def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
                              for _, x_poisoned, _, _ in parts]
             triggered_scores = torch.cat(triggered) if triggered else torch.empty(0)
             score_seconds = time.perf_counter() - score_start
+        every = torch.cat([calibration_scores, clean_scores, triggered_scores])
+        if not torch.isfinite(every).all():
+            raise GoodnetError(f"{cell.detector.label} gave scores that are not finite numbers")
         scores = {"calibration": _stored(calibration_scores), "clean": _stored(clean_scores),
                   "triggered": _stored(triggered_scores)}
         figures = screen_figures([(scores["calibration"], scores["clean"],

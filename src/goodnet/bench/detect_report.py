@@ -57,7 +57,8 @@ def screen_figures(members: Sequence[Scores], rates: Sequence[float]
     for rate in rates:
         key = rate_key(rate)
         try:
-            thresholds = [calibrate(torch.as_tensor(m[0]), rate / len(members))
+            thresholds = [calibrate(torch.as_tensor(m[0], dtype=torch.float64),
+                                    rate / len(members))
                           for m in members]
         except GoodnetError:
             out["detection"][key] = out["false_alarm"][key] = None
@@ -67,11 +68,12 @@ def screen_figures(members: Sequence[Scores], rates: Sequence[float]
     return out
 
 
-def _any_share(scores: list[torch.Tensor], thresholds: list[float]) -> float:
+def _any_share(scores: list[torch.Tensor], thresholds: list[float]) -> float | None:
+    """The share of inputs above their threshold under any member (None for no inputs)."""
     flagged = torch.zeros(len(scores[0]), dtype=torch.bool)
     for s, t in zip(scores, thresholds, strict=True):
         flagged |= s > t
-    return float(flagged.double().mean()) if len(flagged) else math.nan
+    return float(flagged.double().mean()) if len(flagged) else None
 
 
 def detect_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -188,10 +190,14 @@ def detect_rows(records: list[dict[str, Any]]) -> list[DetectRow]:
 def choose_default(records: list[dict[str, Any]]) -> list[tuple[str, int, float, float]]:
     """The candidates at default settings ranked by the rule written in BENCHMARKS.md before
     the grid ran: most models on target (detection ≥ 95 % at a measured false-alarm rate ≤ 1 %,
-    1 % requested), then the higher mean detection at 1 %, then the fewer ms per input. Each
-    entry: (label, models on target, mean detection at 1 %, ms per input); the first is the
-    default."""
-    defaults = {r["detector"] for r in detect_records(records) if at_defaults(r)}
+    1 % requested), then the higher mean detection at 1 %, then the fewer ms per input. Every
+    candidate is judged on every model of ``records`` (pass the rule's: seed 0, the small CNN):
+    a model a candidate has no figure for (a failed cell, a combination the calibration images
+    cannot calibrate) counts as off target with no detection. Each entry: (label, models on
+    target, mean detection at 1 %, ms per input); the first is the default."""
+    found = detect_records(records)
+    defaults = {r["detector"] for r in found if at_defaults(r)}
+    models = {(r["data"], r["arch"], r["attack"], r["seed"]) for r in found}
     pooled: dict[str, list[Candidate]] = defaultdict(list)
     for c in candidates(records):
         if set(c.members) <= defaults:
@@ -199,9 +205,8 @@ def choose_default(records: list[dict[str, Any]]) -> list[tuple[str, int, float,
     ranked = []
     key = rate_key(TARGET_RATE)
     for label, group in pooled.items():
-        detection = _mean([c.detection.get(key) for c in group])
-        if detection is None:
-            continue
+        detections = [c.detection.get(key) for c in group]
+        detection = sum(d or 0.0 for d in detections) / len(models)
         ranked.append((label, sum(map(reaches_target, group)), detection,
                        statistics.fmean(c.ms_per_input for c in group)))
     return sorted(ranked, key=lambda r: (-r[1], -r[2], r[3]))
@@ -256,6 +261,8 @@ def plot_detection(records: list[dict[str, Any]], path: Path) -> Path | None:
         value = c.detection.get(rate)
         if value is not None:
             panels[f"{c.data} {c.arch}"][c.label][c.attack].append(value)
+    if not panels:
+        return None
     figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.0), dpi=100,
                                 squeeze=False)
     for ax, (title, lines) in zip(axes[0], sorted(panels.items()), strict=True):

@@ -180,10 +180,12 @@ def detect_problem(record: dict[str, Any]) -> str | None:
 
 
 def _rate_like(text: str) -> bool:
+    """A rate as a detector record names it: ``"0.01"`` (the ``:g`` form), in (0, 1)."""
     try:
-        return 0 < float(text) < 1
+        value = float(text)
     except ValueError:
         return False
+    return 0 < value < 1 and text == f"{value:g}"
 
 
 def run_problem(record: Any) -> str | None:

@@ -64,7 +64,7 @@ from torch.nn import functional as F
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps, clean_or_blank
 from goodnet.errors import GoodnetError
-from goodnet.masking import get_linear
+from goodnet.masking import classifier_layer, get_linear
 from goodnet.train import Hooks, TrainConfig, train
 
 
@@ -115,14 +115,7 @@ class FSTConfig:
 
 def find_head(model: nn.Module, example: torch.Tensor) -> str:
     """The name of the last fully connected layer whose output size is the model's."""
-    with torch.no_grad():
-        outputs = model.eval()(example).shape[-1]
-    heads = [name for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and m.out_features == outputs]
-    if not heads:
-        raise GoodnetError("fst: no fully connected layer produces the model's outputs; name "
-                           "the classifier layer with -p head=")
-    return heads[-1]
+    return classifier_layer(model, example, "fst", "-p head=")
 
 
 def reinitialise(layer: nn.Linear, generator: torch.Generator) -> None:

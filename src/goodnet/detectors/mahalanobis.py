@@ -31,6 +31,9 @@ Departures, documented:
   reference uses the empirical covariance (``sklearn.covariance.EmpiricalCovariance``, a
   pseudo-inverse).
 - A class with no clean image is measured against the mean of all clean features.
+
+The layer is the model's classifier (the last fully connected layer whose width is the
+model's number of outputs) unless ``layer`` names another fully connected layer.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from torch import nn
 from goodnet.data.dataset import ImageData, batches
 from goodnet.detectors.base import Detection, InputDetector
 from goodnet.errors import GoodnetError
-from goodnet.masking import get_linear
+from goodnet.masking import classifier_layer, get_linear
 from goodnet.models import model_device
 
 
@@ -52,8 +55,8 @@ class MahalanobisConfig:
     """Settings of the Mahalanobis detector.
 
     Attributes:
-        layer: the linear layer whose input is the feature space (default: the model's last
-            ``nn.Linear``).
+        layer: the fully connected layer whose input is the feature space (default: the
+            classifier, the last one as wide as the model's outputs).
     """
 
     layer: str | None = None
@@ -63,21 +66,12 @@ class MahalanobisConfig:
             raise GoodnetError("mahalanobis: layer must be a layer's name or null")
 
 
-def _last_linear(model: nn.Module, name: str | None) -> tuple[str, nn.Linear]:
-    if name is not None:
-        return name, get_linear(model, name, "mahalanobis")
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not found:
-        raise GoodnetError("mahalanobis: the model has no linear layer to take features from")
-    return found[-1]
-
-
 class MahalanobisDetection(Detection):
     """The squared Mahalanobis distance of each input's features to its predicted class's
     clean mean."""
 
     def __init__(self, model: nn.Module, layer: str, means: torch.Tensor,
-                 precision: torch.Tensor) -> None:
+                 precision: torch.Tensor) -> None:  # means (classes, d), precision (d, d)
         super().__init__(model)
         self.layer = layer
         device = model_device(self.model)
@@ -93,6 +87,9 @@ class MahalanobisDetection(Detection):
             logits = self.model(x)
         finally:
             handle.remove()
+        if not captured:
+            raise GoodnetError(f"mahalanobis: layer {self.layer!r} takes no part in the model's "
+                               "forward pass")
         return captured[0].flatten(1), logits
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -110,10 +107,10 @@ def ledoit_wolf(centred: torch.Tensor) -> torch.Tensor:
     squared = x.pow(2)
     beta = (squared.T @ squared).sum() / n - (sample.pow(2)).sum()
     beta = beta / (p * n)
-    delta = (sample - mu * torch.eye(p, dtype=x.dtype)).pow(2).sum() / p
+    delta = (sample - mu * torch.eye(p, dtype=x.dtype, device=x.device)).pow(2).sum() / p
     beta = torch.minimum(beta, delta)
     shrinkage = 0.0 if float(delta) == 0 else float(beta / delta)
-    return (1 - shrinkage) * sample + shrinkage * mu * torch.eye(p, dtype=x.dtype)
+    return (1 - shrinkage) * sample + shrinkage * mu * torch.eye(p, dtype=x.dtype, device=x.device)
 
 
 class Mahalanobis(InputDetector[MahalanobisConfig]):
@@ -126,35 +123,50 @@ class Mahalanobis(InputDetector[MahalanobisConfig]):
     @torch.no_grad()
     def fit(self, model: nn.Module, clean: ImageData | None) -> Detection:
         assert clean is not None
-        name, layer = _last_linear(model, self.config.layer)
-        probe = MahalanobisDetection(model, name, torch.zeros(1, layer.in_features),
-                                     torch.eye(layer.in_features))
-        device = model_device(probe.model)
+        if len(clean) < 2:
+            raise GoodnetError("mahalanobis needs at least two clean images")
+        detection = MahalanobisDetection(model, "", torch.zeros(0), torch.zeros(0))  # the copy
+        device = model_device(detection.model)
+        example, _ = clean.get(torch.arange(min(2, len(clean))))
+        detection.layer = self.config.layer or classifier_layer(
+            detection.model, example.to(device), "mahalanobis", "-p layer=")
+        get_linear(detection.model, detection.layer, "mahalanobis")
         feats, labels = [], []
+        classes = 0
         for x, y in batches(clean, 256, device=device):
-            f, _ = probe.features(x)
+            f, logits = detection.features(x)
             feats.append(f.double().cpu())
             labels.append(y.cpu())
-        features, classes = torch.cat(feats), torch.cat(labels)
-        if len(features) < 2:
-            raise GoodnetError("mahalanobis needs at least two clean images")
-        overall = features.mean(0)
-        means = overall.repeat(layer.out_features, 1)
-        for c in classes.unique().tolist():
-            if 0 <= c < layer.out_features:
-                means[c] = features[classes == c].mean(0)
-        centred = features - means[classes.clamp(0, layer.out_features - 1)]
-        precision = torch.linalg.pinv(ledoit_wolf(centred), hermitian=True)
-        return MahalanobisDetection(model, name, means.float(), precision.float())
+            classes = logits.shape[1]
+        features, label = torch.cat(feats), torch.cat(labels)
+        if label.min() < 0 or label.max() >= classes:
+            raise GoodnetError(f"mahalanobis: clean labels must be classes 0-{classes - 1} of the "
+                               f"model's {classes} outputs")
+        means = features.mean(0).repeat(classes, 1)  # a class with no clean image: the mean of all
+        for c in label.unique().tolist():
+            means[c] = features[label == c].mean(0)
+        precision = torch.linalg.pinv(ledoit_wolf(features - means[label]), hermitian=True)
+        detection.means = means.float().to(device)
+        detection.precision = precision.float().to(device)
+        return detection
 
     def restore(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> Detection:
-        name, layer = _last_linear(model, self.config.layer)
         means, precision = tensors.get("means"), tensors.get("precision")
-        d, c = layer.in_features, layer.out_features
         if set(tensors) != {"means", "precision"} or means is None or precision is None or \
-                tuple(means.shape) != (c, d) or tuple(precision.shape) != (d, d):
-            raise GoodnetError(f"mahalanobis: expected means ({c}, {d}) and precision ({d}, "
-                               f"{d}), got {({k: tuple(v.shape) for k, v in tensors.items()})}")
+                means.ndim != 2 or tuple(precision.shape) != (means.shape[1], means.shape[1]):
+            raise GoodnetError(f"mahalanobis: expected means (classes, d) and precision (d, d), "
+                               f"got {({k: tuple(v.shape) for k, v in tensors.items()})}")
+        classes, width = means.shape
+        if self.config.layer is not None:
+            layer = get_linear(model, self.config.layer, "mahalanobis")
+            name = self.config.layer if layer.in_features == width else None
+        else:  # the layer fit chose: the last fully connected one with this input and output
+            found = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)
+                     and m.in_features == width and m.out_features == classes]
+            name = found[-1] if found else None
+        if name is None:
+            raise GoodnetError(f"mahalanobis: the model has no fully connected layer taking "
+                               f"{width} features to match the saved means")
         if not (torch.isfinite(means).all() and torch.isfinite(precision).all()):
             raise GoodnetError("mahalanobis: means and precision must be finite numbers")
         return MahalanobisDetection(model, name, means.float(), precision.float()).eval()
