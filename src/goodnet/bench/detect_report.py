@@ -126,9 +126,11 @@ def candidates(records: list[dict[str, Any]], rates: Sequence[float] | None = No
     out = []
     for (data, arch, attack, seed), by_label in sorted(groups.items()):
         wanted = rates or sorted({float(k) for r in by_label.values() for k in r["detection"]})
-        for label, r in sorted(by_label.items()):
+        for label, r in sorted(by_label.items()):  # from the scores, as the combinations
+            figures = screen_figures([_scores(r)], wanted)
             out.append(Candidate(label, (label,), data, arch, attack, seed, r.get("auroc"),
-                                 r["detection"], r["false_alarm"], r["ms_per_input"]))
+                                 figures["detection"], figures["false_alarm"],
+                                 r["ms_per_input"]))
         defaults = sorted(label for label, r in by_label.items() if at_defaults(r))
         for size in range(2, min(MAX_COMBINED, len(defaults)) + 1):
             for members in itertools.combinations(defaults, size):
