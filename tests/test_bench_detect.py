@@ -113,6 +113,13 @@ def test_a_combination_calibrates_each_member_at_its_share_and_fires_on_any():
     # four at 0.25 % (399)
     assert screen_figures(members, [0.01])["detection"]["0.01"] is not None
     assert screen_figures(members * 2, [0.01])["detection"]["0.01"] is None
+    fired = [i % 3 == 0 for i in range(300)]
+    figures = screen_figures(members, [0.1], [int(f) for f in fired])
+    thresholds = [_threshold(m[0], 0.05) for m in members]
+    caught = [any(m[2][i] > t for m, t in zip(members, thresholds, strict=True))
+              for i in range(300) if fired[i]]
+    assert figures["working"]["0.1"] == pytest.approx(sum(caught) / len(caught))
+    assert screen_figures(members, [0.1])["working"]["0.1"] is None  # no answers, no figure
     with pytest.raises(GoodnetError, match="different test images"):
         screen_figures([members[0], (members[1][0], members[1][1][:10], members[1][2])], [0.1])
 
@@ -134,6 +141,7 @@ def test_a_detector_grid_runs_and_its_report_combines_the_detectors(data_folder,
                 above = sum(v > threshold for v in r["scores"][part]) / len(r["scores"][part])
                 assert r[name][f"{rate:g}"] == pytest.approx(above)
         assert 0 <= r["auroc"] <= 1 and r["ms_per_input"] > 0
+        assert len(r["fired"]) == r["triggered_images"] and set(r["fired"]) <= {0, 1}
     by_label = {r["detector"]: r for r in records}
     assert by_label["mahalanobis"]["auroc"] >= 0.8  # the planted patch is far from clean features
     rows = {row.label: row for row in detect_rows(records)}
@@ -145,6 +153,9 @@ def test_a_detector_grid_runs_and_its_report_combines_the_detectors(data_folder,
         caught = [any(by_label[d]["scores"]["triggered"][i] > limits[d] for d in limits)
                   for i in range(by_label["strip"]["triggered_images"])]
         assert both.detection[f"{rate:g}"] == pytest.approx(sum(caught) / len(caught))
+        fired = by_label["strip"]["fired"]
+        working = [c for c, f in zip(caught, fired, strict=True) if f]
+        assert both.working[f"{rate:g}"] == pytest.approx(sum(working) / len(working))
     write_report(tmp_path, tmp_path / "report")
     report = (tmp_path / "report" / "report.md").read_text()
     assert "## Input detectors" in report and "| mahalanobis |" in report

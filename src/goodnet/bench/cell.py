@@ -292,6 +292,10 @@ def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
                              for _, x_poisoned, _, _ in parts]
             triggered_scores = torch.cat(triggered) if triggered else torch.empty(0)
             score_seconds = time.perf_counter() - score_start
+            with torch.no_grad():  # not timed: the backdoored model's answers, for the report
+                fired = [detection.model(x_poisoned.to(device)).argmax(1).cpu() == targets.cpu()
+                         for _, _, parts in poisoned_batches(test, attack, 256)
+                         for _, x_poisoned, _, targets in parts]
         every = torch.cat([calibration_scores, clean_scores, triggered_scores])
         if not torch.isfinite(every).all():
             raise GoodnetError(f"{cell.detector.label} gave scores that are not finite numbers")
@@ -303,6 +307,8 @@ def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
         record.update({
             "calibration_images": len(calibration), "fit_images": len(fit),
             "test_images": len(clean_scores), "triggered_images": len(triggered_scores),
+            # which triggered inputs the backdoored model sends to their target (the working ones)
+            "fired": [int(v) for v in torch.cat(fired).tolist()] if fired else [],
             "auroc": (auroc(scores["triggered"], scores["clean"])
                       if scores["triggered"] and scores["clean"] else None),
             **figures,

@@ -44,12 +44,15 @@ def rate_key(rate: float) -> str:
     return f"{rate:g}"
 
 
-def screen_figures(members: Sequence[Scores], rates: Sequence[float]
-                   ) -> dict[str, dict[str, float | None]]:
+def screen_figures(members: Sequence[Scores], rates: Sequence[float],
+                   fired: Sequence[int] | None = None) -> dict[str, dict[str, float | None]]:
     """Detection and measured false-alarm rate of a GoodNet that combines ``members`` (each its
     calibration, clean and triggered scores), per requested rate: each member calibrated at
-    ``rate / len(members)``; None where the calibration images are too few for that share."""
-    out: dict[str, dict[str, float | None]] = {"detection": {}, "false_alarm": {}}
+    ``rate / len(members)``; None where the calibration images are too few for that share.
+    With ``fired`` (1 for each triggered input the backdoored model sends to its target), also
+    ``working``: the detection rate among those."""
+    out: dict[str, dict[str, float | None]] = {"detection": {}, "false_alarm": {},
+                                               "working": {}}
     clean = [torch.as_tensor(m[1], dtype=torch.float64) for m in members]
     triggered = [torch.as_tensor(m[2], dtype=torch.float64) for m in members]
     if len({len(c) for c in clean}) > 1 or len({len(t) for t in triggered}) > 1:
@@ -61,10 +64,14 @@ def screen_figures(members: Sequence[Scores], rates: Sequence[float]
                                     rate / len(members))
                           for m in members]
         except GoodnetError:
-            out["detection"][key] = out["false_alarm"][key] = None
+            out["detection"][key] = out["false_alarm"][key] = out["working"][key] = None
             continue
         out["false_alarm"][key] = _any_share(clean, thresholds)
         out["detection"][key] = _any_share(triggered, thresholds)
+        out["working"][key] = None
+        if fired is not None and len(fired) == len(triggered[0]) and any(fired):
+            working = torch.as_tensor(fired, dtype=torch.bool)
+            out["working"][key] = _any_share([t[working] for t in triggered], thresholds)
     return out
 
 
@@ -114,6 +121,7 @@ class Candidate(NamedTuple):
     detection: dict[str, float | None]
     false_alarm: dict[str, float | None]
     ms_per_input: float
+    working: dict[str, float | None]
 
 
 def candidates(records: list[dict[str, Any]], rates: Sequence[float] | None = None
@@ -126,22 +134,25 @@ def candidates(records: list[dict[str, Any]], rates: Sequence[float] | None = No
     out = []
     for (data, arch, attack, seed), by_label in sorted(groups.items()):
         wanted = rates or sorted({float(k) for r in by_label.values() for k in r["detection"]})
+        # the backdoored model's answers are the same in every record of the model that has them
+        fired = next((r["fired"] for r in by_label.values() if r.get("fired") is not None),
+                     None)
         for label, r in sorted(by_label.items()):  # from the scores, as the combinations
-            figures = screen_figures([_scores(r)], wanted)
+            figures = screen_figures([_scores(r)], wanted, fired)
             out.append(Candidate(label, (label,), data, arch, attack, seed, r.get("auroc"),
                                  figures["detection"], figures["false_alarm"],
-                                 r["ms_per_input"]))
+                                 r["ms_per_input"], figures["working"]))
         defaults = sorted(label for label, r in by_label.items() if at_defaults(r))
         for size in range(2, min(MAX_COMBINED, len(defaults)) + 1):
             for members in itertools.combinations(defaults, size):
                 rs = [by_label[m] for m in members]
                 try:
-                    figures = screen_figures([_scores(r) for r in rs], wanted)
+                    figures = screen_figures([_scores(r) for r in rs], wanted, fired)
                 except GoodnetError:  # scored on other test images (another test_limit)
                     continue
                 out.append(Candidate(SEPARATOR.join(members), members, data, arch, attack, seed,
                                      None, figures["detection"], figures["false_alarm"],
-                                     sum(r["ms_per_input"] for r in rs)))
+                                     sum(r["ms_per_input"] for r in rs), figures["working"]))
     return out
 
 
@@ -163,6 +174,7 @@ class DetectRow(NamedTuple):
     false_alarm_max: dict[str, float | None]
     on_target: int
     ms_per_input: float
+    working: dict[str, float | None]  # mean over the models with the backdoored model's answers
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -185,7 +197,9 @@ def detect_rows(records: list[dict[str, Any]]) -> list[DetectRow]:
             {k: (None if any(c.false_alarm.get(k) is None for c in group)
                  else max(c.false_alarm[k] or 0.0 for c in group)) for k in rates},
             sum(reaches_target(c) for c in group),
-            statistics.fmean(c.ms_per_input for c in group)))
+            statistics.fmean(c.ms_per_input for c in group),
+            {k: _mean([c.working[k] for c in group if c.working.get(k) is not None] or [None])
+             for k in rates}))
     return rows
 
 
@@ -226,6 +240,7 @@ def detect_markdown(records: list[dict[str, Any]]) -> str:
     head = ["detectors", "data", "arch", "models", "AUROC"]
     for k in rates:
         head += [f"detection at {100 * float(k):g} % (%)",
+                 f"working triggers detected at {100 * float(k):g} % (%)",
                  f"FA measured at {100 * float(k):g} % (%, mean / max)"]
     head += ["on target", "ms per input"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -233,7 +248,7 @@ def detect_markdown(records: list[dict[str, Any]]) -> str:
         cells = [r.label, r.data, r.arch, str(r.models),
                  "–" if r.auroc is None else f"{r.auroc:.3f}"]
         for k in rates:
-            cells += [_pct(r.detection.get(k)),
+            cells += [_pct(r.detection.get(k)), _pct(r.working.get(k)),
                       f"{_pct(r.false_alarm.get(k), 2)} / {_pct(r.false_alarm_max.get(k), 2)}"]
         cells += [f"{r.on_target} / {r.models}", f"{r.ms_per_input:.2f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -444,7 +444,8 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
                   if ranking else "")
         detects = ("## Input detectors\n\nEach row a GoodNet's checks: one detector, or several "
                    "(a+b) each calibrated at the requested rate divided by their number, "
-                   "answering N when any fires. Detection: triggered test inputs answered N; FA: "
+                   "answering N when any fires. Detection: triggered test inputs answered N; "
+                   "working triggers: those of them the backdoored model sends to the target; FA: "
                    "clean test inputs answered N, at each requested false-alarm rate; on "
                    "target: models with detection ≥ 95 % at a measured false-alarm rate ≤ 1 % "
                    f"(1 % requested).{chosen}\n\n" + detects)

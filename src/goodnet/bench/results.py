@@ -176,6 +176,11 @@ def detect_problem(record: dict[str, Any]) -> str | None:
         return "scores must hold the calibration, clean and triggered lists of numbers"
     if not in_range(record.get("ms_per_input"), 0, _MAX_AMOUNT):
         return "ms_per_input must be a number >= 0"
+    fired = record.get("fired")
+    if fired is not None and not (isinstance(fired, list) and len(fired) == len(
+            scores["triggered"]) and all(v in (0, 1) and not isinstance(v, float)
+                                         for v in fired)):
+        return "fired must be a list of 0 and 1, one per triggered score"
     return None
 
 
