@@ -831,7 +831,9 @@ def _add_repair(sub: Commands) -> None:
                              "may answer N (default 0.01)")
     repair.add_argument("--calibration", type=int, default=None,
                         help="with --detect: clean images held out to calibrate (default: the "
-                             "fewest the rate needs, 99 for one detector at 0.01)")
+                             "fewest the rate needs, 99 for one detector at 0.01; more make the "
+                             "rate steadier: at 0.01, 1 calibration in 20 of 99 images gives "
+                             "over 3 %% on fresh inputs, 1 in 170 of 300)")
     repair.add_argument("--out", required=True, help="output folder")
     add_keras_options(repair)
     repair.set_defaults(func=cmd_repair)
