@@ -38,8 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     parser.add_argument("--rate", type=float, default=0.01)
     args = parser.parse_args(argv)
-    print(f"| data | attack | FA, calibrated on training images (%) | FA, calibrated on unseen "
-          f"test images (%) |\n|---|---|---|---|")
+    print("| data | attack | FA, calibrated on training images (%) | FA, calibrated on unseen "
+          "test images (%) |\n|---|---|---|---|")
     for data in args.data:
         train, test = load_dataset(data, "train"), load_dataset(data, "test")
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
