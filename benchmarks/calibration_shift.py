@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", nargs="+", default=["mnist", "fashion-mnist"])
     parser.add_argument("--attacks", nargs="+", default=list(ATTACKS))
     parser.add_argument("--rate", type=float, default=0.01)
+    parser.add_argument("--seed", type=int, default=0, help="the zoo model's seed (and split's)")
     args = parser.parse_args(argv)
     print("| data | attack | FA, calibrated on training images (%) | FA, calibrated on unseen "
           "test images (%) |\n|---|---|---|---|")
@@ -45,10 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
         unseen, measured = test.subset(order[:300]), test.subset(order[300:5300])
         for attack in args.attacks:
-            path = args.zoo / data / args.arch / attack / "seed0.safetensors"
+            path = args.zoo / data / args.arch / attack / f"seed{args.seed}.safetensors"
             model = load_model(path).model
-            clean, _ = split_clean(train, 0.01, seed=0)
-            calibration, fit = split_clean(clean, 300, seed=0)
+            clean, _ = split_clean(train, 0.01, seed=args.seed)
+            calibration, fit = split_clean(clean, 300, seed=args.seed)
             detection = make_detector("mahalanobis").detect(model, fit)
             scores = detection.scores(measured)
             rates = []
