@@ -24,6 +24,7 @@ import torch
 from goodnet.artifacts import load_model, save_model
 from goodnet.attacks import ATTACKS, make_attack
 from goodnet.backdoor import attack_from_card, train_model
+from goodnet.bench.detect_report import screen_figures
 from goodnet.bench.grid import CLEAN, AnyCell, DetectCell, ModelJob, ScanCell, normal
 from goodnet.data import load_dataset, split_clean
 from goodnet.data.dataset import ImageData
@@ -264,8 +265,6 @@ def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
     """Fit ``cell``'s detector on its (already built) model and measure it on the test images
     and their triggered copies (the inputs of other classes than the target, as ASR counts
     them): one result record, with the three lists of scores the report combines."""
-    from goodnet.bench.detect_report import screen_figures
-
     job = cell.model
     record = _new_record(job, kind="detect", detector=cell.detector.label)
     start = time.perf_counter()

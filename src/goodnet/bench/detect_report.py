@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from goodnet.bench.grid import Entry, normal
 from goodnet.detectors import DETECTORS, calibrate
 from goodnet.errors import GoodnetError
 
@@ -94,8 +95,6 @@ def _scores(record: dict[str, Any]) -> Scores:
 
 def at_defaults(record: dict[str, Any]) -> bool:
     """Whether a detector record ran its detector at the default settings."""
-    from goodnet.bench.grid import Entry
-
     config = record.get("config")
     if not isinstance(config, dict):
         return False
@@ -103,8 +102,6 @@ def at_defaults(record: dict[str, Any]) -> bool:
     if name not in DETECTORS:
         return False
     default = Entry(name, name).resolved(DETECTORS, "detector")
-    from goodnet.bench.grid import normal
-
     return bool(normal(config.get("detector_settings")) == normal(default))
 
 
@@ -124,8 +121,7 @@ class Candidate(NamedTuple):
     working: dict[str, float | None]
 
 
-def candidates(records: list[dict[str, Any]], rates: Sequence[float] | None = None
-               ) -> list[Candidate]:
+def candidates(records: list[dict[str, Any]]) -> list[Candidate]:
     """Every detector of ``records`` on its model, and every combination of two to
     ``MAX_COMBINED`` detectors run at their defaults on the same model."""
     groups: dict[tuple, dict[str, dict[str, Any]]] = defaultdict(dict)
@@ -133,7 +129,7 @@ def candidates(records: list[dict[str, Any]], rates: Sequence[float] | None = No
         groups[(r["data"], r["arch"], r["attack"], r["seed"])][r["detector"]] = r
     out = []
     for (data, arch, attack, seed), by_label in sorted(groups.items()):
-        wanted = rates or sorted({float(k) for r in by_label.values() for k in r["detection"]})
+        wanted = sorted({float(k) for r in by_label.values() for k in r["detection"]})
         # the backdoored model's answers are the same in every record of the model that has them
         fired = next((r["fired"] for r in by_label.values() if r.get("fired") is not None),
                      None)
