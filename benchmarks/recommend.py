@@ -48,9 +48,11 @@ def summarise(cells: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
         asrs.append(asr)
         if asr <= ASR_BOUND and drop <= ROW_CA_BOUND + 1e-12:
             repaired[data] += 1
+    seconds = [r["repair_seconds"] for r in cells.values()]
     return {"rows": len(cells), "repaired": sum(repaired.values()), "by_data": dict(repaired),
             "ca_drop": statistics.fmean(drops), "asr": statistics.fmean(asrs),
-            "seconds": statistics.median(r["repair_seconds"] for r in cells.values())}
+            "low_asr": sum(a <= ASR_BOUND for a in asrs),
+            "seconds": statistics.median(seconds), "max_seconds": max(seconds)}
 
 
 def choose(table: dict[str, dict[str, Any]], full: int, ca_bound: float) -> tuple[str, str]:
