@@ -60,6 +60,13 @@ def write_idx_dataset(folder: Path, train: ImageData, test: ImageData) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny MNIST-style data set (16×16 stripes, 4 classes) as IDX files, read-only."""
+    return write_idx_dataset(tmp_path_factory.mktemp("stripes"), stripes(400, seed=0),
+                             stripes(160, seed=1))
+
+
 def requires_shared(*parts: str) -> Path:
     """Path under ../shared/data, skipping the test (with the reason) when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

@@ -30,14 +30,6 @@ from goodnet.bench import (
 from goodnet.bench.results import latest, read_runs
 from goodnet.cli import main
 from goodnet.errors import GoodnetError
-from tests.conftest import stripes, write_idx_dataset
-
-
-@pytest.fixture(scope="module")
-def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny MNIST-style data set (16×16 stripes, 4 classes) as IDX files."""
-    folder = tmp_path_factory.mktemp("stripes")
-    return write_idx_dataset(folder, stripes(400, seed=0), stripes(160, seed=1))
 
 
 def tiny(data_folder: Path, zoo: Path, **changes) -> dict:

@@ -24,14 +24,7 @@ from goodnet.bench.report import write_report
 from goodnet.bench.results import read_records
 from goodnet.detectors import DETECTORS
 from goodnet.errors import GoodnetError
-from tests.conftest import stripes, write_idx_dataset
 from tests.test_bench import tiny
-
-
-@pytest.fixture(scope="module")
-def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("stripes")
-    return write_idx_dataset(folder, stripes(400, seed=0), stripes(160, seed=1))
 
 
 def detect_grid(data_folder: Path, zoo: Path, **changes) -> dict:

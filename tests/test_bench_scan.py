@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -18,15 +17,7 @@ from goodnet.bench.results import read_records
 from goodnet.bench.scan_report import scan_rows
 from goodnet.errors import GoodnetError
 from goodnet.metrics import auroc, roc_points
-from tests.conftest import stripes, write_idx_dataset
 from tests.test_bench import tiny
-
-
-@pytest.fixture(scope="module")
-def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("stripes")
-    return write_idx_dataset(folder, stripes(400, seed=0), stripes(160, seed=1))
-
 
 QUICK_MMBD = {"label": "mm-bd", "scanner": "mm-bd", "settings": {"starts": 4, "steps": 30}}
 

@@ -37,7 +37,7 @@ from goodnet.defenses.base import Evaluation
 from goodnet.errors import GoodnetError
 from goodnet.masking import Masked
 from goodnet.train import TrainConfig, train
-from tests.conftest import stripes, write_idx_dataset
+from tests.conftest import stripes
 
 # ---------------------------------------------------------------- the new defense: one module
 
@@ -224,12 +224,6 @@ def test_repair_json_seconds_leave_the_evaluation_out(registered, slow_evaluatio
 
 
 # ---------------------------------------------------------------- goodnet bench and report
-
-
-@pytest.fixture(scope="module")
-def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("stripes")
-    return write_idx_dataset(folder, stripes(400, seed=0), stripes(160, seed=1))
 
 
 def grid(data_folder: Path, zoo: Path, defenses: list) -> dict:

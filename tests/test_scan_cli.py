@@ -170,6 +170,7 @@ def test_no_backdoor_found_pictures_the_most_suspicious_class(files, scanned, tm
     assert summary["settings"]["epochs"] == 1 and not summary["verdict"]["backdoored"]
     scores = summary["verdict"]["scores"]
     top = max(range(4), key=lambda k: scores[k])
+    assert f"most suspicious class, not flagged: {top} (" in printed
     assert summary["pictures"] == [{"class": top, "flagged": False, "file": f"class-{top}.png"}]
     assert "not flagged" in (out / "scan.html").read_text()
     assert sorted(p.name for p in out.iterdir()) == sorted(summary["files"])
