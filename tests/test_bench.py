@@ -30,6 +30,7 @@ from goodnet.bench import (
 from goodnet.bench.results import latest, read_runs
 from goodnet.cli import main
 from goodnet.errors import GoodnetError
+from goodnet.zoo import ZooCell
 
 
 def tiny(data_folder: Path, zoo: Path, **changes) -> dict:
@@ -72,6 +73,23 @@ def test_standard_models_share_the_zoo_layout(tmp_path):
     tuned = parse_grid({"zoo": str(tmp_path), "attacks": {"badnets": {"target": 3}},
                         "defenses": "clp"})
     assert tuned.models()[0].path().name.startswith("seed0-")
+
+
+def test_a_data_set_given_as_a_path_keeps_its_models_in_the_zoo(data_folder, tmp_path):
+    """An absolute data path joined to the zoo's root replaced it, and the models went into the
+    data's own folder (shared by every grid on that data). Two folders of the same name get
+    two zoo folders."""
+    zoo = tmp_path / "zoo"
+    path = parse_grid(tiny(data_folder, zoo)).models()[0].path()
+    assert path.is_relative_to(zoo) and not path.is_relative_to(data_folder)
+    assert path.parts[len(zoo.parts)].startswith(f"{data_folder.name}-")
+    twin = tmp_path / "elsewhere" / data_folder.name
+    shutil.copytree(data_folder, twin)
+    assert parse_grid(tiny(twin, zoo)).models()[0].path().parent != path.parent
+    cell = ZooCell(str(data_folder), "small_cnn", "badnets", 0)
+    assert cell.path(zoo).is_relative_to(zoo)
+    assert ZooCell("mnist", "small_cnn", "badnets", 0).path(zoo) == \
+        zoo / "mnist/small_cnn/badnets/seed0.safetensors"
 
 
 @pytest.mark.parametrize(("change", "message"), [

@@ -9,6 +9,7 @@ trained on clean data, the reference the backdoored models' clean accuracy is co
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import statistics
@@ -22,7 +23,7 @@ from tqdm.auto import tqdm
 from goodnet.artifacts import ModelCard, read_card, save_model
 from goodnet.attacks import ATTACKS, make_attack
 from goodnet.backdoor import TrainedModel, train_model
-from goodnet.data import load_dataset
+from goodnet.data import DATASETS, load_dataset
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
 from goodnet.models import MODELS
@@ -35,6 +36,18 @@ DEFAULT_DATASETS = ("mnist", "fashion-mnist")
 DEFAULT_ARCHS = ("small_cnn", "resnet20")
 
 
+def data_folder(data: str) -> str:
+    """The zoo's folder for data set ``data``: ``data`` itself when it is a plain name (a
+    registered data set, or a loader's name); for a path (absolute, or with more than one part),
+    its last part and a hash of its absolute form. Never the path itself: joined to the zoo's
+    root, an absolute path would replace it, and the models would be written into the data's
+    own folder."""
+    if data in DATASETS or (Path(data).name == data and data not in ("", ".", "..")):
+        return data
+    where = str(Path(data).expanduser().absolute())
+    return f"{Path(where).name or 'data'}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+
+
 @dataclass(frozen=True)
 class ZooCell:
     """One model of the zoo."""
@@ -45,7 +58,8 @@ class ZooCell:
     seed: int
 
     def path(self, root: Path) -> Path:
-        return Path(root) / self.data / self.arch / self.attack / f"seed{self.seed}.safetensors"
+        return (Path(root) / data_folder(self.data) / self.arch / self.attack
+                / f"seed{self.seed}.safetensors")
 
 
 def grid(

@@ -74,6 +74,7 @@ from goodnet.paths import require_regular_file
 from goodnet.scans import SCANNERS
 from goodnet.settings import build_settings, check_settings
 from goodnet.train import TrainConfig
+from goodnet.zoo import data_folder
 
 SCHEMA = 1  # bump when a cell's meaning changes, so old results are not taken for new ones
 
@@ -230,7 +231,7 @@ class ModelJob:
     def path(self) -> Path:
         """The standard zoo path for a standard model (so the zoo is shared); otherwise the
         same folder with the hash of the model's configuration in the name."""
-        folder = Path(self.zoo) / self.data / self.arch / self.attack.name
+        folder = Path(self.zoo) / data_folder(self.data) / self.arch / self.attack.name
         if self.is_standard():
             return folder / f"seed{self.seed}.safetensors"
         return folder / f"seed{self.seed}-{digest(self.configuration(), 10)}.safetensors"
