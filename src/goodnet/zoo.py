@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from goodnet.artifacts import ModelCard, read_card, save_model
 from goodnet.attacks import ATTACKS, make_attack
 from goodnet.backdoor import TrainedModel, train_model
-from goodnet.data import DATASETS, load_dataset
+from goodnet.data import load_dataset
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
 from goodnet.models import MODELS
@@ -39,12 +39,12 @@ DEFAULT_ARCHS = ("small_cnn", "resnet20")
 def data_folder(data: str) -> str:
     """The zoo's folder for data set ``data``: ``data`` itself when it is a plain name (a
     registered data set, or a loader's name); for a path (absolute, or with more than one part),
-    its last part and a hash of its absolute form. Never the path itself: joined to the zoo's
+    its last part and a hash of its resolved form. Never the path itself: joined to the zoo's
     root, an absolute path would replace it, and the models would be written into the data's
     own folder."""
-    if data in DATASETS or (Path(data).name == data and data not in ("", ".", "..")):
+    if Path(data).name == data and data not in ("", ".", ".."):
         return data
-    where = str(Path(data).expanduser().absolute())
+    where = str(Path(data).expanduser().resolve())
     return f"{Path(where).name or 'data'}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
