@@ -28,7 +28,7 @@ from tests.test_bench import tiny
 
 
 def detect_grid(data_folder: Path, zoo: Path, **changes) -> dict:
-    raw = tiny(data_folder, zoo, attacks=["clean", "badnets"], seeds=[0], clean=200,
+    raw = tiny(data_folder, zoo, attacks=["clean", "badnets"], seeds=[0], clean=200, hold_out=0,
                detectors=["mahalanobis", "strip"], calibration=60, false_alarms=[0.05, 0.2])
     del raw["defenses"]
     raw.update(changes)

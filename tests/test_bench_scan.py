@@ -47,7 +47,7 @@ def test_a_grid_with_scanners_and_no_defenses_only_scans(data_folder, tmp_path):
 def test_scan_cell_keys_hash_what_the_scan_depends_on(data_folder, tmp_path):
     def key(scanner, clean=40):
         grid = parse_grid(tiny(data_folder, tmp_path, attacks=["badnets"], defenses=[],
-                               scanners=[scanner], seeds=[0], clean=clean))
+                               scanners=[scanner], seeds=[0], clean=clean, hold_out=80))
         (cell,) = grid.cells()
         return cell.key
 

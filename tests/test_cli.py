@@ -30,7 +30,7 @@ def trained(npz_pair, tmp_path_factory):
     train, test = npz_pair
     code = main(["--no-progress", "attack", "--data", str(train), "--test", str(test),
                  "-p", "target=1", "-p", "poison_rate=0.1", "--epochs", "3",
-                 "--batch-size", "64", "--out", str(out)])
+                 "--batch-size", "64", "--hold-out", "200", "--out", str(out)])
     assert code == 0
     return out
 
@@ -344,14 +344,16 @@ def _weights_differ(first, second):
 def test_finetune_trains_the_model_further_and_records_how(trained, npz_pair, tmp_path, capsys):
     out = tmp_path / "ft.safetensors"
     assert main(["--no-progress", "finetune", str(trained), "--clean", str(npz_pair[0]),
-                 "--epochs", "2", "--lr", "0.02", "--batch-size", "32", "--seed", "3",
-                 "--out", str(out)]) == 0
+                 "--clean-amount", "200", "--epochs", "2", "--lr", "0.02", "--batch-size",
+                 "32", "--seed", "3", "--out", str(out)]) == 0
     assert "fine-tuned" in capsys.readouterr().out
     before, after = load_model(trained), load_model(out)
     assert not isinstance(after.model, Masked)
     assert _weights_differ(before.model.state_dict(), after.model.state_dict())
     note = after.card.notes["finetune"]
-    assert note["data"] == "train.npz" and note["size"] == 800
+    # the file the model trained on: the images it held out, which the new one has now seen
+    assert note["data"] == "train.npz:held-out[200]" and note["size"] == 200
+    assert "held_out" in before.card.training and "held_out" not in after.card.training
     assert {k: note["config"][k] for k in ("epochs", "lr", "batch_size", "seed", "momentum",
                                            "weight_decay", "schedule")} == {
         "epochs": 2, "lr": 0.02, "batch_size": 32, "seed": 3, "momentum": 0.9,
@@ -544,9 +546,10 @@ def test_repair_with_neural_cleanse_writes_its_triggers(trained, npz_pair, tmp_p
 
 
 def test_repair_with_detectors_writes_a_calibrated_goodnet(trained, npz_pair, tmp_path, capsys):
-    """``--detect strip,disagree``: STRIP calibrated on clean images held out from the repair,
-    beside the lab's check; the GoodNet file carries both, repair.json says so, and predict
-    prints each input's STRIP score beside its answer."""
+    """``--detect strip,disagree``: STRIP calibrated on clean images kept from its fit, beside
+    the lab's check; the repair uses every clean image; a file of clean images may be ones the
+    model trained on, and a warning says so; the GoodNet file carries both checks, repair.json
+    says so, and predict prints each input's STRIP score beside its answer."""
     from PIL import Image
 
     from goodnet.detector import GoodNet
@@ -560,13 +563,19 @@ def test_repair_with_detectors_writes_a_calibrated_goodnet(trained, npz_pair, tm
                  str(folder / "clean.npz"), "--test", str(npz_pair[1]), "--detect",
                  "strip,disagree", "--false-alarm", "0.05", "--max-drop", "0.2",
                  "--curve-limit", "0", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "on 19 clean images held out from the repair" in printed  # ⌈1/0.05 − 1⌉ = 19
-    assert "181 clean images" in printed and "GoodNet checks: strip (threshold" in printed
+    captured = capsys.readouterr()
+    printed = captured.out
+    # ⌈ln(1 − 0.95) / ln(1 − 0.05)⌉ = 59 images for 5 % with 95 % confidence
+    assert "calibrated on 59 clean images, the rate held with 0.95 confidence" in printed
+    assert "200 clean images" in printed and "GoodNet checks: strip (threshold" in printed
+    assert captured.err.count("\n") == 1 and "may have trained on the clean images (the " \
+        "clean images are a file)" in captured.err
     summary = json.loads((out / "repair.json").read_text())
     checks = summary["goodnet_checks"]
     assert checks["disagree"] is True and [s["detector"] for s in checks["screens"]] == ["strip"]
     assert checks["screens"][0]["false_alarm"] == 0.05
+    assert checks["screens"][0]["confidence"] == 0.95
+    assert checks["screens"][0]["calibration_images"] == 59
     goodnet = load_model(out / "goodnet-0.2.safetensors").model
     assert isinstance(goodnet, GoodNet) and goodnet.disagree
     assert goodnet.screens[0].threshold == checks["screens"][0]["threshold"]
@@ -602,7 +611,7 @@ def test_detect_alone_calibrates_the_default_detectors(pruned_repair, trained, t
     (["--detect", "frost"], "unknown detector 'frost' for --detect; choose from"),
     (["--detect", "strip,strip"], "distinct detector names"),
     (["--detect", "strip", "--false-alarm", "1.5"], "--false-alarm must lie in (0, 1)"),
-    (["--detect", "strip", "--false-alarm", "0.001"], "takes 999 clean images, more than half "
+    (["--detect", "strip", "--false-alarm", "0.001"], "takes 2995 clean images, more than half "
                                                        "of the 120 given"),
     (["--detect", "strip", "--calibration", "5", "--false-alarm", "0.1"],
      "--calibration 5 cannot calibrate 1 detector(s) at a false-alarm rate of 0.1"),

@@ -230,7 +230,7 @@ def grid(data_folder: Path, zoo: Path, defenses: list) -> dict:
     """One small backdoored model and ``defenses``, run in this process."""
     return {"name": "new-defense", "zoo": str(zoo), "data": str(data_folder),
             "archs": "small_cnn", "attacks": ["badnets"], "defenses": defenses, "seeds": [0],
-            "clean": 40, "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
+            "clean": 40, "hold_out": 40, "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
             "curve_limit": 40, "threads": 1}
 
 

@@ -378,9 +378,11 @@ def _goodnet(original: nn.Module, repaired: nn.Module, card: ModelCard,
     screens = []
     for record in checks["screens"]:
         try:
+            confidence = record.get("confidence")  # absent from files before issue 27
             screen = Screen(str(record["detector"]), dict(record["settings"]),
                             float(record["threshold"]), float(record["false_alarm"]),
-                            int(record["calibration_images"]))
+                            int(record["calibration_images"]),
+                            None if confidence is None else float(confidence))
         except (KeyError, TypeError, ValueError):
             raise GoodnetError(f"{path}: a malformed detector record in the card") from None
         prefix = f"detector/{screen.detector}/"

@@ -15,6 +15,7 @@ from goodnet.artifacts import ModelCard
 from goodnet.attacks import make_attack
 from goodnet.attacks.base import Attack
 from goodnet.data.dataset import BatchSource, ImageData
+from goodnet.data.holdout import split_held_out
 from goodnet.metrics import Metrics, evaluate
 from goodnet.models import build_model, check_input, spec_for_data
 from goodnet.train import TrainConfig, TrainHistory, train
@@ -40,13 +41,19 @@ def train_model(
     config: TrainConfig,
     attack: Attack | None = None,
     *,
+    hold_out: float | int = 0,
     progress: bool = False,
 ) -> TrainedModel:
     """Train ``arch`` on ``train_data`` (poisoned by ``attack`` if given) and evaluate it.
 
     The model's initial weights and the poisoned indices are drawn from ``config.seed``; the
-    input normalisation is fitted to the clean training images.
+    input normalisation is fitted to the clean training images. ``hold_out`` (a fraction or a
+    count) of ``train_data`` is left out of training for the defender, drawn with the seed
+    (:func:`goodnet.data.holdout.split_held_out`); the card's ``training["held_out"]`` says
+    which.
     """
+    full_data = train_data
+    train_data, held = split_held_out(train_data, hold_out, config.seed)
     spec = spec_for_data(arch, train_data)
     check_input(spec, test_data)
     model = build_model(spec, seed=config.seed)
@@ -68,8 +75,10 @@ def train_model(
             "attack_seconds": prepared - start,
             "seconds_per_epoch": [e.seconds for e in history.epochs],
             "final_loss": history.epochs[-1].loss if history.epochs else None,
+            "images": len(train_data),
+            **({"held_out": held.record()} if held is not None else {}),
         },
-        data=train_data.name,
+        data=full_data.name,
         seed=config.seed,
     )
     extras = {}

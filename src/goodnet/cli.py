@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import warnings
@@ -21,10 +22,24 @@ from typing import Any, NoReturn, TypeAlias
 
 import torch
 
-from goodnet.artifacts import LoadedModel, check_writable, load_model, read_card, save_model
+from goodnet.artifacts import (
+    LoadedModel,
+    ModelCard,
+    check_writable,
+    load_model,
+    read_card,
+    save_model,
+)
 from goodnet.attacks import ATTACKS, Attack, make_attack
 from goodnet.backdoor import TrainedModel, attack_from_card, train_model
 from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
+from goodnet.data.holdout import (
+    DEFENDER_SHARE,
+    HoldOut,
+    defender_clean,
+    forget_held_out,
+    held_images,
+)
 from goodnet.defenses.base import Defense
 from goodnet.demo import run_demo
 from goodnet.detector import GoodNet
@@ -91,6 +106,10 @@ def _cmd_train(args: argparse.Namespace, attack_name: str | None) -> int:
     attack = attack_from_args(attack_name, args.param, train_data) if attack_name else None
     result = _train_and_save(args.arch, train_data, test_data, train_config(args), attack, out,
                              args)
+    held = result.card.training.get("held_out")
+    if held is not None:
+        print(f"held out {held['count']} of the {len(train_data)} training images for the "
+              f"defender (the model never saw them; --clean {args.data} draws from them)")
     label = args.arch + (f" + {attack.name}" if attack else " (clean)")
     print(metrics_table([(label, result.metrics)]))
     print(f"saved {out}")
@@ -109,7 +128,8 @@ def _train_and_save(
     if arch not in MODELS:
         raise GoodnetError(f"unknown architecture {arch!r}; choose from {sorted(MODELS)}")
     check_writable(out)
-    result = train_model(arch, train_data, test_data, config, attack, progress=args.progress)
+    result = train_model(arch, train_data, test_data, config, attack, hold_out=args.hold_out,
+                         progress=args.progress)
     save_model(out, result.model, result.card, extras=result.extras)
     return result
 
@@ -295,15 +315,47 @@ def describe_defense(defense: Defense[Any]) -> str:
     return f"{defense.name} {', '.join(steps)}" if steps else defense.name
 
 
-def clean_from_args(args: argparse.Namespace, spec: ModelSpec) -> ImageData:
-    """The defender's clean data for a model of ``spec``: a named data set's training split,
-    cut to --clean-amount; or a file or folder, used whole."""
+def clean_from_args(args: argparse.Namespace, card: ModelCard) -> tuple[ImageData, str | None]:
+    """The defender's clean data for a model of ``card``: --clean-amount of a named data set's
+    training split (or of the file or folder the model trained on), drawn from the images the
+    model did not train on where its card says which; or any other file or folder, used whole.
+    With it, None if the model is known not to have trained on those images, else why that is
+    not known (:func:`goodnet.data.holdout.defender_clean`)."""
+    amount = _amount(args.clean_amount)  # a bad amount fails before the data is read
+    held = HoldOut.from_training(card.training, str(args.model))
     if args.clean in DATASETS:
-        amount = _amount(args.clean_amount)  # a bad amount fails before the data is read
-        train = data_for(spec, args.clean, "train", args.data_root)
-        clean, _ = split_clean(train, amount, seed=args.clean_seed)
-        return clean
-    return data_for(spec, args.clean, "train", None)
+        train = data_for(card.spec, args.clean, "train", args.data_root)
+        return defender_clean(train, amount, args.clean_seed, held)
+    data = data_for(card.spec, args.clean, "train", None)
+    if held_images(data, held)[0] is None:
+        return data, "the clean images are a file"
+    return defender_clean(data, amount, args.clean_seed, held)
+
+
+def _confidence(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"--confidence must lie in (0, 1), got {text!r}")
+    return value
+
+
+def _hold_out(text: str) -> float | int:
+    """--hold-out: 0, a fraction in (0, 1) or a count."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if value == 0:
+        return 0
+    if 0 < value < 1:
+        return value
+    if value >= 1 and value == int(value):
+        return int(value)
+    raise argparse.ArgumentTypeError(f"--hold-out takes 0, a fraction in (0, 1) or a count, "
+                                     f"got {text!r}")
 
 
 def _amount(text: str) -> float | int:
@@ -338,16 +390,18 @@ def detect_from_args(args: argparse.Namespace) -> tuple[list[str], bool]:
 
 def calibration_from_args(args: argparse.Namespace, clean: ImageData, detectors: list[str]
                           ) -> tuple[ImageData, ImageData]:
-    """(the calibration images of ``--detect``, the clean data left for the repair): the
-    calibration images are held out of ``clean`` first (stratified, ``--clean-seed``)."""
+    """(the calibration images of ``--detect``, the clean images the detectors fit on): the
+    calibration images are split off ``clean`` (stratified, ``--clean-seed``). The repair
+    uses both: it does not touch the original model, whose scores the detectors calibrate."""
     from goodnet.detector import calibration_size
 
-    needed = calibration_size(len(detectors), args.false_alarm)
+    needed = calibration_size(len(detectors), args.false_alarm, args.confidence)
     size = args.calibration if args.calibration is not None else needed
     if size < needed:
         raise GoodnetError(f"--calibration {size} cannot calibrate {len(detectors)} "
-                           f"detector(s) at a false-alarm rate of {args.false_alarm:g}: it "
-                           f"takes at least {needed} clean images")
+                           f"detector(s) at a false-alarm rate of {args.false_alarm:g} with "
+                           f"{args.confidence:g} confidence: it takes at least {needed} clean "
+                           "images")
     if size > len(clean) // 2:
         raise GoodnetError(f"calibrating {len(detectors)} detector(s) at a false-alarm rate of "
                            f"{args.false_alarm:g} takes {size} clean images, more than half of "
@@ -377,18 +431,22 @@ def cmd_repair(args: argparse.Namespace) -> int:
         raise GoodnetError(f"{defense.name} needs clean data: give --clean")
     if args.clean is None and detectors:
         raise GoodnetError("--detect calibrates on clean data: give --clean")
-    clean = clean_from_args(args, spec) if args.clean is not None else None
-    calibration = None
+    clean, caveat = clean_from_args(args, loaded.card) if args.clean is not None else (None, None)
+    calibration = fit = None
     if detectors:
         assert clean is not None
-        calibration, clean = calibration_from_args(args, clean, detectors)
+        calibration, fit = calibration_from_args(args, clean, detectors)
     check_writable(Path(args.out) / "repair.json")
     screens: list = []
     if calibration is not None:
         from goodnet.detector import calibrated_screens
 
-        screens = calibrated_screens(loaded.model, {name: {} for name in detectors}, clean,
-                                     calibration, args.false_alarm)
+        if caveat is not None:
+            warnings.warn(f"{args.model} may have trained on the clean images ({caveat}): "
+                          "if it did, the detectors' false-alarm rate on new inputs can exceed "
+                          "--false-alarm", UserWarning, stacklevel=1)
+        screens = calibrated_screens(loaded.model, {name: {} for name in detectors}, fit,
+                                     calibration, args.false_alarm, args.confidence)
     test = None
     test_name = args.test or (args.clean if args.clean in DATASETS else None)
     if test_name is not None:
@@ -410,7 +468,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
                            for s, _ in screens)
         lab = " and the models' disagreement" if disagree else ""
         print(f"GoodNet checks: {checks}{lab}; calibrated on {screens[0][0].calibration_images} "
-              "clean images held out from the repair")
+              f"clean images, the rate held with {args.confidence:g} confidence")
     if report.result.message:
         print(report.result.message)
     if test is not None:
@@ -428,7 +486,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
     loaded = open_model(args)
     out = Path(args.out)
     check_out(out)
-    clean = clean_from_args(args, loaded.card.spec) if args.clean is not None else None
+    clean = clean_from_args(args, loaded.card)[0] if args.clean is not None else None
     name = args.scanner or default_scanner(clean)
     scanner = make_scanner(name, pairs_to_dict(args.param, name), text=True)
     if scanner.needs_clean and clean is None:
@@ -479,7 +537,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     if card.kind == "goodnet":
         raise GoodnetError(f"{args.model} is a GoodNet (two models and a reject class); "
                            "fine-tune its repaired model instead")
-    clean = clean_from_args(args, card.spec)
+    clean, _ = clean_from_args(args, card)
     test = data_for(card.spec, args.test, "test", args.data_root) if args.test else None
     out = Path(args.out)
     check_writable(out)
@@ -494,7 +552,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         "seconds": history.seconds, "final_loss": history.epochs[-1].loss}}
     # Figures measured before fine-tuning no longer describe the model: keep only new ones.
     new_card = dataclasses.replace(
-        card, notes=notes, goodnet_version=__version__,
+        card, notes=notes, goodnet_version=__version__, training=forget_held_out(card.training),
         metrics=dataclasses.asdict(after) if after is not None else {})
     # Masks are saved from the model itself; the rest (an attack's learned trigger) is kept.
     extras = {k: v for k, v in loaded.extras.items() if not k.startswith("mask/")}
@@ -694,6 +752,11 @@ def _add_training_command(command: argparse.ArgumentParser) -> None:
     command.add_argument("--arch", default="small_cnn")
     command.add_argument("--seed", type=int, default=0)
     command.add_argument("--out", required=True, help="model file to write (.safetensors)")
+    command.add_argument("--hold-out", dest="hold_out", type=_hold_out, default=DEFENDER_SHARE,
+                         help="fraction or count of the training split left out of training "
+                              "for the defender: --clean with the same data set later draws "
+                              "from these images, which the model never saw (default "
+                              f"{DEFENDER_SHARE:g}; 0 trains on all)")
     add_training_options(command, epochs=2)
 
 
@@ -835,11 +898,16 @@ def _add_repair(sub: Commands) -> None:
     repair.add_argument("--false-alarm", dest="false_alarm", type=float, default=0.01,
                         help="with --detect: the share of clean inputs the detectors together "
                              "may answer N (default 0.01)")
+    repair.add_argument("--confidence", type=_confidence, default=0.95,
+                        help="with --detect: the chance, over calibration sets, that the "
+                             "false-alarm rate on new clean inputs stays within --false-alarm "
+                             "(default 0.95; the thresholds sit higher, so the rate is usually "
+                             "below the one asked)")
     repair.add_argument("--calibration", type=int, default=None,
-                        help="with --detect: clean images held out to calibrate (default: the "
-                             "fewest the rate needs, 99 for one detector at 0.01; more make the "
-                             "rate steadier: at 0.01, 1 calibration in 20 of 99 images gives "
-                             "over 3 %% on fresh inputs, 1 in 170 of 300)")
+                        help="with --detect: clean images kept from the detectors' fit to "
+                             "calibrate them (default: the fewest the rate and confidence need, "
+                             "299 for one detector at 0.01 and 0.95; more give a threshold "
+                             "closer to the rate asked)")
     repair.add_argument("--out", required=True, help="output folder")
     add_keras_options(repair)
     repair.set_defaults(func=cmd_repair)
@@ -849,8 +917,10 @@ def add_clean_options(parser: argparse.ArgumentParser, note: str = "",
                       required: bool = False) -> None:
     """--clean, --clean-amount, --clean-seed and --data-root (read by :func:`clean_from_args`)."""
     parser.add_argument("--clean", default=None, required=required,
-                        help="clean data: a data set name (its training split is cut to "
-                             f"--clean-amount) or a file or folder (used whole){note}")
+                        help="clean data: a data set name (--clean-amount of its training "
+                             "split, from the images the model never saw where its card says "
+                             "which) or a file or folder (used whole, unless the model trained "
+                             f"on it){note}")
     parser.add_argument("--clean-amount", default="0.01",
                         help="fraction or count of the training split (default 0.01)")
     parser.add_argument("--clean-seed", type=int, default=0)

@@ -13,7 +13,8 @@ from pathlib import Path
 from goodnet.artifacts import check_writable, save_model
 from goodnet.attacks import make_attack
 from goodnet.backdoor import train_model
-from goodnet.data import DATASETS, load_dataset, split_clean
+from goodnet.data import DATASETS, load_dataset
+from goodnet.data.holdout import DEFENDER_SHARE, HoldOut, defender_clean
 from goodnet.defenses import FinePruning, Prune
 from goodnet.errors import GoodnetError
 from goodnet.metrics import metrics_table
@@ -49,20 +50,24 @@ def run_demo(out_dir: Path, *, data: str = "mnist", arch: str = "small_cnn", epo
     test_data = load_dataset(data, "test", data_root)
     attack = make_attack("badnets", {}, train_data.image_shape, train_data.num_classes)
     config = TrainConfig(epochs=epochs, seed=seed)
-    print(f"  data: {len(train_data)} training images ({attack.config.poison_rate:.0%} poisoned "
-          f"with a {attack.config.patch_size}×{attack.config.patch_size} patch, target class "
+    print(f"  data: {len(train_data)} training images ({DEFENDER_SHARE:.0%} held out for the "
+          f"defender, {attack.config.poison_rate:.0%} of the rest poisoned with a "
+          f"{attack.config.patch_size}×{attack.config.patch_size} patch, target class "
           f"{attack.config.target}), {len(test_data)} test images")
     badnet_path = out_dir / "badnet.safetensors"
     check_writable(badnet_path)
-    trained = train_model(arch, train_data, test_data, config, attack, progress=progress)
+    trained = train_model(arch, train_data, test_data, config, attack,
+                          hold_out=DEFENDER_SHARE, progress=progress)
     save_model(badnet_path, trained.model, trained.card, extras=trained.extras)
     seconds = trained.card.training["seconds"]
     print(f"  trained {config.epochs} epochs in {seconds:.0f} s\n")
     print(metrics_table([("BadNet (backdoored)", trained.metrics)]))
     print(f"\nsaved {badnet_path}\n")
 
-    clean, _ = split_clean(train_data, 0.01, seed=seed)
-    print(f"repair: the defender has {len(clean)} clean training images (1 %) and no trigger")
+    clean, _ = defender_clean(train_data, 0.01, seed,
+                              HoldOut.from_training(trained.card.training))
+    print(f"repair: the defender has {len(clean)} clean images (1 %), held out of training, "
+          "and no trigger")
     rows = [("BadNet (before repair)", trained.metrics)]
     for defense, curve_limit in ((Prune(), 2000), (FinePruning(), 0)):
         report = repair_and_measure(trained.model, defense, clean, test_data, attack,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
@@ -49,6 +48,8 @@ class Screen:
         false_alarm: the false-alarm rate the threshold was calibrated for (this detector's
             share of the GoodNet's).
         calibration_images: how many clean images calibrated it.
+        confidence: the probability the rate holds with, over calibration sets (None: on
+            average; :func:`goodnet.detectors.calibrate`).
     """
 
     detector: str
@@ -56,11 +57,12 @@ class Screen:
     threshold: float = float("inf")
     false_alarm: float = 0.0
     calibration_images: int = 0
+    confidence: float | None = None
 
     def record(self) -> dict[str, Any]:
         return {"detector": self.detector, "settings": dict(self.settings),
                 "threshold": self.threshold, "false_alarm": self.false_alarm,
-                "calibration_images": self.calibration_images}
+                "calibration_images": self.calibration_images, "confidence": self.confidence}
 
 
 class GoodNet(nn.Module):
@@ -130,22 +132,26 @@ DISAGREE = "disagree"  # the lab's check, named beside the detectors on the comm
 DEFAULT_DETECTORS: tuple[str, ...] = ("mahalanobis",)
 
 
-def calibration_size(detectors: int, false_alarm: float) -> int:
+def calibration_size(detectors: int, false_alarm: float, confidence: float | None = None
+                     ) -> int:
     """The fewest clean images that can calibrate ``detectors`` detectors sharing a false-alarm
-    rate of ``false_alarm`` (each at ``false_alarm / detectors``; see
-    :func:`goodnet.detectors.calibrate`)."""
+    rate of ``false_alarm`` (each at ``false_alarm / detectors``), on average or with
+    ``confidence`` (see :func:`goodnet.detectors.calibrate`)."""
+    from goodnet.detectors.base import calibration_needed
+
     if not 0 < false_alarm < 1:
         raise GoodnetError(f"the false-alarm rate must lie in (0, 1), got {false_alarm:g}")
-    return max(1, math.ceil(detectors / false_alarm - 1 - 1e-9))
+    return calibration_needed(false_alarm / detectors, confidence)
 
 
 def calibrated_screens(original: nn.Module, detectors: Mapping[str, Any],
                        fit_data: ImageData | None, calibration: ImageData,
-                       false_alarm: float = 0.01) -> list[tuple[Screen, Detection]]:
+                       false_alarm: float = 0.01, confidence: float | None = None
+                       ) -> list[tuple[Screen, Detection]]:
     """Detectors (registry name → settings) fitted on ``fit_data`` with the original model and
-    calibrated on ``calibration`` (clean images held out from the repair and from fitting) so
-    that, together, they answer N on at most ``false_alarm`` of fresh clean inputs: each gets
-    ``false_alarm / len(detectors)``."""
+    calibrated on ``calibration`` (clean images held out from fitting) so that, together, they
+    answer N on at most ``false_alarm`` of fresh clean inputs, on average or with
+    ``confidence``: each gets ``false_alarm / len(detectors)``."""
     from goodnet.detectors import calibrate, make_detector
 
     if not detectors:
@@ -155,19 +161,20 @@ def calibrated_screens(original: nn.Module, detectors: Mapping[str, Any],
     for name, settings in detectors.items():
         detector = make_detector(name, settings)
         detection = detector.detect(original, fit_data)
-        threshold = calibrate(detection.scores(calibration), share)
+        threshold = calibrate(detection.scores(calibration), share, confidence)
         screens.append((Screen(name, _settings(detector.config), threshold, share,
-                               len(calibration)), detection))
+                               len(calibration), confidence), detection))
     return screens
 
 
 def calibrated(original: nn.Module, repaired: nn.Module, detectors: Mapping[str, Any],
                fit_data: ImageData | None, calibration: ImageData, false_alarm: float = 0.01,
-               disagree: bool = False) -> GoodNet:
+               disagree: bool = False, confidence: float | None = None) -> GoodNet:
     """A GoodNet with :func:`calibrated_screens`; ``disagree`` adds the lab's check, whose
     false alarms are not calibrated (off by default here)."""
     return GoodNet(original, repaired,
-                   calibrated_screens(original, detectors, fit_data, calibration, false_alarm),
+                   calibrated_screens(original, detectors, fit_data, calibration, false_alarm,
+                                      confidence),
                    disagree=disagree)
 
 

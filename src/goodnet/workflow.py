@@ -25,6 +25,7 @@ from torch import nn
 from goodnet.artifacts import ModelCard, atomic_path, save_model, write_text_atomic
 from goodnet.attacks.base import Attack
 from goodnet.data.dataset import ImageData
+from goodnet.data.holdout import forget_held_out
 from goodnet.defenses.base import Curve, Defense, Evaluation, RepairResult
 from goodnet.detector import GoodNet, Screen
 from goodnet.errors import GoodnetError
@@ -156,7 +157,8 @@ def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelC
         metrics = report.variants.get(name)
         variant_card = dataclasses.replace(
             card, notes={**card.notes, "repair": {**notes, "variant": name}},
-            metrics=_metrics_dict(metrics) if metrics else {})
+            metrics=_metrics_dict(metrics) if metrics else {},
+            training=forget_held_out(card.training))
         written.append(save_model(out / f"repaired-{tag}.safetensors", variant, variant_card))
         goodnet_card = dataclasses.replace(
             variant_card, metrics=_metrics_dict(report.goodnets[name])

@@ -25,6 +25,7 @@ from goodnet.attacks import ATTACKS, make_attack
 from goodnet.backdoor import TrainedModel, train_model
 from goodnet.data import load_dataset
 from goodnet.data.dataset import ImageData
+from goodnet.data.holdout import DEFENDER_SHARE
 from goodnet.errors import GoodnetError
 from goodnet.models import MODELS
 from goodnet.train import TrainConfig
@@ -92,12 +93,13 @@ def is_built(cell: ZooCell, root: Path) -> bool:
 
 def build_cell(cell: ZooCell, train: ImageData, test: ImageData, config: TrainConfig,
                *, progress: bool = False) -> TrainedModel:
-    """Train the cell's model (the seed fixes initial weights, poisoned items and shuffling)."""
+    """Train the cell's model (the seed fixes initial weights, poisoned items and shuffling),
+    leaving the defender's share out of training (:mod:`goodnet.data.holdout`)."""
     attack = None
     if cell.attack != CLEAN:
         attack = make_attack(cell.attack, None, train.image_shape, train.num_classes)
     return train_model(cell.arch, train, test, replace(config, seed=cell.seed), attack,
-                       progress=progress)
+                       hold_out=DEFENDER_SHARE, progress=progress)
 
 
 def build_zoo(

@@ -28,6 +28,7 @@ from goodnet.bench.detect_report import screen_figures
 from goodnet.bench.grid import CLEAN, AnyCell, DetectCell, ModelJob, ScanCell, normal
 from goodnet.data import load_dataset, split_clean
 from goodnet.data.dataset import ImageData
+from goodnet.data.holdout import HoldOut, defender_clean
 from goodnet.defenses import make_defense
 from goodnet.detectors import make_detector
 from goodnet.errors import GoodnetError
@@ -151,9 +152,15 @@ def check_model(job: ModelJob, card_training: dict[str, Any], card_attack: Any) 
     attack = (card_attack or {}).get("config")
     expected_attack = (None if job.attack.name == CLEAN
                        else job.attack.resolved(ATTACKS, "attack"))
-    if normal(found) != normal(wanted) or normal(attack) != normal(expected_attack):
-        raise GoodnetError(f"{job.path()}: this cached model was built with other training or "
-                           f"attack settings than the grid asks for; move it away to rebuild")
+    held = HoldOut.from_training(card_training, str(job.path()))
+    found_hold_out = (held.amount, held.seed) if held is not None else (0, job.seed)
+    if normal(found) != normal(wanted) or normal(attack) != normal(expected_attack) or \
+            found_hold_out != (job.hold_out, job.seed):
+        why = ("trained on the images now held out for the defender (a zoo from before "
+               "issue 27)" if held is None and job.hold_out else "built with other training, "
+               "attack or hold-out settings than the grid asks for")
+        raise GoodnetError(f"{job.path()}: this cached model was {why}; move it away to "
+                           "rebuild")
 
 
 def build_model(job: ModelJob, threads: int = 1) -> dict[str, Any]:
@@ -173,7 +180,8 @@ def build_model(job: ModelJob, threads: int = 1) -> dict[str, Any]:
                 attack = make_attack(job.attack.name, dict(job.attack.settings),
                                      train.image_shape, train.num_classes)
             start = time.perf_counter()
-            result = train_model(job.arch, train, test, job.train_config(), attack)
+            result = train_model(job.arch, train, test, job.train_config(), attack,
+                                 hold_out=job.hold_out)
             save_model(path, result.model, result.card, extras=result.extras)
             record.update(built=True, seconds=time.perf_counter() - start)
     except Exception as error:  # recorded, and the grid goes on
@@ -207,12 +215,20 @@ def _load_checked(job: Any) -> Any:
 
 
 def _model_and_data(job: ModelJob, clean: float | int) -> tuple[Any, ImageData, ImageData]:
-    """(the job's checked model, its test images, the defender's clean split of the training
-    set by the job's seed): what a defense or detector cell starts from."""
+    """(the job's checked model, its test images, the defender's clean data): what a defense
+    or detector cell starts from."""
     loaded = _load_checked(job)
-    train = _data(job.data, "train", job.train_limit)
     test = _data(job.data, "test", job.test_limit)
-    return loaded, test, split_clean(train, clean, seed=job.seed)[0]
+    return loaded, test, _clean(job, loaded.card, clean)
+
+
+def _clean(job: ModelJob, card: Any, clean: float | int) -> ImageData:
+    """The defender's clean data, drawn with the job's seed from the images its model never
+    saw (:func:`goodnet.data.holdout.defender_clean`, as ``--clean`` on the command line)."""
+    train = _data(job.data, "train", job.train_limit)
+    images, _ = defender_clean(train, clean, job.seed,
+                               HoldOut.from_training(card.training, str(job.path())))
+    return images
 
 
 def run_scan_cell(cell: ScanCell) -> dict[str, Any]:
@@ -227,8 +243,7 @@ def run_scan_cell(cell: ScanCell) -> dict[str, Any]:
             loaded = _load_checked(job)
             clean = None
             if cell.needs_clean():
-                train = _data(job.data, "train", job.train_limit)
-                clean, _ = split_clean(train, cell.clean, seed=job.seed)
+                clean = _clean(job, loaded.card, cell.clean)
             scanner = make_scanner(cell.scanner.name, dict(cell.scanner.settings))
             report = scanner.scan(loaded.model, clean)
         attack = (loaded.card.attack or {}).get("config") or {}

@@ -11,6 +11,7 @@ A grid file names what to cross and how to measure it::
                                                  settings: {select: threshold}}]
     seeds: [0, 1, 2]
     clean: 0.01                   # the defender's share of the training set (or a count)
+    hold_out: 0.05                # the share kept out of the models' training for the defender
     train: {epochs: 2}            # TrainConfig fields for the backdoored models
     train_limit: null             # train on the first N training images (null: all)
     test_limit: null              # measure on the first N test images (null: all)
@@ -66,6 +67,7 @@ import yaml
 
 from goodnet.attacks import ATTACKS
 from goodnet.data import DATASETS
+from goodnet.data.holdout import DEFENDER_SHARE
 from goodnet.defenses import DEFENSES
 from goodnet.detectors import DETECTORS
 from goodnet.errors import GoodnetError
@@ -87,8 +89,8 @@ MAX_SEED = 2**63 - 1
 MAX_LIST = 1000
 
 _KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "scanners", "detectors",
-         "false_alarms", "calibration", "seeds", "clean_seeds", "clean", "train", "train_limit",
-         "test_limit", "curve_limit", "threads"}
+         "false_alarms", "calibration", "seeds", "clean_seeds", "clean", "hold_out", "train",
+         "train_limit", "test_limit", "curve_limit", "threads"}
 
 FALSE_ALARMS = (0.01, 0.05)  # the requested false-alarm rates a detector cell measures at
 CALIBRATION = 300  # clean images that calibrate a detector cell (the rest it fits on)
@@ -212,11 +214,13 @@ class ModelJob:
     train_limit: int | None
     test_limit: int | None
     zoo: str
+    hold_out: float | int = DEFENDER_SHARE
 
     def configuration(self) -> dict[str, Any]:
         return {"data": self.data, "arch": self.arch, "attack": self.attack.name,
                 "attack_settings": self.attack.resolved(ATTACK_ENTRIES, "attack"),
-                "train": self.train_config_dict(), "train_limit": self.train_limit}
+                "train": self.train_config_dict(), "train_limit": self.train_limit,
+                "hold_out": self.hold_out}
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(**{**dict(self.train), "seed": self.seed})
@@ -226,7 +230,8 @@ class ModelJob:
 
     def is_standard(self) -> bool:
         """Built exactly as ``goodnet zoo build`` builds it (default attack and training)."""
-        return (not self.attack.settings and not self.train and self.train_limit is None)
+        return (not self.attack.settings and not self.train and self.train_limit is None
+                and self.hold_out == DEFENDER_SHARE)
 
     def path(self) -> Path:
         """The standard zoo path for a standard model (so the zoo is shared); otherwise the
@@ -341,6 +346,7 @@ class Grid:
     calibration: int = CALIBRATION
     clean_seeds: tuple[int, ...] | None = None
     clean: float | int = 0.01
+    hold_out: float | int = DEFENDER_SHARE
     train: tuple[tuple[str, Any], ...] = ()
     train_limit: int | None = None
     test_limit: int | None = None
@@ -354,7 +360,8 @@ class Grid:
                 return self.clean_seeds
             return self.seeds
 
-        return [ModelJob(d, a, k, s, self.train, self.train_limit, self.test_limit, self.zoo)
+        return [ModelJob(d, a, k, s, self.train, self.train_limit, self.test_limit, self.zoo,
+                         self.hold_out)
                 for d in self.data for a in self.archs for k in self.attacks for s in seeds(k)]
 
     def cells(self) -> list[AnyCell]:
@@ -474,6 +481,19 @@ def _limit(value: Any, key: str, source: str) -> int | None:
     return value
 
 
+def _hold_out(value: Any, clean: float | int, source: str) -> float | int:
+    """The grid's ``hold_out``: 0, a fraction in (0, 1) or a count, no smaller than ``clean``
+    where both are of one kind (the clean data is drawn from the held-out images)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(
+            value) or value < 0 or (isinstance(value, float) and value >= 1):
+        raise GoodnetError(f"{source}: hold_out must be 0, a fraction in (0, 1) or a count")
+    if value and isinstance(value, float) == isinstance(clean, float) and clean > value:
+        raise GoodnetError(f"{source}: clean {clean:g} is more than hold_out {value:g}, the "
+                           "share of the training set the models never see and the clean data "
+                           "is drawn from: raise hold_out")
+    return value
+
+
 def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid:
     """A :class:`Grid` from the parsed YAML mapping ``raw`` (``base``: the grid file's folder,
     for relative paths)."""
@@ -521,6 +541,7 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
     if isinstance(clean, bool) or not isinstance(clean, int | float) or not math.isfinite(
             clean) or clean <= 0 or (isinstance(clean, float) and clean >= 1):
         raise GoodnetError(f"{source}: clean must be a fraction in (0, 1) or a count >= 1")
+    hold_out = _hold_out(raw.get("hold_out", DEFENDER_SHARE), clean, source)
     train = _coerce(TrainConfig, raw.get("train") or {}, f"{source}: train")
     train.pop("seed", None)  # the cell's seed
     try:
@@ -552,7 +573,8 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
         detectors=(_entries(raw["detectors"], DETECTORS, "detector", source)
                    if "detectors" in raw else ()),
         false_alarms=false_alarms, calibration=calibration,
-        seeds=seeds, clean_seeds=clean_seeds, clean=clean, train=_frozen(train),
+        seeds=seeds, clean_seeds=clean_seeds, clean=clean, hold_out=hold_out,
+        train=_frozen(train),
         train_limit=_limit(raw.get("train_limit"), "train_limit", source),
         test_limit=_limit(raw.get("test_limit"), "test_limit", source),
         curve_limit=curve_limit, threads=threads, source=source)

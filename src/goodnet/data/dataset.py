@@ -115,6 +115,20 @@ def batches(
         yield x, y
 
 
+def clean_count(amount: float | int, n: int) -> int:
+    """How many of ``n`` images ``amount`` (a fraction in (0, 1) or a count) stands for."""
+    if isinstance(amount, bool) or not isinstance(amount, int | float):
+        raise GoodnetError(f"clean amount must be a fraction or a count, got {amount!r}")
+    if isinstance(amount, float) and amount < 1:
+        if amount <= 0:
+            raise GoodnetError(f"clean fraction must be in (0, 1), got {amount}")
+        return max(1, round(amount * n))
+    count = int(amount)
+    if count != amount or not 1 <= count < n:
+        raise GoodnetError(f"clean count must be an integer in [1, {n - 1}], got {amount}")
+    return count
+
+
 def split_clean(
     train: ImageData, amount: float | int = 0.01, seed: int = 0
 ) -> tuple[ImageData, ImageData]:
@@ -122,7 +136,8 @@ def split_clean(
 
     The clean data a defense may use always comes from the training set, never from the test
     set. The split is stratified: each class contributes in proportion to its frequency
-    (at least one image per class present, as far as ``amount`` allows).
+    (at least one image per class present, as far as ``amount`` allows). For one seed the
+    draws are nested: a smaller amount takes a subset of the images a larger one takes.
 
     Args:
         train: the training set.
@@ -133,16 +148,7 @@ def split_clean(
         ``(clean, rest)``: the defender's clean data and the remainder of the training set.
     """
     n = len(train)
-    if isinstance(amount, bool) or not isinstance(amount, int | float):
-        raise GoodnetError(f"clean amount must be a fraction or a count, got {amount!r}")
-    if isinstance(amount, float) and amount < 1:
-        if amount <= 0:
-            raise GoodnetError(f"clean fraction must be in (0, 1), got {amount}")
-        count = max(1, round(amount * n))
-    else:
-        count = int(amount)
-        if count != amount or not 1 <= count < n:
-            raise GoodnetError(f"clean count must be an integer in [1, {n - 1}], got {amount}")
+    count = clean_count(amount, n)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(n, generator=generator)
     labels = train.labels[order]
