@@ -94,6 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace, attack_name: str | None) -> int:
     out = Path(args.out)
+    check_writable(out)  # before the data: loading a large data set takes long
     train_data, test_data = load_splits(args.data, args.test, args.data_root)
     attack = attack_from_args(attack_name, args.param, train_data) if attack_name else None
     result = _train_and_save(args.arch, train_data, test_data, train_config(args), attack, out,
@@ -115,7 +116,6 @@ def _train_and_save(
 ) -> TrainedModel:
     if arch not in MODELS:
         raise GoodnetError(f"unknown architecture {arch!r}; choose from {sorted(MODELS)}")
-    check_writable(out)
     result = train_model(arch, train_data, test_data, config, attack, progress=args.progress)
     save_model(out, result.model, result.card, extras=result.extras)
     return result
