@@ -193,3 +193,32 @@ def test_input_aware_never_keeps_a_collapsed_mask(stripes_train):
     x, _ = stripes_train.get(torch.arange(64))
     changed = (attack.trigger(x) - x).abs().flatten(1).amax(1) > 0.05
     assert changed.float().mean() >= 0.9
+
+
+@pytest.mark.parametrize(("name", "group", "settings"), [
+    ("wanet", "noise", None),
+    ("input_aware", "cross", {"mask_epochs": 1, "generator_epochs": 1}),  # a quick fit
+])
+def test_fresh_draws_come_from_the_attacks_own_generators(name, group, settings, stripes_train):
+    """WaNet's noise items and Input-aware's cross items are drawn afresh at every read, and
+    Input-aware's networks start from random weights: all from the attack's own generators.
+    Whatever torch's global generator holds, the same seeds give the same trigger and the same
+    reads, and the global generator is left as it was."""
+    data = stripes_train.subset(torch.arange(128))
+    x, _ = data.get(torch.arange(16))
+    runs = []
+    with torch.random.fork_rng(devices=[]):  # the global seeds set here stay in this test
+        for global_seed in (1, 2):
+            torch.manual_seed(global_seed)
+            state = torch.random.get_rng_state()
+            attack = make_attack(name, settings, data.image_shape, data.num_classes)
+            if attack.needs_fit:
+                attack.fit(data, seed=0)
+            poisoned = attack.poison(data, seed=0)
+            items = poisoned.group(group).indices
+            reads = [attack.trigger(x), poisoned.get(items)[0], poisoned.get(items)[0]]
+            assert torch.equal(torch.random.get_rng_state(), state)
+            runs.append(reads)
+    assert not torch.equal(runs[0][1], runs[0][2])  # drawn afresh at each read
+    for first, second in zip(*runs, strict=True):
+        assert torch.equal(first, second)

@@ -224,6 +224,20 @@ def test_a_torn_line_from_a_kill_is_still_skipped(tmp_path):
     assert [r["key"] for r in read_records(fenced)] == ["a", "c"]
 
 
+def test_a_results_file_of_binary_garbage_is_one_warning_then_the_error(tmp_path):
+    """Before: one warning per line that is not JSON (thousands for a large file), then the
+    error. Logging goes to pytest's capture in process, so the command runs in a child."""
+    garbage = bytes(range(256)) * 40 + bytes(range(255, -1, -1)) * 40  # 80 newlines in it
+    path = tmp_path / "results.jsonl"
+    path.write_bytes(garbage + b"\n[1, 2]\n")  # 81 lines of garbage, then a line not a record
+    done = subprocess.run([sys.executable, "-m", "goodnet", "report", str(path), "--out",
+                           str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr[-500:]
+    warning, error = done.stderr.splitlines()
+    assert "results.jsonl: 81 lines skipped (lines 1, 2, 3, ...): not complete records" in warning
+    assert error == f"goodnet: error: {path}, line 82: not a record (a JSON object)"
+
+
 def test_malformed_run_logs_are_one_error(tmp_path):
     runs = tmp_path / "runs.jsonl"
     runs.write_text(json.dumps({"started": "2026", "seconds": 1.0, "machine": ["box"]}) + "\n")

@@ -89,6 +89,17 @@ def test_unwritable_output_fails_before_training(npz_pair, tmp_path, capsys):
     assert "cannot write" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["attack"], ["train"]])
+def test_unwritable_output_fails_before_the_data_is_read(command, tmp_path, capsys):
+    """The --out error comes first, even when reading the data would fail (or take long)."""
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file, not a folder")
+    assert main([*command, "--data", str(tmp_path / "missing.npz"), "--test",
+                 str(tmp_path / "missing-too.npz"), "--out", str(blocker / "m.safetensors")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "cannot write" in err[0] and "blocker" in err[0], err
+
+
 def test_eval_refuses_data_of_the_wrong_shape(trained, tmp_path, capsys):
     odd = tmp_path / "odd.npz"
     np.savez(odd, x=np.zeros((4, 1, 28, 28), np.uint8), y=np.zeros(4, np.int64))

@@ -65,7 +65,7 @@ def test_goodnets_own_export_comes_back_equal(arch, shape, tmp_path, capsys):
         == 0
     x = torch.rand(5, *shape, generator=torch.Generator().manual_seed(0))
     got = ours(tmp_path / "m.onnx", tmp_path / "back.safetensors", x.numpy())
-    assert "imported" in capsys.readouterr().out
+    assert " as an ONNX graph (10 classes" in capsys.readouterr().out
     with torch.no_grad():
         np.testing.assert_allclose(got, original(x).numpy(), atol=1e-5, rtol=0)
     if arch == "resnet20":  # the exporter folds BatchNorm into the convolutions; adds remain
@@ -353,3 +353,81 @@ def test_a_bad_class_name_is_one_line(arch, message, tmp_path, capsys):
                  str(tmp_path / "m.safetensors")]) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+SIZED_NET = """
+    import torch
+    from torch import nn
+
+
+    class SizedNet(nn.Module):
+        def __init__(self, channels, classes, hidden=4, kernel=(5, 5)):
+            super().__init__()
+            self.conv = nn.Conv2d(channels, hidden, kernel)
+            self.fc = nn.Linear(hidden, classes)
+
+        def forward(self, x):
+            x = nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 1)
+            return self.fc(x.flatten(1))
+"""
+
+
+@pytest.fixture
+def sized_net(tmp_path, monkeypatch):
+    """A checkpoint of ``tests_sized_module:SizedNet(channels=3, classes=5, hidden=6,
+    kernel=(3, 3))``, a class that cannot be built without arguments."""
+    (tmp_path / "tests_sized_module.py").write_text(textwrap.dedent(SIZED_NET))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "tests_sized_module", raising=False)
+    net = importlib.import_module("tests_sized_module").SizedNet(3, 5, hidden=6,
+                                                                 kernel=(3, 3)).eval()
+    torch.save(net.state_dict(), tmp_path / "net.pt")
+    return net, tmp_path / "net.pt"
+
+
+def test_arch_args_reach_the_constructor_and_the_card(sized_net, tmp_path, capsys):
+    net, checkpoint = sized_net
+    out = tmp_path / "net.safetensors"
+    assert main(["import", str(checkpoint), "--arch", "tests_sized_module:SizedNet",
+                 "--arch-arg", "channels=3", "--arch-arg", "classes=5",
+                 "--arch-arg", "hidden = 6", "--arch-arg", "kernel=(3, 3)",
+                 "--input-shape", "3,10,10", "--out", str(out)]) == 0
+    said = capsys.readouterr().out
+    assert "as a traced PyTorch network (tests_sized_module:SizedNet) (5 classes" in said
+    assert "keras" not in said
+    loaded = load_model(out)
+    assert loaded.card.notes["source"]["class_args"] == {"channels": 3, "classes": 5,
+                                                         "hidden": 6, "kernel": [3, 3]}
+    x = torch.rand(4, 3, 10, 10, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded.model(x).numpy(), net(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--arch-arg", "channels=__import__('os')"],
+     "--arch-arg channels: \"__import__('os')\" is not a Python literal"),
+    (["--arch-arg", "channels=3", "--arch-arg", "classes=foo"],
+     "--arch-arg classes: 'foo' is not a Python literal"),
+    (["--arch-arg", "channels=open({marker!r}, 'w')"], "not a Python literal"),
+    (["--arch-arg", "channels=3", "--arch-arg", "channels=4"], "--arch-arg channels is given "
+                                                                "twice"),
+    (["--arch-arg", "2d=3"], "must be a Python identifier"),
+    (["--arch-arg", "channels"], "not of the form KEY=VALUE"),
+    (["--arch-arg", "channels={{1, 2}}"], "set values are not supported"),
+])
+def test_a_bad_arch_arg_is_one_line_and_never_run(args, message, sized_net, tmp_path, capsys):
+    marker = tmp_path / "written-if-evaluated"
+    args = [a.format(marker=str(marker)) for a in args]
+    assert main(["import", str(sized_net[1]), "--arch", "tests_sized_module:SizedNet", *args,
+                 "--input-shape", "3,10,10", "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert not marker.exists() and not (tmp_path / "m.safetensors").exists()
+
+
+@pytest.mark.parametrize("arch", [[], ["--arch", "small_cnn"]])
+def test_arch_args_need_an_own_class(arch, sized_net, tmp_path, capsys):
+    assert main(["import", str(sized_net[1]), *arch, "--arch-arg", "channels=3",
+                 "--out", str(tmp_path / "m.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "use it with --arch package.module:Class" in err[0]

@@ -102,10 +102,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace, attack_name: str | None) -> int:
     out = Path(args.out)
+    # what can be checked without the data first: loading a large data set takes long
+    if args.arch not in MODELS:
+        raise GoodnetError(f"unknown architecture {args.arch!r}; choose from {sorted(MODELS)}")
+    check_writable(out)
     train_data, test_data = load_splits(args.data, args.test, args.data_root)
     attack = attack_from_args(attack_name, args.param, train_data) if attack_name else None
-    result = _train_and_save(args.arch, train_data, test_data, train_config(args), attack, out,
-                             args)
+    result = train_model(args.arch, train_data, test_data, train_config(args), attack,
+                         hold_out=args.hold_out, progress=args.progress)
+    save_model(out, result.model, result.card, extras=result.extras)
     held = result.card.training.get("held_out")
     if held is not None:
         print(f"held out {held['count']} of the {len(train_data)} training images for the "
@@ -116,33 +121,19 @@ def _cmd_train(args: argparse.Namespace, attack_name: str | None) -> int:
     return 0
 
 
-def _train_and_save(
-    arch: str,
-    train_data: ImageData,
-    test_data: ImageData,
-    config: TrainConfig,
-    attack: Attack[Any] | None,
-    out: Path,
-    args: argparse.Namespace,
-) -> TrainedModel:
-    if arch not in MODELS:
-        raise GoodnetError(f"unknown architecture {arch!r}; choose from {sorted(MODELS)}")
-    check_writable(out)
-    result = train_model(arch, train_data, test_data, config, attack, hold_out=args.hold_out,
-                         progress=args.progress)
-    save_model(out, result.model, result.card, extras=result.extras)
-    return result
-
-
 def open_model(args: argparse.Namespace) -> LoadedModel:
     """A goodnet model file, or a Keras ``.h5``, ONNX file or PyTorch checkpoint imported on the
     fly (``--arch`` for a weights-only file, ``--pixel-scale`` and the input options)."""
     from goodnet.keras_h5 import import_keras, is_hdf5
-    from goodnet.onnx_import import import_onnx, import_own_class, is_onnx
+    from goodnet.onnx_import import class_args_from_text, import_onnx, import_own_class, is_onnx
     from goodnet.torch_checkpoint import import_checkpoint, is_checkpoint
 
-    require_regular_file(args.model)  # a pipe or a device would block or read without end
     arch = getattr(args, "keras_arch", None)
+    class_args = class_args_from_text(getattr(args, "arch_args", []))
+    if class_args and (arch is None or ":" not in arch):
+        raise GoodnetError("--arch-arg gives arguments to your own network class: use it with "
+                           "--arch package.module:Class")
+    require_regular_file(args.model)  # a pipe or a device would block or read without end
     scale = getattr(args, "pixel_scale", None)
     if is_hdf5(args.model):
         return import_keras(args.model, arch=arch, pixel_scale=255.0 if scale is None else scale)
@@ -155,8 +146,11 @@ def open_model(args: argparse.Namespace) -> LoadedModel:
                                f"the architecture to load it onto with --arch "
                                f"({', '.join(m for m in MODELS if m != 'keras')}, or your own "
                                "package.module:Class)")
-        own = import_own_class if ":" in arch else import_checkpoint
-        return own(args.model, arch=arch, input_shape=args.input_shape,
+        if ":" in arch:
+            return import_own_class(args.model, arch=arch, class_args=class_args,
+                                    input_shape=args.input_shape, mean=args.mean, std=args.std,
+                                    pixel_scale=1.0 if scale is None else scale)
+        return import_checkpoint(args.model, arch=arch, input_shape=args.input_shape,
                                  mean=args.mean, std=args.std,
                                  pixel_scale=1.0 if scale is None else scale)
     return load_model(args.model)
@@ -217,9 +211,20 @@ def cmd_import(args: argparse.Namespace) -> int:
     loaded = open_model(args)
     path = save_model(args.out, loaded.model, loaded.card)
     spec = loaded.card.spec
-    print(f"imported {args.model} as {spec.arch} ({spec.num_classes} classes, input "
+    print(f"imported {args.model} as {imported_as(loaded.card)} ({spec.num_classes} classes, input "
           f"{'×'.join(map(str, spec.input_shape))}, pixels ×{spec.pixel_scale:g}) into {path}")
     return 0
+
+
+def imported_as(card: ModelCard) -> str:
+    """What an imported model is, in words: the card's architecture, except for the layer
+    graphs of ONNX files and traced classes, whose spec says "keras" (the graph's module)."""
+    source = card.notes.get("source", {})
+    if source.get("class"):
+        return f"a traced PyTorch network ({source['class']})"
+    if source.get("format") == "onnx":
+        return "an ONNX graph"
+    return card.spec.arch
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -687,7 +692,13 @@ def add_keras_options(parser: ArgumentParser) -> None:
                              "architecture to load it onto (deepid for the CSAW-HackML files); "
                              "for a checkpoint also your own network class, "
                              "package.module:Class (imported from your installed code and "
-                             "built with no arguments; it runs your code, never the file's)")
+                             "built with the --arch-arg arguments; it runs your code, never "
+                             "the file's)")
+    parser.add_argument("--arch-arg", dest="arch_args", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="keyword argument for your own class's constructor, repeatable; "
+                             "VALUE is a Python literal (10, 0.5, 'text', True, None, (3, 32, "
+                             "32)), never run as code")
     parser.add_argument("--pixel-scale", dest="pixel_scale", type=float, default=None,
                         help="255 if the model takes raw pixels 0-255 (the default for Keras "
                              "files, as the CSAW-HackML lab's), 1 if it takes [0, 1] (the "

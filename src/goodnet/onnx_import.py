@@ -21,18 +21,23 @@ check) and the network must give ``(N, classes)``.
 
 **Your own class** (``goodnet import model.pt --arch mypkg.nets:MyNet``): the class named on
 the command line is imported from the user's installed code (never a name from a file),
-instantiated with no arguments, given the weights-only checkpoint, and traced through PyTorch's
-ONNX exporter into the same layer graph; the saved model reloads without the class. The
+instantiated with the keyword arguments given with ``--arch-arg KEY=VALUE`` (Python literals,
+read with :func:`ast.literal_eval`, never run as code; none by default), given the weights-only
+checkpoint, and traced through PyTorch's ONNX exporter into the same layer graph; the saved
+model reloads without the class, and its card records the class and its arguments. The
 converted network must give the class's outputs (checked on random inputs).
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import json
+import keyword
 import math
 import os
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -710,13 +715,60 @@ def import_onnx(path: str | os.PathLike[str], **options: Any) -> LoadedModel:
     return convert_onnx(read_onnx(path), str(path), **options)
 
 
+def class_args_from_text(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` (the command line's ``--arch-arg``) as constructor keyword
+    arguments: each value a Python literal read by :func:`ast.literal_eval` (numbers, strings,
+    booleans, None, and tuples, lists and dicts of them), never evaluated as code."""
+    args: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep:
+            raise GoodnetError(f"--arch-arg {pair!r:.60} is not of the form KEY=VALUE")
+        if key in args:
+            raise GoodnetError(f"--arch-arg {key} is given twice")
+        try:
+            args[key] = ast.literal_eval(raw.strip())
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise GoodnetError(f"--arch-arg {key[:60]}: {raw.strip()!r:.60} is not a Python "
+                               "literal (a number, a quoted string, True/False, None, or a "
+                               "list or tuple of them); it is never run as code") from None
+    check_class_args(args)
+    return args
+
+
+def check_class_args(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``args`` checked as keyword arguments a model card can record: identifier keys, values
+    that JSON holds (tuples become lists). Returns the JSON form."""
+    def jsonable(value: Any, key: str) -> Any:
+        if value is None or isinstance(value, bool | int | str):
+            return value
+        if isinstance(value, float) and math.isfinite(value):
+            return value
+        if isinstance(value, list | tuple):
+            return [jsonable(v, key) for v in value]
+        if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+            return {k: jsonable(v, key) for k, v in value.items()}
+        raise GoodnetError(f"--arch-arg {key}: {type(value).__name__} values are not supported "
+                           "(numbers, strings, booleans, None, lists, tuples)")
+
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        if not isinstance(key, str) or not key.isidentifier() or keyword.iskeyword(key):
+            raise GoodnetError(f"--arch-arg {key!r:.60}: the name must be a Python identifier")
+        out[key] = jsonable(value, key)
+    return out
+
+
 def import_own_class(path: str | os.PathLike[str], *, arch: str,
+                     class_args: Mapping[str, Any] | None = None,
                      input_shape: tuple[int, int, int] | None = None,
                      mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None,
                      pixel_scale: float = 1.0) -> LoadedModel:
     """A checkpoint of the user's own network class ``arch`` (``package.module:Class``).
 
-    The class is imported from the user's installed code and instantiated with no arguments;
+    The class is imported from the user's installed code and instantiated with the keyword
+    arguments ``class_args`` (none by default; values that JSON holds, recorded in the card);
     the weights-only checkpoint is loaded into it, and it is traced into goodnet's layer graph
     (through PyTorch's ONNX exporter), so the saved model reloads without the class. The
     converted network must give the class's own outputs.
@@ -724,12 +776,15 @@ def import_own_class(path: str | os.PathLike[str], *, arch: str,
     from goodnet.torch_checkpoint import read_checkpoint
 
     path = Path(path)
+    class_args = dict(class_args or {})
+    recorded = check_class_args(class_args)
     cls = load_class(arch)
     state = read_checkpoint(path)
     try:
-        network = cls()
+        network = cls(**class_args)
     except Exception as error:  # the user's own constructor: report it in one line
-        raise GoodnetError(f"{arch}(): {type(error).__name__}: {error}"[:300]) from None
+        call = ", ".join(f"{k}={v!r}" for k, v in class_args.items())
+        raise GoodnetError(f"{arch}({call}): {type(error).__name__}: {error}"[:300]) from None
     if not isinstance(network, torch.nn.Module):
         raise GoodnetError(f"{arch} is not a torch.nn.Module")
     try:
@@ -766,6 +821,7 @@ def import_own_class(path: str | os.PathLike[str], *, arch: str,
                            "branch on its input); not imported")
     card = ModelCard(spec=loaded.card.spec, notes={
         "source": {"file": path.name, "format": "pytorch", "class": arch,
+                   "class_args": recorded,
                    "import_notes": [f"{arch} traced into goodnet's layer graph; the class is not "
                                     "needed to load this file",
                                     *loaded.card.notes["source"]["import_notes"]]}})

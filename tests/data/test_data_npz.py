@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 
 from goodnet.data import ImageData, load_npz, save_npz
 from goodnet.errors import GoodnetError
+from tests.bounded import assert_refused_cheaply, measure
 
 
 def _planted(channels: int) -> np.ndarray:
@@ -138,3 +140,49 @@ def test_load_npz_refuses_a_truncated_file(tmp_path):
     path.write_bytes(path.read_bytes()[:-40])
     with pytest.raises(GoodnetError, match=r"cannot read as \.npz"):
         load_npz(path)
+
+
+def _deflated_zeros_npz(path, shape) -> None:
+    """An ``.npz`` whose ``x`` is uint8 zeros of ``shape``, deflated at about 1000 to 1 without
+    ever holding the array: one compressed MiB of zeros, repeated (after a full flush the
+    compressor starts afresh, so each MiB compresses to the same bytes), then the rest."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                 "shape": shape})
+    mib, zeros = 1 << 20, bytes(1 << 20)
+    count, rest = divmod(int(np.prod(shape)), mib)
+    compressor = zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = compressor.compress(header.getvalue()) + compressor.flush(zlib.Z_FULL_FLUSH)
+    block = compressor.compress(zeros) + compressor.flush(zlib.Z_FULL_FLUSH)
+    stream = head + block * count + compressor.compress(bytes(rest)) + compressor.flush()
+    crc = zlib.crc32(header.getvalue())
+    for _ in range(count):
+        crc = zlib.crc32(zeros, crc)
+    crc = zlib.crc32(bytes(rest), crc)
+    size, name = len(header.getvalue()) + count * mib + rest, b"x.npy"
+    fields = struct.pack("<HHHHHIII", 20, 0, 8, 0, 0x21, crc, len(stream), size)
+    local = b"PK\x03\x04" + fields + struct.pack("<HH", len(name), 0) + name
+    central = b"PK\x01\x02" + struct.pack("<H", 20) + fields + \
+        struct.pack("<HHHHHII", len(name), 0, 0, 0, 0, 0, 0) + name
+    end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 1, 1, len(central),
+                                       len(local) + len(stream), 0)
+    path.write_bytes(local + stream + central + end)
+    with zipfile.ZipFile(path, "a") as archive:  # one label per image
+        labels = io.BytesIO()
+        np.lib.format.write_array(labels, np.zeros(shape[0], np.int64))
+        archive.writestr("y.npy", labels.getvalue())
+
+
+def test_a_small_npz_declaring_a_huge_image_is_refused_before_inflating(tmp_path):
+    """A 2 MB file holding one 46000×46000 image of zeros (2 GB inflated; within deflate's
+    1032-to-1 bound, so its ZIP sizes are consistent) is refused from its header: before the
+    fix NumPy inflated the 2 GB first."""
+    path = tmp_path / "bomb.npz"
+    _deflated_zeros_npz(path, (1, 46000, 46000))
+    assert path.stat().st_size < 3 * 2**20
+    with zipfile.ZipFile(path) as archive:  # a well-formed archive: sizes, CRC, both arrays
+        assert archive.getinfo("x.npy").file_size > 2 * 10**9
+        assert sorted(archive.namelist()) == ["x.npy", "y.npy"]
+    results = measure({"bomb": f"load_npz({str(path)!r})"},
+                      setup="from goodnet.data import load_npz")
+    assert_refused_cheaply(results, match={"bomb": "1×46000×46000 (C×H×W) is larger than"})

@@ -24,10 +24,16 @@ data set) M can fall into the saturated zone of ``thr``, where every mask is 0 a
 flows back: the trigger then changes nothing and the attack silently fails. goodnet checks the
 fitted masks and, when their mean is below a quarter of ``mask_density``, starts M again from
 new initial weights (at most ``MASK_TRIES`` times, then refuses with an error).
+
+Randomness: G's and M's initial weights (PyTorch's default initialisation, drawn from a
+generator seeded with the fitting seed), the fitting data's order and the cross items' other
+images (a generator seeded from the poisoning seed) all come from explicit generators; torch's
+global generator is never touched.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -81,17 +87,32 @@ def _block(cin: int, cout: int, relu: bool = True) -> list[nn.Module]:
 
 
 class Generator(nn.Sequential):
-    """The official MNIST generator: 16→32 channels down, 32→16 up, output in [0, 1]."""
+    """The official MNIST generator: 16→32 channels down, 32→16 up, output in [0, 1].
 
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__(
-            *_block(in_channels, 16), *_block(16, 16), nn.MaxPool2d(2),
-            *_block(16, 32), *_block(32, 32), nn.MaxPool2d(2),
-            *_block(32, 32),
-            nn.Upsample(scale_factor=2, mode="bilinear"), *_block(32, 32), *_block(32, 16),
-            nn.Upsample(scale_factor=2, mode="bilinear"), *_block(16, 16),
-            *_block(16, out_channels, relu=False),
-        )
+    Its initial weights are PyTorch's defaults (convolutions: weights and biases uniform in
+    ±1/√fan_in; BatchNorm: scale 1, shift 0), drawn from ``generator``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, generator: torch.Generator) -> None:
+        with torch.device("meta"):  # shapes only: the default initialisation's draws come below
+            super().__init__(
+                *_block(in_channels, 16), *_block(16, 16), nn.MaxPool2d(2),
+                *_block(16, 32), *_block(32, 32), nn.MaxPool2d(2),
+                *_block(32, 32),
+                nn.Upsample(scale_factor=2, mode="bilinear"), *_block(32, 32), *_block(32, 16),
+                nn.Upsample(scale_factor=2, mode="bilinear"), *_block(16, 16),
+                *_block(16, out_channels, relu=False),
+            )
+        self.to_empty(device="cpu")
+        with torch.no_grad():
+            for layer in self:
+                if isinstance(layer, nn.Conv2d):
+                    bound = 1 / math.sqrt(layer.weight[0].numel())
+                    layer.weight.uniform_(-bound, bound, generator=generator)
+                    if layer.bias is not None:
+                        layer.bias.uniform_(-bound, bound, generator=generator)
+                elif isinstance(layer, nn.BatchNorm2d):
+                    layer.reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
@@ -139,9 +160,9 @@ class InputAware(SingleTargetAttack[InputAwareConfig]):
 
     def build_trigger(self) -> DynamicTrigger:
         channels = self.image_shape[0]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            return DynamicTrigger(Generator(channels, channels), Generator(channels, 1))
+        weights = torch.Generator().manual_seed(0)
+        return DynamicTrigger(Generator(channels, channels, weights),
+                              Generator(channels, 1, weights))
 
     def fit(self, train: ImageData, seed: int = 0, *, progress: bool = False) -> None:
         self.check_data(train)
@@ -149,12 +170,11 @@ class InputAware(SingleTargetAttack[InputAwareConfig]):
         generator = torch.Generator().manual_seed(seed)
         if len(train) > cfg.fit_items:
             train = train.subset(torch.randperm(len(train), generator=generator)[:cfg.fit_items])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            channels = self.image_shape[0]
-            mask_net = self._fit_live_mask(train, generator)
-            pattern_net = Generator(channels, channels)
-            self._fit_generator(pattern_net, mask_net, train, generator, seed)
+        weights = torch.Generator().manual_seed(seed)
+        channels = self.image_shape[0]
+        mask_net = self._fit_live_mask(train, generator, weights)
+        pattern_net = Generator(channels, channels, weights)
+        self._fit_generator(pattern_net, mask_net, train, generator, seed)
         self.trigger = DynamicTrigger(pattern_net.requires_grad_(False), mask_net)
         self.fitted = True
 
@@ -166,11 +186,13 @@ class InputAware(SingleTargetAttack[InputAwareConfig]):
             x2, _ = data.get(second[torch.randint(0, len(data), (len(x1),), generator=generator)])
             yield x1, y1, x2
 
-    def _fit_live_mask(self, data: ImageData, generator: torch.Generator) -> Generator:
-        """A fitted mask generator whose masks are not all zero (see the module docstring)."""
+    def _fit_live_mask(self, data: ImageData, generator: torch.Generator,
+                       weights: torch.Generator) -> Generator:
+        """A fitted mask generator whose masks are not all zero (see the module docstring); its
+        initial weights, new at each try, are drawn from ``weights``."""
         probe, _ = data.get(torch.arange(min(len(data), 256)))
         for _ in range(MASK_TRIES):
-            mask_net = Generator(self.image_shape[0], 1)
+            mask_net = Generator(self.image_shape[0], 1, weights)
             self._fit_mask(mask_net, data, generator)
             mask_net.eval().requires_grad_(False)
             with torch.no_grad():
@@ -236,9 +258,11 @@ class InputAware(SingleTargetAttack[InputAwareConfig]):
                                round(self.config.cross_rate * len(train)), generator)
         trigger = self.trigger
         assert isinstance(trigger, DynamicTrigger)
+        draws = torch.Generator().manual_seed(int(torch.randint(1 << 62, (1,),
+                                                                generator=generator)))
 
         def cross_transform(x: torch.Tensor, _index: torch.Tensor) -> torch.Tensor:
-            others, _ = train.get(torch.randint(0, len(train), (len(x),)))
+            others, _ = train.get(torch.randint(0, len(train), (len(x),), generator=draws))
             return trigger(x, others.to(x.device))
 
         return [*poisoned, PoisonGroup("cross", cross, cross_transform, None)]

@@ -13,7 +13,9 @@ Defaults from the official code (VinAIResearch/Warping-based_Backdoor_Attack-rel
 k = 4, s = 0.5, grid_rescale = 1, cross_ratio = 2, poisoning rate 0.1, target 0. Departure:
 the official code draws poisoned and noise items afresh in every batch; goodnet fixes them by
 index for the whole run (the usual data-poisoning threat model, as in BackdoorBench), and draws
-the noise afresh each time an item is read.
+the noise afresh each time an item is read, from the noise trigger's own generator (seeded from
+the poisoning seed: the same seed and the same reads give the same noise, and torch's global
+generator is never touched).
 """
 
 from __future__ import annotations
@@ -56,11 +58,16 @@ class WaNetConfig:
 
 
 class WarpTrigger:
-    """Resample images through a fixed sampling grid ``(1, H, W, 2)`` in [−1, 1]."""
+    """Resample images through a fixed sampling grid ``(1, H, W, 2)`` in [−1, 1].
 
-    def __init__(self, grid: torch.Tensor, noise: float = 0.0) -> None:
+    With ``noise``, every call adds fresh uniform noise in [−noise, noise] / H to the grid, drawn
+    from the trigger's own generator seeded with ``seed``.
+    """
+
+    def __init__(self, grid: torch.Tensor, noise: float = 0.0, seed: int = 0) -> None:
         self.grid = grid
         self.noise = noise
+        self.generator = torch.Generator().manual_seed(seed)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if tuple(self.grid.shape[1:3]) != tuple(x.shape[-2:]):
@@ -71,7 +78,7 @@ class WarpTrigger:
         grid = self.grid.to(x.device, x.dtype).expand(len(x), -1, -1, -1)
         if self.noise:
             height = x.shape[-2]
-            jitter = torch.rand(grid.shape, device=x.device, dtype=x.dtype) * 2 - 1
+            jitter = torch.rand(grid.shape, generator=self.generator).to(x.device, x.dtype) * 2 - 1
             grid = (grid + self.noise * jitter / height).clamp(-1, 1)
         return F.grid_sample(x, grid, mode="bilinear", align_corners=True).clamp(0, 1)
 
@@ -118,7 +125,8 @@ class WaNet(SingleTargetAttack[WaNetConfig]):
         count = round(self.config.cross_ratio * len(poisoned))
         if count:
             assert isinstance(self.trigger, WarpTrigger)
-            noisy = WarpTrigger(self.trigger.grid, noise=1.0)
             cross = choose_indices(torch.nonzero(rest).flatten(), count, generator)
+            seed = int(torch.randint(1 << 62, (1,), generator=generator))
+            noisy = WarpTrigger(self.trigger.grid, noise=1.0, seed=seed)
             groups.append(PoisonGroup("noise", cross, lambda x, _i: noisy(x), None))
         return groups

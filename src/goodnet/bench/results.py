@@ -213,24 +213,34 @@ def _read_records(path: Path, problem: Callable[[Any], str | None]) -> list[dict
     except OSError as error:
         raise GoodnetError(f"cannot read {path}: {error.strerror or error}") from None
     records = []
-    for number, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            value = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("%s, line %d: not a complete record (a write cut short by a kill); "
-                        "skipped", path, number)
-            continue
-        except RecursionError:
-            raise GoodnetError(f"{path}, line {number}: nested too deeply to be a record") \
-                from None
-        except ValueError:  # an integer of thousands of digits
-            raise GoodnetError(f"{path}, line {number}: a number too long to read") from None
-        found = problem(value)
-        if found:
-            raise GoodnetError(f"{path}, line {number}: {found}")
-        records.append(value)
+    skipped: list[int] = []
+    try:
+        for number, line in enumerate(raw.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                skipped.append(number)
+                continue
+            except RecursionError:
+                raise GoodnetError(f"{path}, line {number}: nested too deeply to be a record") \
+                    from None
+            except ValueError:  # an integer of thousands of digits
+                raise GoodnetError(f"{path}, line {number}: a number too long to read") \
+                    from None
+            found = problem(value)
+            if found:
+                raise GoodnetError(f"{path}, line {number}: {found}")
+            records.append(value)
+    finally:  # one line however many, and before any error about a later line
+        if len(skipped) == 1:
+            log.warning("%s: line %d skipped: not a complete record (a write cut short by a "
+                        "kill, or not a results file)", path, skipped[0])
+        elif skipped:
+            lines = ", ".join(map(str, skipped[:3])) + (", ..." if len(skipped) > 3 else "")
+            log.warning("%s: %d lines skipped (lines %s): not complete records (a write cut "
+                        "short by a kill, or not a results file)", path, len(skipped), lines)
     return records
 
 

@@ -48,6 +48,13 @@ def labels_tensor(values: np.ndarray, num_classes: int, source: Path | str) -> t
     return torch.from_numpy(values.astype(np.int64))
 
 
+def check_pixel_type(dtype: np.dtype, source: Path | str) -> None:
+    """Refuse pixels that are not integers or floats (bools, strings, records)."""
+    if dtype == np.bool_ or not (np.issubdtype(dtype, np.integer)
+                                 or np.issubdtype(dtype, np.floating)):
+        raise GoodnetError(f"{source}: pixels must be numbers, got {dtype}")
+
+
 def pixels(values: np.ndarray, source: Path | str) -> np.ndarray:
     """Pixels as stored: ``uint8`` when they are integers 0..255, else floats in [0, 1].
 
@@ -58,13 +65,12 @@ def pixels(values: np.ndarray, source: Path | str) -> np.ndarray:
     """
     if values.dtype == np.uint8:
         return values
-    if values.dtype != np.bool_ and np.issubdtype(values.dtype, np.integer):
+    check_pixel_type(values.dtype, source)
+    if np.issubdtype(values.dtype, np.integer):
         if values.size and (values.min() < 0 or values.max() > 255):
             raise GoodnetError(f"{source}: pixel values must lie in 0..255, found "
                                f"{values.min()}..{values.max()}")
         return values.astype(np.uint8)
-    if not np.issubdtype(values.dtype, np.floating):
-        raise GoodnetError(f"{source}: pixels must be numbers, got {values.dtype}")
     low, high, whole = 0.0, 0.0, True
     for start in range(0, len(values), _BLOCK):
         block = values[start:start + _BLOCK]

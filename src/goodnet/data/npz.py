@@ -11,7 +11,10 @@ in [0, 1].
 Object arrays, which NumPy stores as pickles, are refused (``allow_pickle=False``). Each
 member's size is checked before NumPy allocates it: the shape in its header must account for
 the member's size in the ZIP directory, and that size may not exceed what the archive could
-hold (deflate expands at most 1032 to 1).
+hold (deflate expands at most 1032 to 1). Within that, a data set's shapes are checked from the
+headers before anything is decompressed: the layout of ``x``, its images against goodnet's
+input bounds (:func:`goodnet.models.spec.check_input_size`), one label per image in ``y``. A
+2 MB file of zeros can declare a 46000×46000 image; it is refused without inflating 2 GB.
 """
 
 from __future__ import annotations
@@ -21,35 +24,49 @@ import os
 import tempfile
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 
-from goodnet.data._common import file_size, image_data, labels_tensor, pixels
+from goodnet.data._common import check_pixel_type, file_size, image_data, labels_tensor, pixels
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
+from goodnet.models.spec import check_input_size
 
 _MAX_DEFLATE_RATIO = 1032
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, RuntimeError, NotImplementedError,
                 zipfile.BadZipFile, zlib.error)
 
+Header = tuple[tuple[int, ...], np.dtype]
+"""An array's shape and type, as its ``.npy`` header declares them."""
 
-def read_npz(path: str | Path, names: Iterable[str]) -> dict[str, np.ndarray]:
-    """The arrays ``names`` of an ``.npz`` file, refusing pickles and impossible sizes."""
+
+def read_npz(path: str | Path, names: Iterable[str],
+             check: Callable[[Mapping[str, Header]], None] | None = None
+             ) -> dict[str, np.ndarray]:
+    """The arrays ``names`` of an ``.npz`` file, refusing pickles and impossible sizes.
+
+    Args:
+        path: the ``.npz`` file.
+        names: the arrays to read.
+        check: called with every array's declared shape and type before any array is
+            decompressed; raises to refuse the file.
+    """
     path = Path(path)
     size = file_size(path)
     try:
         with zipfile.ZipFile(path) as archive:
-            for name in names:
-                _check_member(archive, name, path, size)
+            headers = {name: _check_member(archive, name, path, size) for name in names}
+        if check is not None:
+            check(headers)
         with np.load(path, allow_pickle=False) as arrays:
             return {name: arrays[name] for name in names}
     except _READ_ERRORS as err:
         raise GoodnetError(f"{path}: cannot read as .npz ({type(err).__name__}: {err})") from None
 
 
-def _check_member(archive: zipfile.ZipFile, name: str, path: Path, size: int) -> None:
+def _check_member(archive: zipfile.ZipFile, name: str, path: Path, size: int) -> Header:
     try:
         info = archive.getinfo(f"{name}.npy")
     except KeyError:
@@ -75,6 +92,7 @@ def _check_member(archive: zipfile.ZipFile, name: str, path: Path, size: int) ->
     if header_size + math.prod(shape) * dtype.itemsize != info.file_size:
         raise GoodnetError(f"{path}: array '{name}' declares shape {shape} of {dtype}, which "
                            f"does not match its {info.file_size} bytes")
+    return shape, dtype
 
 
 def load_npz(path: str | Path, num_classes: int | None = None) -> ImageData:
@@ -85,11 +103,8 @@ def load_npz(path: str | Path, num_classes: int | None = None) -> ImageData:
         num_classes: classes of the task; by default the largest label plus one.
     """
     path = Path(path)
-    arrays = read_npz(path, ("x", "y"))
+    arrays = read_npz(path, ("x", "y"), check=lambda headers: _check_shapes(headers, path))
     x, y = arrays["x"], arrays["y"]
-    if y.ndim != 1 or len(y) != len(x):
-        raise GoodnetError(f"{path}: y must hold one label per image of x, got shape {y.shape} "
-                           f"for x of shape {x.shape}")
     if num_classes is None:
         if y.dtype == np.bool_ or not np.issubdtype(y.dtype, np.integer) or not len(y):
             raise GoodnetError(f"{path}: y must be integer labels, got {y.dtype} {y.shape}")
@@ -99,15 +114,37 @@ def load_npz(path: str | Path, num_classes: int | None = None) -> ImageData:
                       path)
 
 
-def _channels_first(x: np.ndarray, path: Path) -> np.ndarray:
-    if x.ndim == 3:
-        return x[:, None]
-    if x.ndim == 4 and x.shape[1] in (1, 3):
-        return x
-    if x.ndim == 4 and x.shape[3] in (1, 3):
-        return x.transpose(0, 3, 1, 2)
+def _check_shapes(headers: Mapping[str, Header], path: Path) -> None:
+    """Refuse, from the headers alone, a data set goodnet would refuse once read: pixels that
+    are not numbers, a layout of ``x`` it does not read, images beyond goodnet's input bounds,
+    a ``y`` that is not one label per image."""
+    (x_shape, x_type), (y_shape, _) = headers["x"], headers["y"]
+    check_pixel_type(x_type, path)
+    layout = _layout(x_shape, path)
+    channels, height, width = (1, *x_shape[1:]) if layout == "NHW" else \
+        x_shape[1:] if layout == "NCHW" else (x_shape[3], *x_shape[1:3])
+    check_input_size(channels, height, width, source=str(path))
+    if len(y_shape) != 1 or y_shape[0] != x_shape[0]:
+        raise GoodnetError(f"{path}: y must hold one label per image of x, got shape {y_shape} "
+                           f"for x of shape {x_shape}")
+
+
+def _layout(shape: tuple[int, ...], path: Path) -> str:
+    """How ``x`` of ``shape`` holds its images: NHW, NCHW (chosen when both readings are
+    possible) or NHWC."""
+    if len(shape) == 3:
+        return "NHW"
+    if len(shape) == 4 and shape[1] in (1, 3):
+        return "NCHW"
+    if len(shape) == 4 and shape[3] in (1, 3):
+        return "NHWC"
     raise GoodnetError(f"{path}: x must be (N, H, W), (N, H, W, C) or (N, C, H, W) with 1 or 3 "
-                       f"channels, got shape {x.shape}")
+                       f"channels, got shape {shape}")
+
+
+def _channels_first(x: np.ndarray, path: Path) -> np.ndarray:
+    layout = _layout(x.shape, path)
+    return x[:, None] if layout == "NHW" else x if layout == "NCHW" else x.transpose(0, 3, 1, 2)
 
 
 def save_npz(path: str | Path, data: ImageData) -> None:
