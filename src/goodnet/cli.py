@@ -31,7 +31,7 @@ from goodnet.artifacts import (
     save_model,
 )
 from goodnet.attacks import ATTACKS, Attack, make_attack
-from goodnet.backdoor import TrainedModel, attack_from_card, train_model
+from goodnet.backdoor import attack_from_card, train_model
 from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
 from goodnet.data.holdout import (
     DEFENDER_SHARE,
