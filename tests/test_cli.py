@@ -579,8 +579,8 @@ def test_repair_with_detectors_writes_a_calibrated_goodnet(trained, npz_pair, tm
     # ⌈ln(1 − 0.95) / ln(1 − 0.05)⌉ = 59 images for 5 % with 95 % confidence
     assert "calibrated on 59 clean images, the rate held with 0.95 confidence" in printed
     assert "200 clean images" in printed and "GoodNet checks: strip (threshold" in printed
-    assert captured.err.count("\n") == 1 and "may have trained on the clean images (the " \
-        "clean images are a file)" in captured.err
+    assert captured.err.count("\n") == 1 and "may have trained on the clean images (it " \
+        "held out images of train.npz, not of clean.npz)" in captured.err
     summary = json.loads((out / "repair.json").read_text())
     checks = summary["goodnet_checks"]
     assert checks["disagree"] is True and [s["detector"] for s in checks["screens"]] == ["strip"]

@@ -332,8 +332,9 @@ def clean_from_args(args: argparse.Namespace, card: ModelCard) -> tuple[ImageDat
         train = data_for(card.spec, args.clean, "train", args.data_root)
         return defender_clean(train, amount, args.clean_seed, held)
     data = data_for(card.spec, args.clean, "train", None)
-    if held_images(data, held)[0] is None:
-        return data, "the clean images are a file"
+    images, why = held_images(data, held)
+    if images is None:
+        return data, why
     return defender_clean(data, amount, args.clean_seed, held)
 
 
