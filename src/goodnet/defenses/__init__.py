@@ -38,7 +38,7 @@ from goodnet.defenses.sau import SAU, SAUConfig
 from goodnet.defenses.sequence import Sequence, SequenceConfig
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
 from goodnet.errors import GoodnetError
-from goodnet.settings import make_method
+from goodnet.methods import make_method
 
 DEFENSES: dict[str, type[Defense[Any]]] = {
     "prune": Prune,
