@@ -14,11 +14,12 @@ import torch
 from goodnet.attacks import make_attack
 from goodnet.data import split_clean
 from goodnet.defenses.base import Trigger
-from goodnet.defenses.nc import NCConfig, NeuralCleanse, anomaly_indices, unlearning_data
+from goodnet.defenses.nc import NCConfig, NeuralCleanse, unlearning_data
 from goodnet.defenses.proxy import proxy_asr
 from goodnet.errors import GoodnetError
 from goodnet.metrics import evaluate
 from goodnet.models import ModelSpec, build_model
+from goodnet.scans.nc import anomaly_indices
 from goodnet.train import TrainConfig, train
 from tests.conftest import halves, stripes
 

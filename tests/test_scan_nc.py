@@ -138,7 +138,7 @@ def test_the_settings_are_the_defenses_detection_settings():
     defense = {f.name: f.default for f in dataclasses.fields(NCConfig)}
     assert shared == {k: defense[k] for k in shared}
     assert not any(k.startswith("unlearn") for k in shared)
-    assert NCScanConfig(epochs=3, seed=2).nc_config() == NCConfig(epochs=3, seed=2)
+    assert NCConfig(epochs=3, seed=2).detection() == NCScanConfig(epochs=3, seed=2)
     assert SCANNERS["nc"] is NCScanner and make_scanner("nc").config == NCScanConfig()
 
 

@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Trigger
 from goodnet.errors import GoodnetError
+from goodnet.methods import ReversedTrigger
 from goodnet.models import model_device
 from goodnet.scans.base import ScanReport
 from goodnet.triggers import plot_triggers, save_triggers, verdict_summary
@@ -222,7 +222,7 @@ def _show(axes: Any, image: torch.Tensor, title: str, color: str = "black") -> N
     axes.axis("off")
 
 
-def _stamped(trigger: Trigger, clean: ImageData | None,
+def _stamped(trigger: ReversedTrigger, clean: ImageData | None,
              model: nn.Module | None) -> list[tuple[torch.Tensor, str]]:
     """Up to :data:`STAMPED` clean images of other classes than the trigger's, stamped, each
     titled with its true class and (given the model) the model's answer."""
@@ -241,8 +241,8 @@ def _stamped(trigger: Trigger, clean: ImageData | None,
     return list(zip(x, titles, strict=True))
 
 
-def plot_trigger(path: Path, trigger: Trigger, flagged: bool, clean: ImageData | None,
-                 model: nn.Module | None) -> Path:
+def plot_trigger(path: Path, trigger: ReversedTrigger, flagged: bool,
+                 clean: ImageData | None, model: nn.Module | None) -> Path:
     """One class's reversed trigger: mask, pattern, mask × pattern, and clean images stamped
     (titled "true class → the model's answer")."""
     plt = _pyplot()

@@ -18,7 +18,7 @@ import types
 import typing
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, TypeVar
 
 from goodnet.errors import GoodnetError
 
@@ -171,37 +171,3 @@ def _convert(raw: str, kind: Any, what: str) -> Any:
     except ValueError:
         raise GoodnetError(f"{what}: {raw!r} is not {describe(kind)}") from None
     return raw
-
-
-M = TypeVar("M")
-
-
-class Method(Generic[M]):
-    """What every method of a registry (a defense, a scanner, an input detector) is: a
-    ``name``, the ``paper`` it follows, its ``Config`` (a frozen settings dataclass), whether it
-    ``needs_clean`` data, and its settings given to the constructor (default: the Config's)."""
-
-    name: ClassVar[str]
-    paper: ClassVar[str]
-    Config: ClassVar[type[Any]]
-    needs_clean: ClassVar[bool] = True
-
-    def __init__(self, config: M | None = None) -> None:
-        if config is None:
-            config = self.Config()
-        if not isinstance(config, self.Config):
-            raise GoodnetError(f"{self.name} takes a {self.Config.__name__}, got {config!r}")
-        self.config: M = config
-
-
-def make_method(registry: Mapping[str, type[Method[Any]]], family: str, name: str,
-                settings: Mapping[str, Any] | None = None, *, text: bool = False
-                ) -> Method[Any]:
-    """The method ``name`` of ``registry`` (a ``family``: "defense", "scanner", ...) built from
-    its settings (plain values; ``text=True``: command-line text). Unknown methods and unknown
-    settings are refused with the known ones listed."""
-    if name not in registry:
-        raise GoodnetError(f"unknown {family} {name!r}; choose from {', '.join(registry)}")
-    cls = registry[name]
-    return cls(build_settings(cls.Config, settings, name, text=text))
-

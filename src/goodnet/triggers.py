@@ -19,8 +19,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from goodnet.artifacts import atomic_path, write_bytes_atomic
-from goodnet.defenses.base import ScanVerdict, Trigger
 from goodnet.errors import GoodnetError
+from goodnet.methods import ReversedTrigger, ScanVerdict
 
 VERDICT_KEY = "goodnet.scan"
 
@@ -56,9 +56,9 @@ def load_triggers(path: str | os.PathLike[str]) -> ScanVerdict:
         with safe_open(str(path), framework="pt") as handle:
             summary = json.loads((handle.metadata() or {})[VERDICT_KEY])
             triggers = tuple(
-                Trigger(int(t["target"]), handle.get_tensor(f"mask.{t['target']}"),
-                        handle.get_tensor(f"pattern.{t['target']}"), float(t["norm"]),
-                        float(t["success"]))
+                ReversedTrigger(int(t["target"]), handle.get_tensor(f"mask.{t['target']}"),
+                                handle.get_tensor(f"pattern.{t['target']}"),
+                                float(t["norm"]), float(t["success"]))
                 for t in summary["triggers"])
     except FileNotFoundError:
         raise GoodnetError(f"{path}: no such file") from None

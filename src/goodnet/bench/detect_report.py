@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from goodnet.bench.figures import save_figure
 from goodnet.bench.grid import Entry, normal
 from goodnet.detectors import DETECTORS, calibrate
 from goodnet.errors import GoodnetError
@@ -259,8 +260,6 @@ def plot_detection(records: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from goodnet.bench.report import _save
-
     found = candidates(records)
     if not found:
         return None
@@ -293,4 +292,4 @@ def plot_detection(records: list[dict[str, Any]], path: Path) -> Path | None:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     figure.tight_layout()
-    return _save(figure, path, plt)
+    return save_figure(figure, path, plt)

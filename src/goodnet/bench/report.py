@@ -34,8 +34,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from goodnet.artifacts import atomic_path, write_text_atomic
+from goodnet.artifacts import write_text_atomic
 from goodnet.bench.detect_report import choose_default, detect_markdown, plot_detection
+from goodnet.bench.figures import save_figure
 from goodnet.bench.results import RESULTS, RUNS, in_range, latest, read_records, read_runs
 from goodnet.bench.scan_report import plot_roc, scan_markdown
 from goodnet.defenses.base import AXES, Curve
@@ -192,14 +193,6 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def _save(figure: Any, path: Path, plt: Any) -> Path:
-    figure.tight_layout()
-    with atomic_path(path) as temp:
-        figure.savefig(temp, format="png", bbox_inches="tight")
-    plt.close(figure)
-    return path
-
-
 class Panel(NamedTuple):
     """One defense's scatter panel: (attack, ASR %, CA %) after and before repair."""
 
@@ -263,7 +256,7 @@ def plot_scatter(report: Report, path: Path) -> Path:
     if handles:
         figure.legend(handles, labels, loc="center left", fontsize=7,
                       bbox_to_anchor=(1.0, 0.5))  # beside the panels, never over one
-    return _save(figure, path, plt)
+    return save_figure(figure, path, plt)
 
 
 class CurveLine(NamedTuple):
@@ -327,7 +320,7 @@ def plot_curves(report: Report, defense: str, path: Path) -> Path | None:
     right.legend(fontsize=6, loc="best")
     figure.suptitle(f"{defense}: along its curve (first seed; evaluation only"
                     f"{f'; the first {MAX_LINES} attacks' if more else ''})", fontsize=10)
-    return _save(figure, path, plt)
+    return save_figure(figure, path, plt)
 
 
 def _file_names(labels: list[str], prefix: str) -> dict[str, str]:

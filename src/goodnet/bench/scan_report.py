@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from goodnet.bench.figures import save_figure
 from goodnet.metrics import auroc, roc_points
 
 WORKING_BACKDOOR = 0.9  # an all-to-one backdoor counts for target accuracy at ASR >= 90 %
@@ -95,8 +96,6 @@ def plot_roc(records: list[dict[str, Any]], path: Path) -> Path | None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    from goodnet.bench.report import _save
-
     groups: dict[str, dict[str, tuple[list[float], list[float]]]] = defaultdict(dict)
     for r in scan_records(records):
         bad, good = groups[r["data"]].setdefault(r["scanner"], ([], []))
@@ -119,4 +118,4 @@ def plot_roc(records: list[dict[str, Any]], path: Path) -> Path | None:
         ax.set_ylabel("detection rate")
         ax.legend(fontsize=7, loc="lower right")
         ax.grid(alpha=0.3)
-    return _save(figure, path, plt)
+    return save_figure(figure, path, plt)

@@ -10,8 +10,7 @@ reports and the contract tests all iterate over the registry.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 from goodnet.defenses.anp import ANP, ANPConfig
 from goodnet.defenses.base import (
@@ -33,14 +32,15 @@ from goodnet.defenses.ibau import IBAU, IBAUConfig
 from goodnet.defenses.nad import NAD, NADConfig
 from goodnet.defenses.nc import NCConfig, NeuralCleanse
 from goodnet.defenses.prune import Prune, PruneConfig
+from goodnet.defenses.registry import DEFENSES, defense_class, make_defense
 from goodnet.defenses.rnp import RNP, RNPConfig
 from goodnet.defenses.sau import SAU, SAUConfig
 from goodnet.defenses.sequence import Sequence, SequenceConfig
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
-from goodnet.errors import GoodnetError
-from goodnet.settings import make_method
 
-DEFENSES: dict[str, type[Defense[Any]]] = {
+# The dict lives in goodnet.defenses.registry, below the defenses, so that a sequence looks its
+# steps up there without importing this package, which imports it.
+DEFENSES.update({
     "prune": Prune,
     "fine-pruning": FinePruning,
     "sparse-fine-pruning": SparseFinePruning,
@@ -54,7 +54,7 @@ DEFENSES: dict[str, type[Defense[Any]]] = {
     "ft-sam": FTSAM,
     "nad": NAD,
     "sequence": Sequence,
-}
+})
 
 
 # The repair ``goodnet repair`` runs without ``--defense``: a registered defense and its settings,
@@ -67,24 +67,6 @@ def recommended() -> Defense[Any]:
     """The recommended repair (:data:`RECOMMENDED`), built."""
     name, settings = RECOMMENDED
     return make_defense(name, settings)
-
-
-def defense_class(name: str) -> type[Defense[Any]]:
-    """The registered defense called ``name``, or a clear error listing them."""
-    if name not in DEFENSES:
-        raise GoodnetError(f"unknown defense {name!r}; choose from {', '.join(DEFENSES)}")
-    return DEFENSES[name]
-
-
-def make_defense(name: str, settings: Mapping[str, Any] | None = None, *,
-                 text: bool = False) -> Defense[Any]:
-    """Build a registered defense from its name and settings (plain values, as in a grid file
-    or a model card; ``text=True``: command-line text, converted by each setting's type).
-
-    Unknown settings are refused rather than ignored; a renamed setting still works under its
-    old name, with a warning.
-    """
-    return cast(Defense[Any], make_method(DEFENSES, "defense", name, settings, text=text))
 
 
 __all__ = [

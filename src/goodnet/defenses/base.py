@@ -18,13 +18,14 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-import torch
 from torch import nn
 
 from goodnet.attacks.base import Attack
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
 from goodnet.masking import MaskSet
+from goodnet.methods import Method, ReversedTrigger, ScanVerdict, check_clean
+from goodnet.methods import clean_or_blank as clean_or_blank
 from goodnet.metrics import (
     Metrics,
     clean_accuracy,
@@ -34,7 +35,11 @@ from goodnet.metrics import (
     score,
 )
 from goodnet.models import model_device
-from goodnet.settings import Method
+
+# The reversed trigger's name before it moved to goodnet.methods with the scan verdict and the
+# clean-data checks (shared with the scanners and the detectors, imported from here as well):
+# not to be confused with an attack's trigger, goodnet.attacks.base.Trigger, a function.
+Trigger = ReversedTrigger
 
 
 @dataclass(frozen=True)
@@ -203,54 +208,6 @@ class Timings:
     evaluation: float = 0.0
 
 
-@dataclass(frozen=True, eq=False)
-class Trigger:
-    """A trigger reverse-engineered for one class: ``x' = (1 - mask) · x + mask · pattern``.
-
-    Attributes:
-        target: the class the trigger sends inputs to.
-        mask: ``(1, H, W)``, values in [0, 1].
-        pattern: ``(C, H, W)``, values in [0, 1] (image space, before the model's
-            normalisation).
-        norm: the mask's L1 norm (the statistic Neural Cleanse compares across classes).
-        success: share of the clean inputs (of other classes) the trigger sends to ``target``.
-    """
-
-    target: int
-    mask: torch.Tensor
-    pattern: torch.Tensor
-    norm: float
-    success: float
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Stamp the trigger on images ``x`` (``(B, C, H, W)``, [0, 1])."""
-        mask = self.mask.to(x.device, x.dtype)
-        return (1 - mask) * x + mask * self.pattern.to(x.device, x.dtype)
-
-
-@dataclass(frozen=True)
-class ScanVerdict:
-    """What a backdoor scan concluded about the model (filled by scanning defenses).
-
-    Attributes:
-        backdoored: whether the scan judges the model backdoored.
-        targets: the suspected target classes.
-        score: the scan's statistic (an anomaly index, say).
-        threshold: the value of ``score`` above which it says "backdoored".
-        scores: the statistic per class, in class order (an anomaly index each), where the scan
-            has one.
-        triggers: the reverse-engineered trigger of each class, in class order, where the scan
-            makes them.
-    """
-
-    backdoored: bool
-    targets: tuple[int, ...] = ()
-    score: float = float("nan")
-    threshold: float = float("nan")
-    scores: tuple[float, ...] = ()
-    triggers: tuple[Trigger, ...] = ()
-
-
 @dataclass
 class RepairResult:
     """What a repair produced.
@@ -401,27 +358,3 @@ class Defense(Method[C], ABC):
 
     def settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)  # type: ignore[call-overload]
-
-
-def clean_or_blank(model: nn.Module, clean: ImageData | None) -> torch.Tensor:
-    """One input to trace ``model``'s layer order with, on the model's device: the first clean
-    image, or (data-free) a blank input of the model's shape."""
-    if clean is not None:
-        return clean.get(torch.arange(1))[0].to(model_device(model))
-    # The model's own shape, or that of the network a wrapper (masks, a GoodNet) holds.
-    shape: tuple[int, ...] | None = next(
-        (tuple(getattr(m, "input_shape")) for m in model.modules()  # noqa: B009
-         if hasattr(m, "input_shape")), None)
-    if shape is None:
-        raise GoodnetError("without clean data the model's input shape is unknown: give clean "
-                           "data, or set model.input_shape = (C, H, W)")
-    return torch.zeros(1, *shape, device=model_device(model))
-
-
-def check_clean(clean: ImageData) -> None:
-    """Refuse clean data a defense cannot learn anything from."""
-    if len(clean) == 0:
-        raise GoodnetError(f"{clean.name}: the clean data is empty")
-    if len(clean.labels.unique()) < 2:
-        raise GoodnetError(f"{clean.name}: the clean data holds a single class; a defense needs "
-                           "several to measure accuracy")

@@ -2,7 +2,7 @@
 
 A mask defense that chooses from clean accuracy alone is blind to the backdoor: it stops where
 clean accuracy starts to fall, whether the backdoor is gone by then or not. A trigger
-reverse-engineered by Neural Cleanse (:func:`goodnet.defenses.nc.detect`) stands in for the
+reverse-engineered by Neural Cleanse (:func:`goodnet.scans.nc.detect`) stands in for the
 attack without any poisoned data: among the prunings that keep clean accuracy within the
 defense's tolerance, ``select="proxy"`` takes the one whose *proxy ASR* (the share of clean
 images of other classes that the reversed trigger sends to its class) is lowest; ties go to the
@@ -24,6 +24,7 @@ that breaks the reversed trigger need not break the real one.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,10 @@ import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData, batches
-from goodnet.defenses.base import Point, Trigger
+from goodnet.defenses.base import Point
+from goodnet.methods import ReversedTrigger
 from goodnet.models import model_device
+from goodnet.scans.nc import NCScanConfig, detect
 
 EXTRA = "proxy_asr"  # the name of a point's proxy ASR in its extra fields
 
@@ -48,7 +51,7 @@ class Proxy:
         anomaly_index: the class's anomaly index.
     """
 
-    trigger: Trigger
+    trigger: ReversedTrigger
     flagged: bool
     anomaly_index: float
 
@@ -62,14 +65,10 @@ def reversed_proxy(model: nn.Module, clean: ImageData, seed: int = 0,
                    progress: bool = False) -> Proxy:
     """Neural Cleanse's reversed trigger of the most suspicious class of ``model`` on ``clean``
     (``model`` is not modified)."""
-    import copy
-
-    from goodnet.defenses.nc import NCConfig, detect
-
     work = copy.deepcopy(model).eval()
     for p in work.parameters():
         p.requires_grad_(False)
-    verdict = detect(work, clean, NCConfig(seed=seed), progress)
+    verdict = detect(work, clean, NCScanConfig(seed=seed), progress)
     scores = torch.tensor(verdict.scores)
     scores = torch.where(torch.isnan(scores), torch.tensor(-torch.inf), scores)
     if verdict.targets:
@@ -80,7 +79,7 @@ def reversed_proxy(model: nn.Module, clean: ImageData, seed: int = 0,
 
 
 @torch.no_grad()
-def proxy_asr(model: nn.Module, data: ImageData, trigger: Trigger, batch_size: int = 256
+def proxy_asr(model: nn.Module, data: ImageData, trigger: ReversedTrigger, batch_size: int = 256
               ) -> float:
     """The share of ``data``'s images of classes other than the trigger's that ``model`` sends
     to the trigger's class once stamped; 0 if there are none."""

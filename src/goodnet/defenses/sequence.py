@@ -26,6 +26,7 @@ from torch import nn
 
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Defense, Repaired, Steps
+from goodnet.defenses.registry import DEFENSES, make_defense
 from goodnet.errors import GoodnetError
 from goodnet.masking import Masked
 
@@ -42,8 +43,6 @@ class SequenceConfig:
     steps: tuple[str, ...] = ("fst", "nc")
 
     def __post_init__(self) -> None:
-        from goodnet.defenses import DEFENSES
-
         if len(self.steps) < 2:
             raise GoodnetError("sequence: give at least two steps, e.g. steps=fst,nc")
         for name in self.steps:
@@ -53,11 +52,8 @@ class SequenceConfig:
                 raise GoodnetError(f"sequence: unknown defense {name!r}; choose from "
                                    f"{', '.join(n for n in DEFENSES if n != Sequence.name)}")
 
-
     def parts(self) -> list[tuple[str, Any]]:
         """Each step's name and settings (its defaults): what the steps run with."""
-        from goodnet.defenses import DEFENSES
-
         return [(name, DEFENSES[name].Config()) for name in self.steps]
 
 
@@ -70,8 +66,6 @@ class Sequence(Defense[SequenceConfig]):
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:
-        from goodnet.defenses import make_defense
-
         defenses = [make_defense(name) for name in self.config.steps]
         if clean is None and any(d.needs_clean for d in defenses):
             needy = next(d.name for d in defenses if d.needs_clean)

@@ -18,7 +18,7 @@ from goodnet.detectors.mahalanobis import Mahalanobis, MahalanobisConfig
 from goodnet.detectors.scale_up import ScaleUp, ScaleUpConfig
 from goodnet.detectors.strip import STRIP, STRIPConfig
 from goodnet.detectors.teco import TeCo, TeCoConfig
-from goodnet.settings import make_method
+from goodnet.methods import make_method
 
 DETECTORS: dict[str, type[InputDetector[Any]]] = {
     "mahalanobis": Mahalanobis,

@@ -39,10 +39,9 @@ import torch
 from torch import nn
 
 from goodnet.data.dataset import BatchSource, ImageData, batches
-from goodnet.defenses.base import check_clean
 from goodnet.errors import GoodnetError
+from goodnet.methods import Method, check_clean
 from goodnet.models import model_device
-from goodnet.settings import Method
 
 C = TypeVar("C")
 

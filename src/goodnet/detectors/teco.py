@@ -40,9 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import clean_or_blank
 from goodnet.detectors.base import Detection, InputDetector
 from goodnet.errors import GoodnetError
+from goodnet.methods import clean_or_blank
 
 NEVER = 6  # the reference's --max: a type that never changes the prediction
 GAUSSIAN = (0.08, 0.12, 0.18, 0.26, 0.38)

@@ -15,10 +15,10 @@ from torch import nn
 
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
+from goodnet.methods import make_method
 from goodnet.scans.base import Scanned, Scanner, ScanReport
 from goodnet.scans.mm_bd import MMBD, MMBDConfig
 from goodnet.scans.nc import NCScanner
-from goodnet.settings import make_method
 
 SCANNERS: dict[str, type[Scanner[Any]]] = {
     "mm-bd": MMBD,

@@ -3,7 +3,7 @@
 A scanner answers the question a stranger's model raises before any repair: is it backdoored,
 and towards which class? It looks at the model alone (data-free scanners) or at the model and a
 little clean data, never at poisoned data, and never modifies the model. Its verdict is a
-:class:`~goodnet.defenses.base.ScanVerdict` (the same record Neural Cleanse's repair fills), so a
+:class:`~goodnet.methods.ScanVerdict` (the same record Neural Cleanse's repair fills), so a
 verdict reads the same whether a scan or a repair made it.
 
 Every scanner states its model-level ``score`` so that higher is more suspicious, and the
@@ -24,10 +24,9 @@ import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import ScanVerdict, check_clean, clean_or_blank
 from goodnet.errors import GoodnetError
+from goodnet.methods import Method, ScanVerdict, check_clean, clean_or_blank
 from goodnet.models import model_device
-from goodnet.settings import Method
 
 C = TypeVar("C")
 

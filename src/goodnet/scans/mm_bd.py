@@ -66,8 +66,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import ScanVerdict, clean_or_blank
 from goodnet.errors import GoodnetError
+from goodnet.methods import ScanVerdict, clean_or_blank
 from goodnet.models import channels_last, model_device
 from goodnet.scans.base import Scanned, Scanner
 
