@@ -4,7 +4,7 @@ The registries (``MODELS``, ``ATTACKS``, ``DEFENSES``, ``DATASETS``) are the sin
 what goodnet offers; the CLI, the benchmarks and the contract tests iterate over them.
 """
 
-from goodnet.artifacts import ModelCard, load_model, read_card, save_model
+from goodnet.artifacts import ModelCard, read_card, save_model
 from goodnet.attacks import ATTACKS, Attack, make_attack
 from goodnet.backdoor import attack_from_card
 from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
@@ -12,6 +12,7 @@ from goodnet.defenses import DEFENSES, Defense, RepairResult, make_defense
 from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, evaluate, predict
+from goodnet.model_files import load_model
 from goodnet.models import MODELS, ModelSpec, build_model, spec_for_data
 from goodnet.scans import SCANNERS, ScanReport, make_scanner, scan
 from goodnet.train import TrainConfig, train

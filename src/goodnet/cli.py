@@ -22,14 +22,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import torch
 
-from goodnet.artifacts import (
-    LoadedModel,
-    ModelCard,
-    check_writable,
-    load_model,
-    read_card,
-    save_model,
-)
+from goodnet.artifacts import LoadedModel, ModelCard, check_writable, read_card, save_model
 from goodnet.attacks import ATTACKS, Attack, make_attack
 from goodnet.backdoor import attack_from_card, train_model
 from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
@@ -45,6 +38,7 @@ from goodnet.demo import run_demo
 from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
 from goodnet.metrics import evaluate, metrics_table, percent
+from goodnet.model_files import load_model
 from goodnet.models import MODELS, ModelSpec, check_input
 from goodnet.paths import require_regular_file
 from goodnet.settings import check_settings, pairs_to_dict
