@@ -212,7 +212,7 @@ def _unwritten_csaw(folder: Path) -> Path:
 
 def _card(folder: Path, name: str, graph: list[dict[str, Any]]) -> Path:
     """A goodnet model file whose card carries ``graph`` (and no weights worth the name)."""
-    spec = ModelSpec("keras", 10, 1, 8, 8, (0.0,), (1.0,), graph=json.dumps(graph))
+    spec = ModelSpec("graph", 10, 1, 8, 8, (0.0,), (1.0,), graph=json.dumps(graph))
     path = folder / f"{name}.safetensors"
     save_file({"x": torch.zeros(1)}, str(path),
               metadata={"goodnet.card": ModelCard(spec=spec).to_json()})
@@ -479,7 +479,7 @@ def test_mutated_card_graphs_are_refused_or_run(text, height):
     refused with a GoodnetError when the model is built, or the model runs."""
     model = None
     with contextlib.suppress(GoodnetError):
-        model = build_model(ModelSpec("keras", 10, 1, height, 12, (0.0,), (1.0,), graph=text))
+        model = build_model(ModelSpec("graph", 10, 1, height, 12, (0.0,), (1.0,), graph=text))
     if model is not None:
         with torch.no_grad():
             assert model(torch.rand(2, 1, height, 12)).ndim == 2
@@ -493,4 +493,4 @@ def test_a_window_longer_than_any_image_is_refused(key):
     pool = next(node for node in graph if node["op"] == "maxpool")
     pool[key] = [10**12, 2]
     with pytest.raises(GoodnetError, match=f"{key} must be two positive integers of at most"):
-        build_model(ModelSpec("keras", 10, 1, 12, 12, (0.0,), (1.0,), graph=json.dumps(graph)))
+        build_model(ModelSpec("graph", 10, 1, 12, 12, (0.0,), (1.0,), graph=json.dumps(graph)))

@@ -407,7 +407,7 @@ _MUTATIONS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
     st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3),
                                                               st.integers(), max_size=2),
-    st.sampled_from(["small_cnn", "resnet20", "keras", "badnets", "white", "goodnet",
+    st.sampled_from(["small_cnn", "resnet20", "graph", "keras", "badnets", "white", "goodnet",
                      "channel"]),
     st.integers(1, 300).map(_deep),
 )

@@ -39,7 +39,7 @@ from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
 from goodnet.metrics import evaluate, metrics_table, percent
 from goodnet.model_files import load_model
-from goodnet.models import MODELS, ModelSpec, check_input
+from goodnet.models import MODELS, ModelSpec, check_input, fixed_archs, is_graph
 from goodnet.paths import require_regular_file
 from goodnet.settings import check_settings, pairs_to_dict
 from goodnet.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
@@ -138,7 +138,7 @@ def open_model(args: argparse.Namespace) -> LoadedModel:
         if arch is None:
             raise GoodnetError(f"{args.model}: a PyTorch checkpoint holds weights only; name "
                                f"the architecture to load it onto with --arch "
-                               f"({', '.join(m for m in MODELS if m != 'keras')}, or your own "
+                               f"({', '.join(fixed_archs())}, or your own "
                                "package.module:Class)")
         if ":" in arch:
             return import_own_class(args.model, arch=arch, class_args=class_args,
@@ -211,13 +211,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def imported_as(card: ModelCard) -> str:
-    """What an imported model is, in words: the card's architecture, except for the layer
-    graphs of ONNX files and traced classes, whose spec says "keras" (the graph's module)."""
+    """What an imported model is, in words: the architecture its weights loaded onto, or for a
+    layer graph, where the graph came from (a traced class, an ONNX file, a Keras file)."""
     source = card.notes.get("source", {})
     if source.get("class"):
         return f"a traced PyTorch network ({source['class']})"
     if source.get("format") == "onnx":
         return "an ONNX graph"
+    if is_graph(card.spec.arch):
+        return "a Keras graph"
     return card.spec.arch
 
 

@@ -45,7 +45,7 @@ from torch import nn
 from goodnet.artifacts import LoadedModel, ModelCard
 from goodnet.errors import GoodnetError
 from goodnet.hdf5 import attribute, check_stored, child, is_hdf5, open_hdf5, read
-from goodnet.models import MODELS, ModelSpec, build_model
+from goodnet.models import GRAPH, MODELS, ModelSpec, build_model, fixed_archs, is_graph
 from goodnet.models.keras_graph import (
     ACTIVATIONS,
     Shape,
@@ -477,7 +477,7 @@ def _spec_from_config(raw: Any, pixel_scale: float, path: Path
             raise GoodnetError(f"the model's output ({graph[-1]['name']!r}) gives "
                                f"{'×'.join(map(str, output))} values per image; goodnet "
                                "imports classifiers whose output is a vector of class scores")
-        spec = ModelSpec("keras", output[0], c, h, w, (0.0,) * c, (1.0,) * c, pixel_scale,
+        spec = ModelSpec(GRAPH, output[0], c, h, w, (0.0,) * c, (1.0,) * c, pixel_scale,
                          graph=json.dumps(graph, separators=(",", ":")))
     except GoodnetError as error:
         raise GoodnetError(f"{path}: {error}") from None
@@ -487,9 +487,8 @@ def _spec_from_config(raw: Any, pixel_scale: float, path: Path
 def _spec_for_arch(arch: str, index: dict[str, dict[str, h5py.Dataset]],
                    input_shape: tuple[int, int, int] | None, pixel_scale: float, path: Path
                    ) -> ModelSpec:
-    if arch not in MODELS or arch == "keras":
-        raise GoodnetError(f"unknown architecture {arch!r}; choose from "
-                           f"{sorted(set(MODELS) - {'keras'})}")
+    if arch not in MODELS or is_graph(arch):
+        raise GoodnetError(f"unknown architecture {arch!r}; choose from {sorted(fixed_archs())}")
     kernels = [d.shape for layer in index.values() for k, d in layer.items() if k == "kernel"]
     firsts = [shape for shape in kernels if len(shape) == 4]
     if not firsts or len(kernels[-1]) != 2:

@@ -46,7 +46,7 @@ import torch
 
 from goodnet.artifacts import LoadedModel, ModelCard
 from goodnet.errors import GoodnetError
-from goodnet.models import ModelSpec, Normalize, build_model, load_class
+from goodnet.models import GRAPH, ModelSpec, Normalize, build_model, load_class
 from goodnet.models.keras_graph import MAX_NODES, check_graph, module_name
 from goodnet.models.spec import check_input_size
 from goodnet.paths import require_regular_file
@@ -692,7 +692,7 @@ def convert_onnx(model: Any, source: str, *, pixel_scale: float = 1.0,
     std = tuple(std) if std is not None else (1.0,) * c
     if len(mean) != c or len(std) != c:
         raise GoodnetError(f"mean and std need {c} values each, one per input channel")
-    spec = ModelSpec("keras", classes, c, h, w, mean, std, pixel_scale,
+    spec = ModelSpec(GRAPH, classes, c, h, w, mean, std, pixel_scale,
                      graph=json.dumps(graph, separators=(",", ":")))
     network = build_model(spec)
     own = network.state_dict()

@@ -37,7 +37,7 @@ import torch
 
 from goodnet.artifacts import LoadedModel, ModelCard, check_weights
 from goodnet.errors import GoodnetError
-from goodnet.models import MODELS, ModelSpec, build_model
+from goodnet.models import MODELS, ModelSpec, build_model, fixed_archs, is_graph
 from goodnet.paths import require_regular_file
 
 MAX_BYTES = 8 * 2**30
@@ -163,9 +163,9 @@ def import_checkpoint(path: str | os.PathLike[str], *, arch: str,
     network takes [0, 1] pixels) describe what the network was trained on.
     """
     path = Path(path)
-    if arch not in MODELS or arch == "keras":
+    if arch not in MODELS or is_graph(arch):
         raise GoodnetError(f"unknown architecture {arch!r} for a checkpoint; choose from "
-                           f"{sorted(m for m in MODELS if m != 'keras')}")
+                           f"{sorted(fixed_archs())}")
     state = read_checkpoint(path)
     convs = [v for v in state.values() if v.ndim == 4]
     linears = [v for v in state.values() if v.ndim == 2]

@@ -1,4 +1,6 @@
-"""A network imported from a Keras model: a graph of common layers, channels-first inside.
+"""The ``graph`` architecture: a network imported from a Keras model, an ONNX file or your own
+class, as a graph of common layers, channels-first inside (cards before issue 28 call it
+``keras``).
 
 The graph is goodnet's own plain description (JSON in the model card's ``spec.graph``), parsed
 from a Keras ``model_config`` by :mod:`goodnet.keras_h5` and checked here; nothing from the file
