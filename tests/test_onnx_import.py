@@ -275,7 +275,7 @@ def test_a_huge_declared_initializer_in_a_tiny_file_is_refused_cheaply(tmp_path)
         paths[name].write_bytes(conv_then_flatten(weight).SerializeToString())
         assert paths[name].stat().st_size < 1000
     results = measure({name: f"import_onnx({str(p)!r})" for name, p in paths.items()},
-                      setup="from goodnet.onnx_import import import_onnx")
+                      setup="from goodnet.importers.onnx import import_onnx")
     assert_refused_cheaply(results, match=dict.fromkeys(paths, "refused before allocating"))
 
 

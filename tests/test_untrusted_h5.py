@@ -27,7 +27,7 @@ from goodnet.artifacts import ModelCard, load_model, save_model
 from goodnet.cli import main
 from goodnet.data import load_csaw
 from goodnet.errors import GoodnetError
-from goodnet.keras_h5 import import_keras
+from goodnet.importers.keras import import_keras
 from goodnet.models import ModelSpec, build_model
 from goodnet.models.keras_graph import OPS
 from tests.bounded import assert_refused_cheaply, measure
@@ -254,7 +254,7 @@ def test_hostile_files_are_refused_before_allocating(tmp_path):
     calls["unwritten csaw data"] = f"load_csaw({str(paths['unwritten csaw data'])!r})"
     calls.update({f"card: {name}": f"load_model({str(paths[f'card: {name}'])!r})"
                   for name in CARD_GRAPHS})
-    results = measure(calls, setup="from goodnet.keras_h5 import import_keras\n"
+    results = measure(calls, setup="from goodnet.importers.keras import import_keras\n"
                                    "from goodnet.artifacts import load_model\n"
                                    "from goodnet.data import load_csaw")
     assert_refused_cheaply(results, match={

@@ -25,10 +25,10 @@ from goodnet.artifacts import CARD_KEY, ModelCard, check_writable, load_model, s
 from goodnet.attacks import make_attack
 from goodnet.cli import main
 from goodnet.errors import GoodnetError
+from goodnet.importers.checkpoint import read_checkpoint
 from goodnet.models import ModelSpec, build_model
 from goodnet.models.spec import MAX_PIXELS, MAX_SIDE, check_input_size
 from goodnet.paths import require_regular_file
-from goodnet.torch_checkpoint import read_checkpoint
 from tests.bounded import Measured, assert_refused_cheaply, measure
 
 SPEC = ModelSpec("small_cnn", 4, 1, 16, 16, (0.0,), (1.0,))
@@ -143,7 +143,7 @@ def costs(tmp_path_factory, state, card_body) -> dict[str, Measured]:
     return measure(calls, setup="from goodnet.artifacts import load_model\n"
                                 "from goodnet.attacks import make_attack\n"
                                 "from goodnet.backdoor import attack_from_card\n"
-                                "from goodnet.torch_checkpoint import read_checkpoint\n"
+                                "from goodnet.importers.checkpoint import read_checkpoint\n"
                                 "from tests.conftest import stripes")
 
 

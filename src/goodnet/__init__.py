@@ -1,7 +1,8 @@
 """goodnet: turn a backdoored image classifier (a BadNet) into a trustworthy one (a GoodNet).
 
-The registries (``MODELS``, ``ATTACKS``, ``DEFENSES``, ``DATASETS``) are the single list of
-what goodnet offers; the CLI, the benchmarks and the contract tests iterate over them.
+The registries (``MODELS``, ``ATTACKS``, ``DEFENSES``, ``DATASETS``, ``IMPORTERS``) are the
+single list of what goodnet offers; the CLI, the benchmarks and the contract tests iterate over
+them.
 """
 
 from goodnet.artifacts import ModelCard, read_card, save_model
@@ -11,6 +12,7 @@ from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
 from goodnet.defenses import DEFENSES, Defense, RepairResult, make_defense
 from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
+from goodnet.importers import IMPORTERS, ImportOptions, import_model
 from goodnet.metrics import Metrics, evaluate, predict
 from goodnet.model_files import load_model
 from goodnet.models import MODELS, ModelSpec, build_model, spec_for_data
@@ -22,6 +24,7 @@ __all__ = [
     "ATTACKS",
     "DATASETS",
     "DEFENSES",
+    "IMPORTERS",
     "MODELS",
     "SCANNERS",
     "Attack",
@@ -29,6 +32,7 @@ __all__ = [
     "GoodNet",
     "GoodnetError",
     "ImageData",
+    "ImportOptions",
     "Metrics",
     "ModelCard",
     "ModelSpec",
@@ -39,6 +43,7 @@ __all__ = [
     "attack_from_card",
     "build_model",
     "evaluate",
+    "import_model",
     "load_dataset",
     "load_model",
     "make_attack",
