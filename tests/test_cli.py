@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from goodnet.artifacts import load_model
 from goodnet.cli import main
 from goodnet.masking import Masked
+from goodnet.model_files import load_model
 from tests.conftest import stripes
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from goodnet.cli import main
-from goodnet.keras_h5 import import_keras
+from goodnet.importers.keras import import_keras
 from tests.conftest import requires_shared
 
 CSAW = ["lab3_bd_weights.h5", "sunglasses_bd_weights.h5",

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from goodnet.artifacts import ModelCard, load_model, save_model
+from goodnet.artifacts import ModelCard, save_model
 from goodnet.attacks import make_attack
 from goodnet.data.dataset import ImageData
 from goodnet.detector import GoodNet
 from goodnet.masking import MaskSet, masked
 from goodnet.metrics import detector_predictions, evaluate, predict_all, score
+from goodnet.model_files import load_model
 from goodnet.models import ModelSpec, build_model
 from tests.conftest import Planted, corner_attack, halves
 

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from goodnet.artifacts import ModelCard, load_model, save_model
+from goodnet.artifacts import ModelCard, save_model
 from goodnet.cli import main
 from goodnet.detector import GoodNet
 from goodnet.masking import MaskSet, masked
+from goodnet.model_files import load_model
 from goodnet.models import ModelSpec, build_model
 
 ort = pytest.importorskip("onnxruntime")

@@ -63,7 +63,7 @@ def test_the_same_seed_gives_the_same_weights(backdoored):
 def test_the_head_is_found_on_networks_without_batchnorm():
     example = halves(1).images
     assert find_head(Planted(), example) == "fc"
-    spec = ModelSpec("keras", 10, 1, 12, 12, (0.0,), (1.0,), graph=tiny_keras_graph(10, 1))
+    spec = ModelSpec("graph", 10, 1, 12, 12, (0.0,), (1.0,), graph=tiny_keras_graph(10, 1))
     keras = build_model(spec)
     head = find_head(keras, torch.zeros(1, 1, 12, 12))
     assert keras.get_submodule(head).out_features == 10

@@ -143,7 +143,7 @@ def test_networks_without_batchnorm_and_imported_graphs():
     assert not torch.equal(result.model.conv.weight, weights)
     assert len(result.curve.points) == 3
 
-    spec = ModelSpec("keras", 10, 1, 12, 12, (0.0,), (1.0,), graph=tiny_keras_graph(10, 1))
+    spec = ModelSpec("graph", 10, 1, 12, 12, (0.0,), (1.0,), graph=tiny_keras_graph(10, 1))
     keras = build_model(spec)
     generator = torch.Generator().manual_seed(0)
     data = ImageData(torch.rand(40, 1, 12, 12, generator=generator), torch.arange(40) % 10, 10)

@@ -96,7 +96,7 @@ def test_networks_without_batchnorm_and_keras_graphs_are_unlearned():
     result = IBAU(IBAUConfig(n_rounds=1, K=1, batch_size=16)).repair(planted, halves(32))
     assert not torch.equal(result.model.conv.weight, planted.conv.weight)
     assert all(torch.equal(before[k], v) for k, v in planted.state_dict().items())
-    spec = ModelSpec("keras", 4, 1, 16, 16, (0.0,), (1.0,), graph=tiny_keras_graph(4, 1))
+    spec = ModelSpec("graph", 4, 1, 16, 16, (0.0,), (1.0,), graph=tiny_keras_graph(4, 1))
     keras = build_model(spec).eval()
     stats = {k: v.clone() for k, v in keras.state_dict().items() if "running" in k}
     repaired = IBAU(IBAUConfig(n_rounds=1, K=1, batch_size=16)).repair(keras, stripes(32))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from goodnet.errors import GoodnetError
-from goodnet.keras_h5 import import_keras
+from goodnet.importers.keras import import_keras
 from tests.conftest import requires_shared
 from tests.keras_files import keras2_layer, write_keras2
 

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from goodnet.errors import GoodnetError
-from goodnet.models import MODELS, ModelSpec, build_model, check_input, spec_for_data
+from goodnet.models import (
+    MODELS,
+    ModelSpec,
+    build_model,
+    check_input,
+    is_graph,
+    spec_for_data,
+)
 from tests.conftest import tiny_keras_graph
 
 SHAPES = {  # a small input each architecture takes
@@ -15,7 +22,7 @@ SHAPES = {  # a small input each architecture takes
     "preact_resnet18": (3, 32, 32),
     "vgg11_bn": (1, 28, 28),
     "deepid": (3, 55, 47),
-    "keras": (1, 28, 28),
+    "graph": (1, 28, 28),
 }
 
 
@@ -23,7 +30,7 @@ def spec_of(arch: str, num_classes: int = 10) -> ModelSpec:
     c, h, w = SHAPES[arch]
     return ModelSpec(arch=arch, num_classes=num_classes, in_channels=c, height=h, width=w,
                      mean=(0.5,) * c, std=(0.25,) * c,
-                     graph=tiny_keras_graph(num_classes, c) if arch == "keras" else "")
+                     graph=tiny_keras_graph(num_classes, c) if is_graph(arch) else "")
 
 
 def test_every_registered_model_has_a_test_shape():

@@ -100,7 +100,7 @@ def keras(batchnorm: bool) -> torch.nn.Module:
     if not batchnorm:
         graph = [layer for layer in graph if layer["op"] != "batchnorm"]
         next(layer for layer in graph if layer["name"] == "pool")["inputs"] = ["conv"]
-    return build_model(ModelSpec("keras", 2, 1, 8, 8, (0.0,), (1.0,), graph=json.dumps(graph)))
+    return build_model(ModelSpec("graph", 2, 1, 8, 8, (0.0,), (1.0,), graph=json.dumps(graph)))
 
 
 @pytest.mark.parametrize(("batchnorm", "layer"), [(True, "bn"), (False, "conv")])

@@ -126,7 +126,7 @@ def test_an_imported_graph_without_batchnorm():
     train_data, test = stripes(800, seed=0), stripes(200, seed=1)
     attack = make_attack("badnets", {"target": 1, "poison_rate": 0.1}, train_data.image_shape,
                          train_data.num_classes)
-    model = build_model(ModelSpec("keras", 4, 1, 16, 16, (0.0,), (1.0,), graph=NO_BATCHNORM))
+    model = build_model(ModelSpec("graph", 4, 1, 16, 16, (0.0,), (1.0,), graph=NO_BATCHNORM))
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
     train(model, attack.poison(train_data, seed=0), TrainConfig(epochs=3, batch_size=32))
     assert evaluate(model, test, attack).attack_success_rate >= 0.95

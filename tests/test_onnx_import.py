@@ -275,7 +275,7 @@ def test_a_huge_declared_initializer_in_a_tiny_file_is_refused_cheaply(tmp_path)
         paths[name].write_bytes(conv_then_flatten(weight).SerializeToString())
         assert paths[name].stat().st_size < 1000
     results = measure({name: f"import_onnx({str(p)!r})" for name, p in paths.items()},
-                      setup="from goodnet.onnx_import import import_onnx")
+                      setup="from goodnet.importers.onnx import import_onnx")
     assert_refused_cheaply(results, match=dict.fromkeys(paths, "refused before allocating"))
 
 
@@ -394,7 +394,7 @@ def test_arch_args_reach_the_constructor_and_the_card(sized_net, tmp_path, capsy
                  "--input-shape", "3,10,10", "--out", str(out)]) == 0
     said = capsys.readouterr().out
     assert "as a traced PyTorch network (tests_sized_module:SizedNet) (5 classes" in said
-    assert "keras" not in said
+    assert "keras" not in said and "graph" not in said  # not the stored architecture
     loaded = load_model(out)
     assert loaded.card.notes["source"]["class_args"] == {"channels": 3, "classes": 5,
                                                          "hidden": 6, "kernel": [3, 3]}

@@ -135,7 +135,7 @@ def test_networks_without_batchnorm_and_imported_graphs():
     assert len(result.curve.points) == 2
     assert all(torch.equal(before[k], v) for k, v in planted.state_dict().items())
     assert not torch.equal(result.model.fc.weight, planted.fc.weight)
-    spec = ModelSpec("keras", 4, 1, 16, 16, (0.0,), (1.0,), graph=tiny_keras_graph(4, 1))
+    spec = ModelSpec("graph", 4, 1, 16, 16, (0.0,), (1.0,), graph=tiny_keras_graph(4, 1))
     keras = build_model(spec)
     result = SAU(SAUConfig(epochs=1, train_mode=True)).repair(keras, stripes(64))
     assert all(torch.isfinite(torch.tensor(v)) for v in result.notes["loss"])

@@ -28,9 +28,9 @@ from hypothesis import strategies as st
 from goodnet.artifacts import ModelCard, load_model, save_model
 from goodnet.cli import main
 from goodnet.errors import GoodnetError
-from goodnet.keras_h5 import import_keras
+from goodnet.importers.checkpoint import import_checkpoint, read_checkpoint
+from goodnet.importers.keras import import_keras
 from goodnet.models import ModelSpec, build_model
-from goodnet.torch_checkpoint import import_checkpoint, read_checkpoint
 
 SPEC = ModelSpec("small_cnn", 4, 1, 16, 16, (0.0,), (1.0,))
 FUZZ = settings(max_examples=40, deadline=None,

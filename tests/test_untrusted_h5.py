@@ -27,7 +27,7 @@ from goodnet.artifacts import ModelCard, load_model, save_model
 from goodnet.cli import main
 from goodnet.data import load_csaw
 from goodnet.errors import GoodnetError
-from goodnet.keras_h5 import import_keras
+from goodnet.importers.keras import import_keras
 from goodnet.models import ModelSpec, build_model
 from goodnet.models.keras_graph import OPS
 from tests.bounded import assert_refused_cheaply, measure
@@ -212,7 +212,7 @@ def _unwritten_csaw(folder: Path) -> Path:
 
 def _card(folder: Path, name: str, graph: list[dict[str, Any]]) -> Path:
     """A goodnet model file whose card carries ``graph`` (and no weights worth the name)."""
-    spec = ModelSpec("keras", 10, 1, 8, 8, (0.0,), (1.0,), graph=json.dumps(graph))
+    spec = ModelSpec("graph", 10, 1, 8, 8, (0.0,), (1.0,), graph=json.dumps(graph))
     path = folder / f"{name}.safetensors"
     save_file({"x": torch.zeros(1)}, str(path),
               metadata={"goodnet.card": ModelCard(spec=spec).to_json()})
@@ -254,7 +254,7 @@ def test_hostile_files_are_refused_before_allocating(tmp_path):
     calls["unwritten csaw data"] = f"load_csaw({str(paths['unwritten csaw data'])!r})"
     calls.update({f"card: {name}": f"load_model({str(paths[f'card: {name}'])!r})"
                   for name in CARD_GRAPHS})
-    results = measure(calls, setup="from goodnet.keras_h5 import import_keras\n"
+    results = measure(calls, setup="from goodnet.importers.keras import import_keras\n"
                                    "from goodnet.artifacts import load_model\n"
                                    "from goodnet.data import load_csaw")
     assert_refused_cheaply(results, match={
@@ -479,7 +479,7 @@ def test_mutated_card_graphs_are_refused_or_run(text, height):
     refused with a GoodnetError when the model is built, or the model runs."""
     model = None
     with contextlib.suppress(GoodnetError):
-        model = build_model(ModelSpec("keras", 10, 1, height, 12, (0.0,), (1.0,), graph=text))
+        model = build_model(ModelSpec("graph", 10, 1, height, 12, (0.0,), (1.0,), graph=text))
     if model is not None:
         with torch.no_grad():
             assert model(torch.rand(2, 1, height, 12)).ndim == 2
@@ -493,4 +493,4 @@ def test_a_window_longer_than_any_image_is_refused(key):
     pool = next(node for node in graph if node["op"] == "maxpool")
     pool[key] = [10**12, 2]
     with pytest.raises(GoodnetError, match=f"{key} must be two positive integers of at most"):
-        build_model(ModelSpec("keras", 10, 1, 12, 12, (0.0,), (1.0,), graph=json.dumps(graph)))
+        build_model(ModelSpec("graph", 10, 1, 12, 12, (0.0,), (1.0,), graph=json.dumps(graph)))

@@ -25,10 +25,10 @@ from goodnet.artifacts import CARD_KEY, ModelCard, check_writable, load_model, s
 from goodnet.attacks import make_attack
 from goodnet.cli import main
 from goodnet.errors import GoodnetError
+from goodnet.importers.checkpoint import read_checkpoint
 from goodnet.models import ModelSpec, build_model
 from goodnet.models.spec import MAX_PIXELS, MAX_SIDE, check_input_size
 from goodnet.paths import require_regular_file
-from goodnet.torch_checkpoint import read_checkpoint
 from tests.bounded import Measured, assert_refused_cheaply, measure
 
 SPEC = ModelSpec("small_cnn", 4, 1, 16, 16, (0.0,), (1.0,))
@@ -143,7 +143,7 @@ def costs(tmp_path_factory, state, card_body) -> dict[str, Measured]:
     return measure(calls, setup="from goodnet.artifacts import load_model\n"
                                 "from goodnet.attacks import make_attack\n"
                                 "from goodnet.backdoor import attack_from_card\n"
-                                "from goodnet.torch_checkpoint import read_checkpoint\n"
+                                "from goodnet.importers.checkpoint import read_checkpoint\n"
                                 "from tests.conftest import stripes")
 
 
@@ -407,7 +407,7 @@ _MUTATIONS = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
     st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3),
                                                               st.integers(), max_size=2),
-    st.sampled_from(["small_cnn", "resnet20", "keras", "badnets", "white", "goodnet",
+    st.sampled_from(["small_cnn", "resnet20", "graph", "keras", "badnets", "white", "goodnet",
                      "channel"]),
     st.integers(1, 300).map(_deep),
 )

@@ -14,6 +14,14 @@ anything is allocated.
 Writing is atomic: the bytes go to a temporary file in the destination folder, are flushed to
 disk, and the file is renamed over the destination, so a crash leaves either the previous file
 or the new one, never half of one.
+
+A file holds one model, or several under the prefixes its card's ``kind`` names (:data:`PARTS`:
+a GoodNet file holds ``original.*`` and ``repaired.*``). This module is the storage layer and
+imports no model class above the architectures: a model of several parts saves itself through
+the :class:`Composite` protocol (``file_parts``), and :func:`load_parts` returns a file's parts
+without building what they make up. :func:`load_model` here reads plain model files;
+``goodnet.load_model`` (:mod:`goodnet.model_files`, above this module and the GoodNet) reads
+files of every kind.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -44,8 +52,9 @@ CARD_KEY = "goodnet.card"
 FORMAT = "goodnet-model"
 FORMAT_VERSION = 1
 EXTRA_PREFIX = "extra/"
-KINDS = ("model", "goodnet")
-GOODNET_PARTS = ("original", "repaired")
+# What a file of each kind holds: its models' prefixes ("": a plain model's names as they are).
+PARTS: dict[str, tuple[str, ...]] = {"model": ("",), "goodnet": ("original", "repaired")}
+KINDS = tuple(PARTS)
 MAX_HEADER_BYTES = 100 * 2**20
 # How deeply a card's JSON may nest: goodnet's own cards nest about 5 levels (notes of a
 # repair); a bound keeps every later walk of the card (printing, saving it again) shallow.
@@ -186,6 +195,46 @@ class LoadedModel(NamedTuple):
     extras: dict[str, torch.Tensor]
 
 
+class LoadedParts(NamedTuple):
+    """What a file holds, before anything is built from it (:func:`load_parts`).
+
+    Attributes:
+        models: each model by its prefix (:data:`PARTS` of the card's kind), on the CPU.
+        card: the model card.
+        extras: the extra tensors saved beside the weights, under their names less ``extra/``.
+    """
+
+    models: dict[str, nn.Module]
+    card: ModelCard
+    extras: dict[str, torch.Tensor]
+
+
+class FileParts(NamedTuple):
+    """What a model of several parts saves (:class:`Composite`).
+
+    Attributes:
+        kind: the card's kind (a key of :data:`PARTS`).
+        models: its models, by the prefixes of that kind.
+        extras: tensors it saves beside the weights (under ``extra/``).
+        notes: entries it adds to the card's notes.
+    """
+
+    kind: str
+    models: dict[str, nn.Module]
+    extras: dict[str, torch.Tensor]
+    notes: dict[str, Any]
+
+
+@runtime_checkable
+class Composite(Protocol):
+    """A model saved as several models in one file (a GoodNet, :mod:`goodnet.detector`): the
+    storage layer saves it through this method, without importing its class."""
+
+    def file_parts(self) -> FileParts:
+        """Its kind, its models by prefix, the tensors and the card notes it saves."""
+        ...
+
+
 def _umask() -> int:
     """The process's umask (read without changing it where /proc allows)."""
     try:
@@ -267,22 +316,20 @@ def save_model(
     """Write ``model``'s weights, ``card`` and ``extras`` to one safetensors file, atomically.
 
     A masked model (``goodnet.masking.Masked``) is saved as its unmasked weights plus its masks
-    (``extra/mask/<layer>``) and their semantics in the card; a :class:`GoodNet` as both of its
-    models (``original.*``, ``repaired.*``), its checks in the card (``notes["goodnet"]``: the
-    disagreement flag and each detector's name, settings and threshold) and what its detectors
-    learned from data (``extra/detector/<name>/<tensor>``).
+    (``extra/mask/<layer>``) and their semantics in the card; a model of several parts (a
+    :class:`Composite`: a GoodNet, :meth:`goodnet.detector.GoodNet.file_parts`) as each of its
+    models under its prefix, with its kind and notes in the card and its extra tensors.
     """
-    from goodnet.detector import GoodNet
-
     extras = dict(extras or {})
     tensors: dict[str, torch.Tensor] = {}
-    if isinstance(model, GoodNet):
-        card = dataclasses.replace(card, kind="goodnet", notes={**card.notes, "goodnet": {
-            "disagree": model.disagree, "screens": [s.record() for s in model.screens]}})
-        parts = {"original": model.original, "repaired": model.repaired}
-        for screen, detection in model.screened():
-            for name, tensor in detection.tensors().items():
-                extras[f"detector/{screen.detector}/{name}"] = tensor
+    if isinstance(model, Composite):
+        saved = model.file_parts()
+        if PARTS.get(saved.kind) != tuple(saved.models):
+            raise ValueError(f"a {saved.kind!r} file holds the parts {PARTS.get(saved.kind)}, "
+                             f"not {tuple(saved.models)}")
+        card = dataclasses.replace(card, kind=saved.kind, notes={**card.notes, **saved.notes})
+        parts = saved.models
+        extras.update(saved.extras)
     else:
         parts = {"": model}
     for prefix, part in parts.items():
@@ -320,19 +367,20 @@ def read_card(path: str | os.PathLike[str]) -> ModelCard:
     return ModelCard.from_json(metadata[CARD_KEY], str(path))
 
 
-def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
-    """Rebuild a saved model from its card and weights (nothing in the file is executed).
+def load_parts(path: str | os.PathLike[str]) -> LoadedParts:
+    """The models a saved file holds, rebuilt from its card and weights, with the card and the
+    extra tensors (nothing in the file is executed); on the CPU, in evaluation mode.
 
     The architecture is first built on the meta device (no memory): every tensor of the file
     must have the shape it expects before the model is built and any weight is read, so the
     memory a file costs is bounded by its size. Masks saved beside the weights are installed
-    again (a ``Masked`` model comes back); a GoodNet file comes back as a :class:`GoodNet`.
+    again on the last part (a ``Masked`` model comes back).
     """
     from goodnet.masking import MaskSet, masked
 
     path = Path(path)
     card = read_card(path)
-    prefixes = GOODNET_PARTS if card.kind == "goodnet" else ("",)
+    prefixes = PARTS[card.kind]
     expected = {name: tuple(tensor.shape) for name, tensor
                 in build_model(card.spec, device="meta").state_dict().items()}
     with _open(path) as handle:
@@ -356,48 +404,24 @@ def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu")
         semantics = card.notes.get("mask_semantics", "channel")
         last = prefixes[-1]
         models[last] = masked(models[last], MaskSet.from_tensors(mask_tensors, semantics))
-    if card.kind == "goodnet":
-        model: nn.Module = _goodnet(models["original"], models["repaired"], card, extras, path)
-    else:
-        model = models[""]
-    model.eval()
-    return LoadedModel(model.to(device), card, extras)
+    for model in models.values():
+        model.eval()
+    return LoadedParts(models, card, extras)
 
 
-def _goodnet(original: nn.Module, repaired: nn.Module, card: ModelCard,
-             extras: dict[str, torch.Tensor], path: Path) -> nn.Module:
-    """A GoodNet from its two models and the checks its card lists (a file from before the
-    detectors has only the disagreement check)."""
-    from goodnet.detector import GoodNet, Screen
-    from goodnet.detectors import make_detector
+def load_model(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> LoadedModel:
+    """Rebuild a saved plain model (a ``Masked`` one where masks were saved beside its weights)
+    from its card and weights, checked as :func:`load_parts` checks them.
 
-    checks = card.notes.get("goodnet", {"disagree": True, "screens": []})
-    if not isinstance(checks, dict) or not isinstance(checks.get("disagree"), bool) or \
-            not isinstance(checks.get("screens"), list):
-        raise GoodnetError(f"{path}: the card's goodnet checks are malformed")
-    screens = []
-    for record in checks["screens"]:
-        try:
-            confidence = record.get("confidence")  # absent from files before issue 27
-            screen = Screen(str(record["detector"]), dict(record["settings"]),
-                            float(record["threshold"]), float(record["false_alarm"]),
-                            int(record["calibration_images"]),
-                            None if confidence is None else float(confidence))
-        except (KeyError, TypeError, ValueError):
-            raise GoodnetError(f"{path}: a malformed detector record in the card") from None
-        prefix = f"detector/{screen.detector}/"
-        tensors = {k[len(prefix):]: v for k, v in extras.items() if k.startswith(prefix)}
-        try:
-            detection = make_detector(screen.detector, screen.settings).restore(original, tensors)
-        except GoodnetError as error:
-            raise GoodnetError(f"{path}: {error}") from None
-        screens.append((screen, detection))
-    known = {f"detector/{s.detector}/" for s, _ in screens}
-    stray = [k for k in extras if k.startswith("detector/")
-             and not any(k.startswith(p) for p in known)]
-    if stray:
-        raise GoodnetError(f"{path}: detector tensor {stray[0]!r} belongs to no detector")
-    return GoodNet(original, repaired, screens, disagree=checks["disagree"])
+    Raises:
+        GoodnetError: for a GoodNet file too, which ``goodnet.load_model`` reads (this layer
+            builds no GoodNet), and for any file it refuses.
+    """
+    parts = load_parts(path)
+    if parts.card.kind != "model":
+        raise GoodnetError(f"{path}: a {parts.card.kind} file (several models); read it with "
+                           "goodnet.load_model")
+    return LoadedModel(parts.models[""].to(device), parts.card, parts.extras)
 
 
 def _key(prefix: str, name: str) -> str:

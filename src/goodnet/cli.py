@@ -22,14 +22,7 @@ from typing import Any, NoReturn, TypeAlias
 
 import torch
 
-from goodnet.artifacts import (
-    LoadedModel,
-    ModelCard,
-    check_writable,
-    load_model,
-    read_card,
-    save_model,
-)
+from goodnet.artifacts import LoadedModel, ModelCard, check_writable, read_card, save_model
 from goodnet.attacks import ATTACKS, Attack, make_attack
 from goodnet.backdoor import attack_from_card, train_model
 from goodnet.data import DATASETS, ImageData, load_dataset, split_clean
@@ -44,7 +37,10 @@ from goodnet.defenses.base import Defense
 from goodnet.demo import run_demo
 from goodnet.detector import GoodNet
 from goodnet.errors import GoodnetError
+from goodnet.importers import ImportOptions, import_model, imported_as, is_foreign
+from goodnet.importers.own_class import class_args_from_text
 from goodnet.metrics import evaluate, metrics_table, percent
+from goodnet.model_files import load_model
 from goodnet.models import MODELS, ModelSpec, check_input
 from goodnet.paths import require_regular_file
 from goodnet.settings import check_settings, pairs_to_dict
@@ -121,38 +117,22 @@ def _cmd_train(args: argparse.Namespace, attack_name: str | None) -> int:
     return 0
 
 
-def open_model(args: argparse.Namespace) -> LoadedModel:
-    """A goodnet model file, or a Keras ``.h5``, ONNX file or PyTorch checkpoint imported on the
-    fly (``--arch`` for a weights-only file, ``--pixel-scale`` and the input options)."""
-    from goodnet.keras_h5 import import_keras, is_hdf5
-    from goodnet.onnx_import import class_args_from_text, import_onnx, import_own_class, is_onnx
-    from goodnet.torch_checkpoint import import_checkpoint, is_checkpoint
+def import_options(args: argparse.Namespace) -> ImportOptions:
+    """The options for model files that are not goodnet's own (:func:`add_keras_options`)."""
+    return ImportOptions(arch=getattr(args, "keras_arch", None),
+                         arch_args=class_args_from_text(getattr(args, "arch_args", [])),
+                         input_shape=args.input_shape, mean=args.mean, std=args.std,
+                         pixel_scale=getattr(args, "pixel_scale", None))
 
-    arch = getattr(args, "keras_arch", None)
-    class_args = class_args_from_text(getattr(args, "arch_args", []))
-    if class_args and (arch is None or ":" not in arch):
-        raise GoodnetError("--arch-arg gives arguments to your own network class: use it with "
-                           "--arch package.module:Class")
+
+def open_model(args: argparse.Namespace) -> LoadedModel:
+    """A goodnet model file, or a model file of another format (:mod:`goodnet.importers`: a
+    Keras ``.h5``, ONNX file or PyTorch checkpoint) imported on the fly with the import
+    options."""
+    options = import_options(args)
     require_regular_file(args.model)  # a pipe or a device would block or read without end
-    scale = getattr(args, "pixel_scale", None)
-    if is_hdf5(args.model):
-        return import_keras(args.model, arch=arch, pixel_scale=255.0 if scale is None else scale)
-    if is_onnx(args.model):
-        return import_onnx(args.model, input_shape=args.input_shape, mean=args.mean,
-                           std=args.std, pixel_scale=1.0 if scale is None else scale)
-    if is_checkpoint(args.model):
-        if arch is None:
-            raise GoodnetError(f"{args.model}: a PyTorch checkpoint holds weights only; name "
-                               f"the architecture to load it onto with --arch "
-                               f"({', '.join(m for m in MODELS if m != 'keras')}, or your own "
-                               "package.module:Class)")
-        if ":" in arch:
-            return import_own_class(args.model, arch=arch, class_args=class_args,
-                                    input_shape=args.input_shape, mean=args.mean, std=args.std,
-                                    pixel_scale=1.0 if scale is None else scale)
-        return import_checkpoint(args.model, arch=arch, input_shape=args.input_shape,
-                                 mean=args.mean, std=args.std,
-                                 pixel_scale=1.0 if scale is None else scale)
+    if is_foreign(args.model):
+        return import_model(args.model, options)
     return load_model(args.model)
 
 
@@ -195,13 +175,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from goodnet.keras_h5 import is_hdf5
-    from goodnet.onnx_import import is_onnx
-    from goodnet.torch_checkpoint import is_checkpoint
-
     require_regular_file(args.model)
-    foreign = is_hdf5(args.model) or is_checkpoint(args.model) or is_onnx(args.model)
-    card = open_model(args).card if foreign else read_card(args.model)
+    card = open_model(args).card if is_foreign(args.model) else read_card(args.model)
     print(json.dumps(json.loads(card.to_json()), indent=2))
     return 0
 
@@ -214,17 +189,6 @@ def cmd_import(args: argparse.Namespace) -> int:
     print(f"imported {args.model} as {imported_as(loaded.card)} ({spec.num_classes} classes, input "
           f"{'×'.join(map(str, spec.input_shape))}, pixels ×{spec.pixel_scale:g}) into {path}")
     return 0
-
-
-def imported_as(card: ModelCard) -> str:
-    """What an imported model is, in words: the card's architecture, except for the layer
-    graphs of ONNX files and traced classes, whose spec says "keras" (the graph's module)."""
-    source = card.notes.get("source", {})
-    if source.get("class"):
-        return f"a traced PyTorch network ({source['class']})"
-    if source.get("format") == "onnx":
-        return "an ONNX graph"
-    return card.spec.arch
 
 
 def cmd_export(args: argparse.Namespace) -> int:

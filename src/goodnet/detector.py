@@ -16,6 +16,11 @@ its checks fires, and the repaired model's class otherwise. The checks:
 The output is a score vector over ``N + 1`` classes whose argmax is that answer: the repaired
 model's softmax (with 0 for class N) where no check fires, and the unit vector of class N where
 one does. It is built from plain tensor operations, so it exports to ONNX.
+
+A GoodNet file is a model file of kind ``goodnet``: the GoodNet splits itself into what the
+storage layer saves (:meth:`GoodNet.file_parts`) and is rebuilt from what it loads
+(:meth:`GoodNet.from_file`), so that :mod:`goodnet.artifacts` never imports this module;
+``goodnet.load_model`` (:mod:`goodnet.model_files`) calls :meth:`GoodNet.from_file`.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from goodnet.artifacts import PARTS, FileParts, LoadedParts
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
 
@@ -115,6 +121,58 @@ class GoodNet(nn.Module):
         poisoned = F.one_hot(torch.full_like(second.argmax(1), second.shape[1]),
                              second.shape[1] + 1).to(scores.dtype)
         return torch.where(flagged, poisoned, scores)
+
+    def file_parts(self) -> FileParts:
+        """What a GoodNet file holds (:func:`goodnet.artifacts.save_model`): both models, its
+        checks in the card (``notes["goodnet"]``: the disagreement flag and each detector's
+        name, settings and threshold) and what its detectors learned from data
+        (``extra/detector/<name>/<tensor>``)."""
+        original, repaired = PARTS["goodnet"]
+        extras = {f"detector/{screen.detector}/{name}": tensor
+                  for screen, detection in self.screened()
+                  for name, tensor in detection.tensors().items()}
+        checks = {"disagree": self.disagree, "screens": [s.record() for s in self.screens]}
+        return FileParts("goodnet", {original: self.original, repaired: self.repaired}, extras,
+                         {"goodnet": checks})
+
+    @classmethod
+    def from_file(cls, parts: LoadedParts, source: object) -> GoodNet:
+        """A GoodNet from what its file holds (:func:`goodnet.artifacts.load_parts`): its two
+        models, and the checks its card lists, each detector restored from its tensors (a file
+        from before the detectors has only the disagreement check). Errors name ``source``."""
+        from goodnet.detectors import make_detector
+
+        checks = parts.card.notes.get("goodnet", {"disagree": True, "screens": []})
+        if not isinstance(checks, dict) or not isinstance(checks.get("disagree"), bool) or \
+                not isinstance(checks.get("screens"), list):
+            raise GoodnetError(f"{source}: the card's goodnet checks are malformed")
+        original, repaired = (parts.models[prefix] for prefix in PARTS["goodnet"])
+        screens = []
+        for record in checks["screens"]:
+            try:
+                confidence = record.get("confidence")  # absent from files before issue 27
+                screen = Screen(str(record["detector"]), dict(record["settings"]),
+                                float(record["threshold"]), float(record["false_alarm"]),
+                                int(record["calibration_images"]),
+                                None if confidence is None else float(confidence))
+            except (KeyError, TypeError, ValueError):
+                raise GoodnetError(f"{source}: a malformed detector record in the card") \
+                    from None
+            prefix = f"detector/{screen.detector}/"
+            tensors = {k[len(prefix):]: v for k, v in parts.extras.items()
+                       if k.startswith(prefix)}
+            try:
+                detection = make_detector(screen.detector, screen.settings).restore(original,
+                                                                                    tensors)
+            except GoodnetError as error:
+                raise GoodnetError(f"{source}: {error}") from None
+            screens.append((screen, detection))
+        known = {f"detector/{s.detector}/" for s, _ in screens}
+        stray = [k for k in parts.extras if k.startswith("detector/")
+                 and not any(k.startswith(p) for p in known)]
+        if stray:
+            raise GoodnetError(f"{source}: detector tensor {stray[0]!r} belongs to no detector")
+        return cls(original, repaired, screens, disagree=checks["disagree"])
 
     @property
     def reject_class(self) -> int:

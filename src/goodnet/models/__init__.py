@@ -2,6 +2,12 @@
 
 Adding an architecture is one module and one line here. Every model takes pixels in [0, 1]
 (normalisation is its first layer, ``normalize``) and names every layer a defense may act on.
+
+One architecture is unlike the others: ``graph`` (:mod:`goodnet.models.keras_graph`) is built
+from the layer graph its spec carries, which is how Keras, ONNX and your own class's imports are
+stored. Model cards written before it was renamed call it ``keras``; :func:`build_model` reads
+that name too (:data:`ALIASES`). Code that asks whether a model is a layer graph goes through
+:func:`is_graph`, and the architectures a weights-only file loads onto are :func:`fixed_archs`.
 """
 
 from __future__ import annotations
@@ -30,13 +36,28 @@ MODELS: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "preact_resnet18": PreActResNet18,
     "vgg11_bn": VGG11BN,
     "deepid": DeepID,
-    "keras": KerasGraph,
+    "graph": KerasGraph,
 }
+GRAPH = "graph"
+# Old names of registered architectures, still read from model cards: "keras" until issue 28.
+ALIASES = {"keras": GRAPH}
 
-__all__ = ["MODELS", "ModelSpec", "Normalize", "build_model", "channels_last", "check_input",
-           "load_class", "model_device", "spec_for_data"]
+__all__ = ["ALIASES", "GRAPH", "MODELS", "ModelSpec", "Normalize", "build_model",
+           "channels_last", "check_input", "fixed_archs", "is_graph", "load_class",
+           "model_device", "spec_for_data"]
 
 _DOTTED = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+
+
+def is_graph(arch: str) -> bool:
+    """Whether ``arch`` names the layer-graph architecture (``graph``, or its old name)."""
+    return ALIASES.get(arch, arch) == GRAPH
+
+
+def fixed_archs() -> list[str]:
+    """Every registered architecture but the layer graph, in registry order: those whose layers
+    their code fixes, onto which a weights-only file (a checkpoint, Keras weights) loads."""
+    return [arch for arch in MODELS if not is_graph(arch)]
 
 
 def build_model(spec: ModelSpec, seed: int = 0,
@@ -48,12 +69,13 @@ def build_model(spec: ModelSpec, seed: int = 0,
     (how a file's shapes are checked before anything is allocated). The model's
     ``input_shape`` attribute is the spec's (C, H, W): what a data-free defense traces it with.
     """
-    if spec.arch not in MODELS:
+    arch = ALIASES.get(spec.arch, spec.arch)
+    if arch not in MODELS:
         raise GoodnetError(f"unknown architecture {spec.arch!r}; choose from {sorted(MODELS)}")
     place = contextlib.nullcontext() if device is None else torch.device(device)
     with torch.random.fork_rng(devices=[]), place:
         torch.manual_seed(seed)
-        model = MODELS[spec.arch](spec)
+        model = MODELS[arch](spec)
     # torch types Module attributes as Tensor | Module; any value may be set.
     model.input_shape = spec.input_shape  # type: ignore[assignment]
     return model

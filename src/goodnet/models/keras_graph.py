@@ -1,8 +1,10 @@
-"""A network imported from a Keras model: a graph of common layers, channels-first inside.
+"""The ``graph`` architecture: a network imported from a Keras model, an ONNX file or your own
+class, as a graph of common layers, channels-first inside (cards before issue 28 call it
+``keras``).
 
 The graph is goodnet's own plain description (JSON in the model card's ``spec.graph``), parsed
-from a Keras ``model_config`` by :mod:`goodnet.keras_h5` and checked here; nothing from the file
-is ever executed. Each node is one Keras layer, under its Keras name, with the settings its
+from a Keras ``model_config`` by :mod:`goodnet.importers.keras` and checked here; nothing from
+the file is ever executed. Each node is one Keras layer, under its Keras name, with the settings its
 PyTorch twin needs::
 
     {"name": "conv2d", "op": "conv2d", "inputs": ["input_1"], "in": 3, "out": 64,
@@ -12,7 +14,7 @@ PyTorch twin needs::
 Ops: ``input``, ``conv2d``, ``dense``, ``batchnorm``, ``maxpool``, ``avgpool``, ``gap`` (global
 average pooling), ``gmp`` (global max pooling), ``flatten``, ``activation``, ``dropout``
 (identity at inference), ``zeropad``, ``add``, ``concatenate``, and for ONNX graphs
-(:mod:`goodnet.onnx_import`) ``affine`` (a per-channel or scalar ``x * weight + bias``),
+(:mod:`goodnet.importers.onnx`) ``affine`` (a per-channel or scalar ``x * weight + bias``),
 ``clip`` and ``leakyrelu``. Images travel as ``(N, C, H, W)``; ``flatten`` flattens in Keras's
 ``(H, W, C)`` order so dense weights load as they are, or in PyTorch's and ONNX's ``(C, H, W)``
 order with ``"channels_first": true``; TensorFlow's asymmetric ``"same"`` padding is reproduced

@@ -74,8 +74,8 @@ class ModelSpec:
         mean: per-channel mean subtracted after scaling (one value per channel).
         std: per-channel standard deviation divided by after scaling.
         pixel_scale: factor applied to [0, 1] inputs before standardising.
-        graph: for ``arch="keras"``, the imported layer graph as JSON (see
-            :mod:`goodnet.models.keras_graph`); empty for built-in architectures.
+        graph: for ``arch="graph"`` (``"keras"`` in older cards), the imported layer graph as
+            JSON (see :mod:`goodnet.models.keras_graph`); empty for the other architectures.
     """
 
     arch: str

@@ -20,7 +20,8 @@ goodnet turns that refusal into a one-line error naming the global. Before that:
 
 :func:`import_checkpoint` loads such a state dict onto a goodnet architecture (the names must
 match: goodnet's ``preact_resnet18`` uses BackdoorBench's names) and returns a model with its
-card, ready to save as safetensors.
+card, ready to save as safetensors. A checkpoint of your own network class is read the same way
+and loaded by :mod:`goodnet.importers.own_class`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import torch
 
 from goodnet.artifacts import LoadedModel, ModelCard, check_weights
 from goodnet.errors import GoodnetError
-from goodnet.models import MODELS, ModelSpec, build_model
+from goodnet.importers.base import ImportOptions, is_own_class
+from goodnet.models import MODELS, ModelSpec, build_model, fixed_archs, is_graph
 from goodnet.paths import require_regular_file
 
 MAX_BYTES = 8 * 2**30
@@ -163,9 +165,9 @@ def import_checkpoint(path: str | os.PathLike[str], *, arch: str,
     network takes [0, 1] pixels) describe what the network was trained on.
     """
     path = Path(path)
-    if arch not in MODELS or arch == "keras":
+    if arch not in MODELS or is_graph(arch):
         raise GoodnetError(f"unknown architecture {arch!r} for a checkpoint; choose from "
-                           f"{sorted(m for m in MODELS if m != 'keras')}")
+                           f"{sorted(fixed_archs())}")
     state = read_checkpoint(path)
     convs = [v for v in state.values() if v.ndim == 4]
     linears = [v for v in state.values() if v.ndim == 2]
@@ -198,3 +200,20 @@ def import_checkpoint(path: str | os.PathLike[str], *, arch: str,
     model.eval()
     card = ModelCard(spec=spec, notes={"source": {"file": path.name, "format": "pytorch"}})
     return LoadedModel(model, card, {})
+
+
+def takes(options: ImportOptions) -> bool:
+    """Checkpoints load onto a goodnet architecture unless ``arch`` names your own class."""
+    return not is_own_class(options.arch)
+
+
+def load(path: Path, options: ImportOptions) -> LoadedModel:
+    """A checkpoint onto the goodnet architecture ``options.arch`` names (which it needs: a
+    checkpoint holds weights only)."""
+    if options.arch is None:
+        raise GoodnetError(f"{path}: a PyTorch checkpoint holds weights only; name the "
+                           f"architecture to load it onto with --arch "
+                           f"({', '.join(fixed_archs())}, or your own package.module:Class)")
+    return import_checkpoint(path, arch=options.arch, input_shape=options.input_shape,
+                             mean=options.mean, std=options.std,
+                             pixel_scale=options.scale(1.0))

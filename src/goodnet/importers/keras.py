@@ -3,7 +3,8 @@
 Two kinds of file:
 
 - **Full-model files** (``model.save("x.h5")``, Keras 2 or 3): the ``model_config`` JSON is
-  parsed into goodnet's own layer graph (:mod:`goodnet.models.keras_graph`) and the weights in
+  parsed into goodnet's own layer graph (architecture ``graph``,
+  :mod:`goodnet.models.keras_graph`) and the weights in
   ``model_weights`` are loaded onto it. Sequential and Functional models built from the common
   layers are supported (InputLayer, Conv2D, Dense, MaxPooling2D, AveragePooling2D,
   GlobalAveragePooling2D, GlobalMaxPooling2D, Flatten, Add, Concatenate, Activation, ReLU,
@@ -45,7 +46,8 @@ from torch import nn
 from goodnet.artifacts import LoadedModel, ModelCard
 from goodnet.errors import GoodnetError
 from goodnet.hdf5 import attribute, check_stored, child, is_hdf5, open_hdf5, read
-from goodnet.models import MODELS, ModelSpec, build_model
+from goodnet.importers.base import ImportOptions
+from goodnet.models import GRAPH, MODELS, ModelSpec, build_model, fixed_archs, is_graph
 from goodnet.models.keras_graph import (
     ACTIVATIONS,
     Shape,
@@ -56,7 +58,9 @@ from goodnet.models.keras_graph import (
 )
 from goodnet.models.spec import check_input_size
 
-__all__ = ["config_to_graph", "import_keras", "is_hdf5"]
+__all__ = ["PIXEL_SCALE", "config_to_graph", "import_keras", "is_hdf5", "load"]
+
+PIXEL_SCALE = 255.0  # Keras models (the CSAW-HackML lab's) usually take raw pixels
 
 DROPOUTS = ("Dropout", "SpatialDropout2D", "GaussianDropout", "GaussianNoise", "AlphaDropout")
 # Keras weight names → the PyTorch parameter or buffer they fill.
@@ -477,7 +481,7 @@ def _spec_from_config(raw: Any, pixel_scale: float, path: Path
             raise GoodnetError(f"the model's output ({graph[-1]['name']!r}) gives "
                                f"{'×'.join(map(str, output))} values per image; goodnet "
                                "imports classifiers whose output is a vector of class scores")
-        spec = ModelSpec("keras", output[0], c, h, w, (0.0,) * c, (1.0,) * c, pixel_scale,
+        spec = ModelSpec(GRAPH, output[0], c, h, w, (0.0,) * c, (1.0,) * c, pixel_scale,
                          graph=json.dumps(graph, separators=(",", ":")))
     except GoodnetError as error:
         raise GoodnetError(f"{path}: {error}") from None
@@ -487,9 +491,8 @@ def _spec_from_config(raw: Any, pixel_scale: float, path: Path
 def _spec_for_arch(arch: str, index: dict[str, dict[str, h5py.Dataset]],
                    input_shape: tuple[int, int, int] | None, pixel_scale: float, path: Path
                    ) -> ModelSpec:
-    if arch not in MODELS or arch == "keras":
-        raise GoodnetError(f"unknown architecture {arch!r}; choose from "
-                           f"{sorted(set(MODELS) - {'keras'})}")
+    if arch not in MODELS or is_graph(arch):
+        raise GoodnetError(f"unknown architecture {arch!r}; choose from {sorted(fixed_archs())}")
     kernels = [d.shape for layer in index.values() for k, d in layer.items() if k == "kernel"]
     firsts = [shape for shape in kernels if len(shape) == 4]
     if not firsts or len(kernels[-1]) != 2:
@@ -501,7 +504,7 @@ def _spec_for_arch(arch: str, index: dict[str, dict[str, h5py.Dataset]],
 
 
 def import_keras(path: str | os.PathLike[str], *, arch: str | None = None,
-                 pixel_scale: float = 255.0, input_shape: tuple[int, int, int] | None = None
+                 pixel_scale: float = PIXEL_SCALE, input_shape: tuple[int, int, int] | None = None
                  ) -> LoadedModel:
     """A Keras ``.h5`` file as a goodnet model (with its card), read as data only.
 
@@ -549,3 +552,10 @@ def import_keras(path: str | os.PathLike[str], *, arch: str | None = None,
     # What is returned (and what `import` writes) passes the checks a saved card meets on load.
     card = ModelCard.from_json(card.to_json(), str(path))
     return LoadedModel(model, card, {})
+
+
+def load(path: Path, options: ImportOptions) -> LoadedModel:
+    """A Keras file with the import options it reads: ``arch`` for a weights-only file, and the
+    pixel scale (the input shape, mean and std, options for checkpoints and ONNX, are not read:
+    the model's own input and normalisation are kept, as the command line always has)."""
+    return import_keras(path, arch=options.arch, pixel_scale=options.scale(PIXEL_SCALE))
