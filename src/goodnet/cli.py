@@ -41,7 +41,7 @@ from goodnet.importers import ImportOptions, import_model, imported_as, is_forei
 from goodnet.importers.own_class import class_args_from_text
 from goodnet.metrics import evaluate, metrics_table, percent
 from goodnet.model_files import load_model
-from goodnet.models import MODELS, ModelSpec, check_input
+from goodnet.models import MODELS, ModelSpec, check_input, fixed_archs
 from goodnet.paths import require_regular_file
 from goodnet.settings import check_settings, pairs_to_dict
 from goodnet.train import AUGMENTATIONS, OPTIMIZERS, SCHEDULES, TrainConfig
@@ -99,8 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace, attack_name: str | None) -> int:
     out = Path(args.out)
     # what can be checked without the data first: loading a large data set takes long
-    if args.arch not in MODELS:
-        raise GoodnetError(f"unknown architecture {args.arch!r}; choose from {sorted(MODELS)}")
+    if args.arch not in fixed_archs():  # the layer graph is imported, never trained anew
+        raise GoodnetError(f"unknown architecture {args.arch!r}; choose from "
+                           f"{sorted(fixed_archs())}")
     check_writable(out)
     train_data, test_data = load_splits(args.data, args.test, args.data_root)
     attack = attack_from_args(attack_name, args.param, train_data) if attack_name else None
@@ -714,7 +715,7 @@ def build_parser() -> ArgumentParser:
 def _add_demo(sub: Commands) -> None:
     demo = sub.add_parser("demo", help="train a BadNet on MNIST, repair it, compare")
     add_data_options(demo, "mnist")
-    demo.add_argument("--arch", default="small_cnn", choices=sorted(MODELS))
+    demo.add_argument("--arch", default="small_cnn", choices=sorted(fixed_archs()))
     demo.add_argument("--epochs", type=int, default=2)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="runs/demo", help="folder for the demo's models")

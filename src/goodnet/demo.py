@@ -18,7 +18,7 @@ from goodnet.data.holdout import DEFENDER_SHARE, HoldOut, defender_clean
 from goodnet.defenses import FinePruning, Prune
 from goodnet.errors import GoodnetError
 from goodnet.metrics import metrics_table
-from goodnet.models import MODELS
+from goodnet.models import fixed_archs
 from goodnet.train import TrainConfig
 from goodnet.workflow import repair_and_measure, write_repair
 
@@ -42,8 +42,8 @@ def run_demo(out_dir: Path, *, data: str = "mnist", arch: str = "small_cnn", epo
     if data not in DATASETS:
         raise GoodnetError(f"the demo takes a named data set ({', '.join(DATASETS)}), "
                            f"got {data!r}")
-    if arch not in MODELS:
-        raise GoodnetError(f"unknown architecture {arch!r}; choose from {sorted(MODELS)}")
+    if arch not in fixed_archs():
+        raise GoodnetError(f"unknown architecture {arch!r}; choose from {sorted(fixed_archs())}")
     print(f"goodnet demo: train a BadNets-backdoored {arch} on {data}, measure it, "
           f"repair it (seed {seed})")
     train_data = load_dataset(data, "train", data_root)
