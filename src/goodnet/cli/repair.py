@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 from goodnet import defenses
 from goodnet.artifacts import check_writable
-from goodnet.backdoor import attack_from_card
 from goodnet.cli.options import (
     Commands,
     add_clean_options,
@@ -26,16 +26,16 @@ from goodnet.cli.options import (
     open_model,
     poisoned_from_args,
 )
-from goodnet.data import DATASETS, ImageData, split_clean
+from goodnet.data import DATASETS
 from goodnet.defenses import DEFENSES, defense_class, make_defense
 from goodnet.defenses.base import Defense
-from goodnet.detector import DEFAULT_DETECTORS, DISAGREE, calibrated_screens, calibration_size
+from goodnet.detector import DEFAULT_DETECTORS, DISAGREE
 from goodnet.detectors import DETECTORS
 from goodnet.errors import GoodnetError
 from goodnet.masking import get_layer
 from goodnet.metrics import metrics_table
+from goodnet.pipeline import calibration_count, repair, write_repair
 from goodnet.settings import check_settings, pairs_to_dict
-from goodnet.workflow import repair_and_measure, write_repair
 
 # Options of ``goodnet repair`` that are defense settings of the same name.
 DEFENSE_OPTIONS = ("layer", "rank_layer", "semantics", "max_drop", "max_drops")
@@ -95,28 +95,8 @@ def detect_from_args(args: argparse.Namespace) -> tuple[list[str], bool]:
     return [n for n in names if n != DISAGREE], DISAGREE in names
 
 
-def calibration_from_args(args: argparse.Namespace, clean: ImageData, detectors: list[str]
-                          ) -> tuple[ImageData, ImageData]:
-    """(the calibration images of ``--detect``, the clean images the detectors fit on): the
-    calibration images are split off ``clean`` (stratified, ``--clean-seed``). The repair
-    uses both: it does not touch the original model, whose scores the detectors calibrate."""
-    needed = calibration_size(len(detectors), args.false_alarm, args.confidence)
-    size = args.calibration if args.calibration is not None else needed
-    if size < needed:
-        raise GoodnetError(f"--calibration {size} cannot calibrate {len(detectors)} "
-                           f"detector(s) at a false-alarm rate of {args.false_alarm:g} with "
-                           f"{args.confidence:g} confidence: it takes at least {needed} clean "
-                           "images")
-    if size > len(clean) // 2:
-        raise GoodnetError(f"calibrating {len(detectors)} detector(s) at a false-alarm rate of "
-                           f"{args.false_alarm:g} takes {size} clean images, more than half of "
-                           f"the {len(clean)} given: give more clean data (--clean-amount), a "
-                           "larger --false-alarm or fewer detectors")
-    calibration, rest = split_clean(clean, size, seed=args.clean_seed)
-    return calibration, rest
-
-
 def cmd_repair(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     defense = defense_from_args(args)
     detectors, disagree = detect_from_args(args)
     loaded = open_model(args)
@@ -134,19 +114,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if args.clean is None and detectors:
         raise GoodnetError("--detect calibrates on clean data: give --clean")
     clean, caveat = clean_from_args(args, loaded.card) if args.clean is not None else (None, None)
-    calibration = fit = None
-    if detectors:
-        assert clean is not None
-        calibration, fit = calibration_from_args(args, clean, detectors)
+    if detectors and clean is not None:  # refused before anything is written
+        calibration_count(len(detectors), len(clean), args.false_alarm, args.confidence,
+                          args.calibration)
     check_writable(Path(args.out) / "repair.json")
-    screens: list = []
-    if calibration is not None:
-        if caveat is not None:
-            warnings.warn(f"{args.model} may have trained on the clean images ({caveat}): "
-                          "if it did, the detectors' false-alarm rate on new inputs can exceed "
-                          "--false-alarm", UserWarning, stacklevel=1)
-        screens = calibrated_screens(loaded.model, {name: {} for name in detectors}, fit,
-                                     calibration, args.false_alarm, args.confidence)
     test = None
     test_name = args.test or (args.clean if args.clean in DATASETS else None)
     if test_name is not None:
@@ -154,12 +125,14 @@ def cmd_repair(args: argparse.Namespace) -> int:
     poisoned = poisoned_from_args(args, spec)
     if poisoned is not None and test is None:
         raise GoodnetError("--poisoned needs clean test data too: give --test")
-    attack = attack_from_card(loaded.card, loaded.extras, test) if test is not None else None
-    report = repair_and_measure(
-        loaded.model, defense, clean, test, attack, curve_limit=args.curve_limit,
-        progress=args.progress, poisoned=poisoned, num_classes=spec.num_classes,
-        screens=screens, disagree=disagree)
-    written = write_repair(Path(args.out), report, loaded.model, loaded.card, screens, disagree)
+    run = repair(loaded.model, loaded.card, loaded.extras, defense, clean, test=test,
+                 poisoned=poisoned, detectors=detectors, disagree=disagree,
+                 false_alarm=args.false_alarm, confidence=args.confidence,
+                 calibration=args.calibration, seed=args.clean_seed, clean_caveat=caveat,
+                 name=str(args.model), curve_limit=args.curve_limit, progress=args.progress)
+    written = write_repair(Path(args.out), run, loaded.model, loaded.card,
+                           run.outcome(started))
+    report, screens = run.report, run.screens
     source = f"{len(clean)} clean images ({clean.name})" if clean is not None else "no data"
     what = defense.name if args.defense else f"the recommended repair ({describe_defense(defense)})"
     print(f"{what} on {args.model}: {source}, {report.result.seconds:.1f} s")
