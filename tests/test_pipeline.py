@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from goodnet.bench import parse_grid, read_records, run_grid
+from goodnet.bench import Report, parse_grid, read_records, run_grid
 from goodnet.cli import main
 from goodnet.pipeline import RepairRecord
 
@@ -52,3 +52,14 @@ def test_repair_json_and_the_bench_record_share_the_record_fields(bench_record, 
         assert summary[name] == bench_record[name], name
     for name in TIMES:
         assert summary[name] >= 0 and bench_record[name] >= 0, name
+
+
+def test_the_report_counts_the_pruned_channels_of_new_and_old_records(bench_record):
+    """A record's ``pruned`` is the channels, its ``pruned_count`` their number; records from
+    before issue 28 held the number in ``pruned``. The report's cell table shows the number
+    for both."""
+    old = {k: v for k, v in bench_record.items() if k != "pruned_count"}
+    old["pruned"] = bench_record["pruned_count"]
+    for record in (bench_record, old):
+        (row,) = Report([record]).cell_rows()
+        assert row["pruned"] == bench_record["pruned_count"] > 0
