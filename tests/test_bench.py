@@ -197,7 +197,8 @@ def test_a_new_defense_reuses_the_cached_models(finished, data_folder, tmp_path)
         assert record["defense"] == "fine-pruning" and record["chosen"] == "fine-tuned"
         marked = record["curve"][record["curve_marks"]["fine-tuned"]]
         assert marked == record["curve"][-1] and marked["step"] == "fine-tuned"
-        assert isinstance(record["pruned"], int) and record["pruned"] == marked["pruned"] > 0
+        assert isinstance(record["pruned_count"], int)
+        assert record["pruned_count"] == marked["pruned"] > 0
 
 
 def test_a_failing_cell_is_recorded_and_the_grid_goes_on(data_folder, tmp_path, capsys):

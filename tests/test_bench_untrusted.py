@@ -194,6 +194,10 @@ def test_a_report_on_hundreds_of_labels_is_quick_and_says_what_it_plots(tmp_path
     ({"curve": {"pruned": 1}}, "curve must be a list of objects"),
     ({"curve": [1, 2]}, "curve must be a list of objects"),
     ({"host": 3}, "host must be a string"),
+    ({"pruned": -1}, "pruned must map layers to channel indices"),
+    ({"pruned": {"conv": [1, "2"]}}, "pruned must map layers to channel indices"),
+    ({"pruned": {"conv": 3}}, "pruned must map layers to channel indices"),
+    ({"pruned_count": 1.5}, "pruned_count must be a whole number"),
 ])
 def test_a_malformed_record_is_one_error_naming_file_line_and_field(tmp_path, change, message):
     path = results_file(tmp_path / "results.jsonl", [record(key="a"), record(**change)])

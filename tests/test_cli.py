@@ -146,7 +146,7 @@ def test_repair_writes_models_goodnets_curve_and_plot(trained, npz_pair, tmp_pat
     assert (out / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     summary = json.loads((out / "repair.json").read_text())
     assert summary["defense"] == "prune" and set(summary["goodnets"]) == {"0.05", "0.2"}
-    assert summary["variants"]["0.2"]["clean_accuracy"] >= summary["original"][
+    assert summary["variants"]["0.2"]["clean_accuracy"] >= summary["before"][
         "clean_accuracy"] - 0.25
     header = (out / "curve.csv").read_text().splitlines()[0]
     assert "clean_data_accuracy" in header and "test_asr" in header

@@ -62,8 +62,8 @@ def test_the_lab_runs_end_to_end_on_its_own_formats(lab, capsys):
                  "-p", "rule=lab", "--max-drop", "0.02,0.04,0.10,0.30",
                  "--out", str(out)]) == 0
     summary = json.loads((out / "repair.json").read_text())
-    assert summary["original"]["clean_accuracy"] == 1.0  # the labels are its own answers
-    assert summary["original"]["n_poisoned"] == 32
+    assert summary["before"]["clean_accuracy"] == 1.0  # the labels are its own answers
+    assert summary["before"]["n_poisoned"] == 32
     assert set(summary["variants"]) == {"0.02", "0.04", "0.1", "0.3"}
     pruned = summary["notes"]["pruned"]
     assert pruned["0.02"] <= pruned["0.04"] <= pruned["0.1"] <= pruned["0.3"] <= 60

@@ -121,15 +121,14 @@ def test_prune_select_is_checked_and_a_number_is_the_old_max_drop():
 def test_a_bench_record_keeps_what_the_repair_suspected(proxied, backdoored):
     """A grid cell records the class a proxy chose by (and NC's verdict, where there is one),
     so a benchmark can say how often the reversed trigger was the attack's."""
-    from goodnet.bench.cell import _suspected
     from goodnet.defenses.nc import NCConfig, NeuralCleanse
+    from goodnet.pipeline import suspected
 
     _, repaired, _ = proxied
-    suspected = _suspected(repaired)
-    assert suspected == {"proxy": {"class": 1, "flagged": True,
-                                   "anomaly_index": repaired.notes["proxy_anomaly_index"],
-                                   "norm": repaired.notes["proxy_norm"]}}
+    assert suspected(repaired) == {"proxy": {"class": 1, "flagged": True,
+                                          "anomaly_index": repaired.notes["proxy_anomaly_index"],
+                                          "norm": repaired.notes["proxy_norm"]}}
     model, clean, _, _ = backdoored
     nc = NeuralCleanse(NCConfig(unlearn_epochs=1)).repair(model, clean)
-    assert _suspected(nc) == {"backdoored": True, "targets": [1], "score": nc.scan.score}
-    assert _suspected(make_defense("clp").repair(model, clean)) is None
+    assert suspected(nc) == {"backdoored": True, "targets": [1], "score": nc.scan.score}
+    assert suspected(make_defense("clp").repair(model, clean)) is None

@@ -19,8 +19,8 @@ from goodnet.defenses import FinePruning, Prune
 from goodnet.errors import GoodnetError
 from goodnet.metrics import metrics_table
 from goodnet.models import fixed_archs
+from goodnet.pipeline import repair, write_repair
 from goodnet.train import TrainConfig
-from goodnet.workflow import repair_and_measure, write_repair
 
 
 def run_demo(out_dir: Path, *, data: str = "mnist", arch: str = "small_cnn", epochs: int = 2,
@@ -70,9 +70,10 @@ def run_demo(out_dir: Path, *, data: str = "mnist", arch: str = "small_cnn", epo
           "and no trigger")
     rows = [("BadNet (before repair)", trained.metrics)]
     for defense, curve_limit in ((Prune(), 2000), (FinePruning(), 0)):
-        report = repair_and_measure(trained.model, defense, clean, test_data, attack,
-                                    curve_limit=curve_limit, progress=progress)
-        write_repair(out_dir / defense.name, report, trained.model, trained.card)
+        run = repair(trained.model, trained.card, trained.extras, defense, clean,
+                     test=test_data, curve_limit=curve_limit, progress=progress)
+        write_repair(out_dir / defense.name, run, trained.model, trained.card)
+        report = run.report
         notes = report.result.notes
         print(f"  {defense.name}: {report.result.timings.repair:.1f} s, pruned "
               f"{notes['pruned']} of {len(notes['order'])} channels of {notes['layer']}")

@@ -1,31 +1,25 @@
-"""Repair a model and measure the outcome: what ``goodnet repair``, the demo and the benchmarks
-share.
+"""Repair a model and measure the outcome: the measuring half of :func:`goodnet.pipeline.repair`
+(what ``goodnet repair``, the demo and the benchmarks run), and the curve's CSV and plot.
 
 :func:`repair_and_measure` runs a defense on the defender's clean data, then measures the
 original model, every repaired variant and the GoodNet built from each (the lab's detector), on
-test data the defense never saw. :func:`write_repair` writes the models, the curve (CSV and PNG)
-and a JSON summary into a folder, each file atomically.
+test data the defense never saw.
 """
 
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
-import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from goodnet.artifacts import ModelCard, atomic_path, save_model, write_text_atomic
+from goodnet.artifacts import atomic_path
 from goodnet.attacks.base import Attack
 from goodnet.data.dataset import ImageData
-from goodnet.data.holdout import forget_held_out
 from goodnet.defenses.base import Curve, Defense, Evaluation, RepairResult
 from goodnet.detector import GoodNet, Screen
 from goodnet.errors import GoodnetError
@@ -37,7 +31,6 @@ from goodnet.metrics import (
     predict_all,
     score,
 )
-from goodnet.triggers import plot_triggers, save_triggers, verdict_summary
 
 _ORIGINAL = "__original__"
 
@@ -135,58 +128,6 @@ def repair_and_measure(
             report.goodnets[name] = score(
                 detector_predictions(original, predictions[name], num_classes), num_classes)
     return report
-
-
-def _metrics_dict(metrics: Metrics) -> dict[str, Any]:
-    return {k: (None if isinstance(v, float) and math.isnan(v) else v)
-            for k, v in dataclasses.asdict(metrics).items()}
-
-
-def write_repair(out: Path, report: RepairReport, model: nn.Module, card: ModelCard,
-                 screens: Sequence[tuple[Screen, nn.Module]] = (), disagree: bool = True
-                 ) -> list[Path]:
-    """Write the repaired models, their GoodNets (with the checks ``screens`` and
-    ``disagree``), ``curve.csv``, ``curve.png`` and ``repair.json`` into ``out``; returns the
-    paths written."""
-    out = Path(out)
-    result = report.result
-    written = []
-    notes = {"defense": result.defense, "settings": result.settings}
-    for name, variant in result.variants.items():
-        tag = name.replace("/", "-")
-        metrics = report.variants.get(name)
-        variant_card = dataclasses.replace(
-            card, notes={**card.notes, "repair": {**notes, "variant": name}},
-            metrics=_metrics_dict(metrics) if metrics else {},
-            training=forget_held_out(card.training))
-        written.append(save_model(out / f"repaired-{tag}.safetensors", variant, variant_card))
-        goodnet_card = dataclasses.replace(
-            variant_card, metrics=_metrics_dict(report.goodnets[name])
-            if name in report.goodnets else {})
-        goodnet = GoodNet(model, variant, screens, disagree=disagree)
-        written.append(save_model(out / f"goodnet-{tag}.safetensors", goodnet, goodnet_card))
-    if result.curve:
-        write_text_atomic(out / "curve.csv", curve_csv(result.curve))
-        written.append(out / "curve.csv")
-        written.append(plot_curve(out / "curve.png", result))
-    if result.scan is not None and result.scan.triggers:
-        written.append(save_triggers(out / "triggers.safetensors", result.scan))
-        written.append(plot_triggers(out / "triggers.png", result.scan))
-    summary = {
-        "defense": result.defense, "settings": result.settings, "chosen": result.chosen,
-        "seconds": result.timings.repair, "evaluation_seconds": result.timings.evaluation,
-        "pruned": result.pruned, "pruned_count": result.pruned_count, "message": result.message,
-        "curve_axis": result.curve.axis, "curve_marks": dict(result.curve.marks),
-        "notes": result.notes,
-        "scan": verdict_summary(result.scan) if result.scan is not None else None,
-        "original": _metrics_dict(report.original),
-        "variants": {k: _metrics_dict(v) for k, v in report.variants.items()},
-        "goodnets": {k: _metrics_dict(v) for k, v in report.goodnets.items()},
-        "goodnet_checks": {"disagree": disagree, "screens": [s.record() for s, _ in screens]},
-    }
-    write_text_atomic(out / "repair.json", json.dumps(summary, indent=2, default=str))
-    written.append(out / "repair.json")
-    return written
 
 
 def curve_csv(curve: Curve) -> str:

@@ -8,7 +8,6 @@ with ``status: "failed"`` and the error, and the grid goes on.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import math
 import os
@@ -32,11 +31,11 @@ from goodnet.data.holdout import HoldOut, defender_clean
 from goodnet.defenses import make_defense
 from goodnet.detectors import make_detector
 from goodnet.errors import GoodnetError
-from goodnet.metrics import Metrics, auroc, poisoned_batches, predict_all
+from goodnet.metrics import auroc, poisoned_batches
 from goodnet.models import model_device
+from goodnet.pipeline import repair
 from goodnet.scans import make_scanner
 from goodnet.version import __version__
-from goodnet.workflow import repair_and_measure
 
 
 def versions() -> dict[str, str]:
@@ -189,12 +188,6 @@ def build_model(job: ModelJob, threads: int = 1) -> dict[str, Any]:
     return record
 
 
-def _metrics(metrics: Metrics | None) -> dict[str, Any] | None:
-    if metrics is None:
-        return None
-    return {k: v for k, v in dataclasses.asdict(metrics).items()}
-
-
 def _number(value: float) -> float | str:
     """A float for JSON: infinities and NaN as the strings float() reads back."""
     return float(value) if math.isfinite(value) else str(float(value))
@@ -339,23 +332,12 @@ def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
     return record
 
 
-def _suspected(result: Any) -> dict[str, Any] | None:
-    """What a repair suspected, where it says: Neural Cleanse's verdict, and the class whose
-    reversed trigger chose a pruning (``select="proxy"``)."""
-    out: dict[str, Any] = {}
-    if result.scan is not None:
-        out.update(backdoored=result.scan.backdoored, targets=list(result.scan.targets),
-                   score=result.scan.score)
-    proxy = {k.removeprefix("proxy_"): v for k, v in result.notes.items()
-             if k.startswith("proxy_")}
-    if proxy:
-        out["proxy"] = proxy
-    return out or None
-
-
 def run_cell(cell: AnyCell) -> dict[str, Any]:
-    """Run ``cell``'s defense on its (already built) model and measure it: one result record
-    (a scan cell: :func:`run_scan_cell`; a detector cell: :func:`run_detect_cell`)."""
+    """Run ``cell``'s defense on its (already built) model and measure it
+    (:func:`goodnet.pipeline.repair`, as ``goodnet repair`` does): one result record, the
+    fields of :class:`goodnet.pipeline.RepairRecord` (those of ``repair.json``) with the cell's
+    model, key and settings (a scan cell: :func:`run_scan_cell`; a detector cell:
+    :func:`run_detect_cell`)."""
     if isinstance(cell, ScanCell):
         return run_scan_cell(cell)
     if isinstance(cell, DetectCell):
@@ -367,30 +349,11 @@ def run_cell(cell: AnyCell) -> dict[str, Any]:
         record.update(key=cell.key, config=cell.configuration())
         with torch_threads(cell.threads), PeakMemory() as memory:
             loaded, test, clean = _model_and_data(job, cell.clean)
-            attack = attack_from_card(loaded.card, loaded.extras, test)
-            prepared = list(poisoned_batches(test, attack))  # made once, measured twice
-            baseline = predict_all({"original": loaded.model}, test, attack,
-                                   prepared=prepared)["original"]
             defense = make_defense(cell.defense.name, dict(cell.defense.settings))
-            report = repair_and_measure(
-                loaded.model, defense, clean, test, attack, curve_limit=cell.curve_limit,
-                goodnets=True, baseline=baseline, prepared=prepared)
-        result = report.result
-        chosen = result.chosen if result.chosen in report.variants else None
+            run = repair(loaded.model, loaded.card, loaded.extras, defense, clean, test=test,
+                         label=cell.defense.label, curve_limit=cell.curve_limit)
         record.update({
-            "before": _metrics(report.original),
-            "after": _metrics(report.variants.get(chosen)) if chosen else None,
-            "goodnet": _metrics(report.goodnets.get(chosen)) if chosen else None,
-            "chosen": chosen,
-            "variants": {k: _metrics(v) for k, v in report.variants.items()},
-            "pruned": result.pruned_count,
-            "suspected": _suspected(result),
-            "curve": result.curve.records(),
-            "curve_axis": result.curve.axis,
-            "curve_marks": dict(result.curve.marks),
-            "repair_seconds": result.timings.repair,
-            "evaluation_seconds": result.timings.evaluation,
-            "measure_seconds": time.perf_counter() - start - result.timings.repair,
+            **run.outcome(start).record(),
             "peak_memory_mib": memory.mib,
             "model_card": {"clean_accuracy": loaded.card.metrics.get("clean_accuracy"),
                            "attack_success_rate": loaded.card.metrics.get(

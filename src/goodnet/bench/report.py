@@ -37,7 +37,15 @@ from typing import Any, NamedTuple
 from goodnet.artifacts import write_text_atomic
 from goodnet.bench.detect_report import choose_default, detect_markdown, plot_detection
 from goodnet.bench.figures import save_figure
-from goodnet.bench.results import RESULTS, RUNS, in_range, latest, read_records, read_runs
+from goodnet.bench.results import (
+    RESULTS,
+    RUNS,
+    in_range,
+    latest,
+    pruned_count,
+    read_records,
+    read_runs,
+)
 from goodnet.bench.scan_report import plot_roc, scan_markdown
 from goodnet.defenses.base import AXES, Curve
 from goodnet.errors import GoodnetError
@@ -172,6 +180,7 @@ class Report:
             entry = {k: r.get(k) for k in ("data", "arch", "attack", "defense", "seed",
                                            "status", "chosen", "pruned", "repair_seconds",
                                            "peak_memory_mib", "error", "key")}
+            entry["pruned"] = pruned_count(r)
             for part in ("before", "after", "goodnet"):
                 for key, label in (*METRICS, ("detection_rate", "detected"),
                                    ("false_alarm_rate", "false_alarm")):

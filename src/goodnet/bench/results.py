@@ -113,11 +113,29 @@ def cell_problem(record: Any) -> str | None:
     if marks is not None and not (isinstance(marks, dict) and all(
             isinstance(v, int) and not isinstance(v, bool) for v in marks.values())):
         return "curve_marks must map variant names to step numbers or be null"
+    # pruned: the channels, layer → indices; a count in records from before issue 28 (now
+    # pruned_count)
     pruned = record.get("pruned")
-    if pruned is not None and not (isinstance(pruned, int) and not isinstance(pruned, bool)
-                                   and 0 <= pruned < 2**63):
-        return "pruned must be a whole number >= 0 or null"
+    if pruned is not None and not (_count(pruned) or (isinstance(pruned, dict) and all(
+            isinstance(v, list) and all(_count(i) for i in v) for v in pruned.values()))):
+        return "pruned must map layers to channel indices, be a whole number >= 0, or null"
+    count = record.get("pruned_count")
+    if count is not None and not _count(count):
+        return "pruned_count must be a whole number >= 0 or null"
     return None
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def pruned_count(record: dict[str, Any]) -> int | None:
+    """The channels a repair record's chosen model prunes: ``pruned_count``, or ``pruned`` in
+    records from before issue 28, where it was the count."""
+    if "pruned_count" in record:
+        return record["pruned_count"]
+    pruned = record.get("pruned")
+    return pruned if isinstance(pruned, int) else None
 
 
 def _score_like(value: Any) -> bool:

@@ -1,0 +1,54 @@
+"""``goodnet list``: the data sets, architectures and methods on offer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from goodnet.attacks import ATTACKS
+from goodnet.cli.options import Commands, describe_defense
+from goodnet.data import DATASETS
+from goodnet.defenses import DEFENSES, recommended
+from goodnet.detector import DEFAULT_DETECTORS
+from goodnet.detectors import DETECTORS
+from goodnet.models import MODELS
+from goodnet.scans import SCANNERS
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print("data sets:     " + ", ".join(DATASETS) + "  (or a path: .npz, .h5, IDX folder, "
+          "CIFAR-10 folder, image folder)")
+    print("architectures: " + ", ".join(MODELS))
+    print("attacks:")
+    for name, attack in ATTACKS.items():
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(attack.Config))
+        print(f"  {name:<12} {attack.paper}\n  {'':<12} {defaults}")
+    _list_methods("defenses:", DEFENSES, data_note=False)
+    print(f"recommended repair (goodnet repair without --defense): "
+          f"{describe_defense(recommended())}")
+    _list_methods("scanners (goodnet scan):", SCANNERS)
+    _list_methods("input detectors (goodnet repair --detect; also 'disagree', the lab's check):",
+                  DETECTORS)
+    print(f"default detectors (goodnet repair --detect with no names): "
+          f"{', '.join(DEFAULT_DETECTORS)}")
+    return 0
+
+
+def _list_methods(title: str, registry: Mapping[str, Any], data_note: bool = True) -> None:
+    """A registry's methods, each with its paper (and whether it needs clean data) and its
+    settings' defaults."""
+    print(title)
+    for name, method in registry.items():
+        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(method.Config))
+        data = (" (clean data)" if method.needs_clean else " (data-free)") if data_note else ""
+        print(f"  {name:<20} {method.paper}{data}\n  {'':<20} {defaults}")
+
+
+def add_list(sub: Commands) -> None:
+    listing = sub.add_parser("list", help="data sets, architectures, attacks, defenses and "
+                                          "scanners on offer")
+    listing.set_defaults(func=cmd_list)
+
