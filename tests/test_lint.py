@@ -1,4 +1,5 @@
-"""The code base stays ruff clean and mypy clean (both are test dependencies)."""
+"""The code base stays ruff clean and mypy clean (both are test dependencies), and no function
+under ``src/goodnet`` runs over 50 lines."""
 
 import ast
 import shutil
