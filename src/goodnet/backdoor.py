@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,7 +16,7 @@ from goodnet.artifacts import ModelCard
 from goodnet.attacks import make_attack
 from goodnet.attacks.base import Attack
 from goodnet.data.dataset import BatchSource, ImageData
-from goodnet.data.holdout import split_held_out
+from goodnet.data.holdout import HoldOut, split_held_out
 from goodnet.metrics import Metrics, evaluate
 from goodnet.models import build_model, check_input, spec_for_data
 from goodnet.train import TrainConfig, TrainHistory, train
@@ -69,15 +70,8 @@ def train_model(
         spec=spec,
         attack=attack.describe() if attack is not None else None,
         metrics=dataclasses.asdict(metrics),
-        training={
-            "config": dataclasses.asdict(config),
-            "seconds": seconds,
-            "attack_seconds": prepared - start,
-            "seconds_per_epoch": [e.seconds for e in history.epochs],
-            "final_loss": history.epochs[-1].loss if history.epochs else None,
-            "images": len(train_data),
-            **({"held_out": held.record()} if held is not None else {}),
-        },
+        training=_training_record(config, history, seconds, prepared - start, len(train_data),
+                                  held),
         data=full_data.name,
         seed=config.seed,
     )
@@ -85,6 +79,21 @@ def train_model(
     if attack is not None:
         extras = {ATTACK_STATE_PREFIX + k: v for k, v in attack.state_dict().items()}
     return TrainedModel(model, card, history, metrics, extras)
+
+
+def _training_record(config: TrainConfig, history: TrainHistory, seconds: float,
+                     attack_seconds: float, images: int, held: HoldOut | None
+                     ) -> dict[str, Any]:
+    """The card's ``training``: the settings, the times, the last loss and the images used."""
+    return {
+        "config": dataclasses.asdict(config),
+        "seconds": seconds,
+        "attack_seconds": attack_seconds,
+        "seconds_per_epoch": [e.seconds for e in history.epochs],
+        "final_loss": history.epochs[-1].loss if history.epochs else None,
+        "images": images,
+        **({"held_out": held.record()} if held is not None else {}),
+    }
 
 
 def attack_from_card(

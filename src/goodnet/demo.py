@@ -9,15 +9,18 @@ commands print.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from goodnet.artifacts import check_writable, save_model
 from goodnet.attacks import make_attack
-from goodnet.backdoor import train_model
+from goodnet.attacks.base import Attack
+from goodnet.backdoor import TrainedModel, train_model
 from goodnet.data import DATASETS, load_dataset
+from goodnet.data.dataset import ImageData
 from goodnet.data.holdout import DEFENDER_SHARE, HoldOut, defender_clean
 from goodnet.defenses import FinePruning, Prune
 from goodnet.errors import GoodnetError
-from goodnet.metrics import metrics_table
+from goodnet.metrics import Metrics, metrics_table
 from goodnet.models import fixed_archs
 from goodnet.pipeline import repair, write_repair
 from goodnet.train import TrainConfig
@@ -49,7 +52,22 @@ def run_demo(out_dir: Path, *, data: str = "mnist", arch: str = "small_cnn", epo
     train_data = load_dataset(data, "train", data_root)
     test_data = load_dataset(data, "test", data_root)
     attack = make_attack("badnets", {}, train_data.image_shape, train_data.num_classes)
-    config = TrainConfig(epochs=epochs, seed=seed)
+    trained = _train_badnet(out_dir, arch, train_data, test_data, attack,
+                            TrainConfig(epochs=epochs, seed=seed), progress)
+    rows = _repair(out_dir, trained, train_data, test_data, attack, seed, progress)
+    print()
+    print(metrics_table(rows))
+    print("\n  CA: clean test accuracy. ASR: poisoned test inputs (true class not the target) "
+          "sent to the target class.\n  RA: poisoned inputs given their true class. GoodNet: "
+          f"answers {train_data.num_classes} (\"poisoned\") where the BadNet and the repaired "
+          "model disagree;\n  detected: poisoned inputs answered so; false alarm: clean inputs "
+          "answered so. prune X: pruned until clean accuracy fell X.")
+    print(f"\nwrote repaired models, GoodNets, curves and plots under {out_dir}/")
+
+
+def _train_badnet(out_dir: Path, arch: str, train_data: ImageData, test_data: ImageData,
+                  attack: Attack[Any], config: TrainConfig, progress: bool) -> TrainedModel:
+    """Train the BadNet on all but the defender's share, save it and print its figures."""
     print(f"  data: {len(train_data)} training images ({DEFENDER_SHARE:.0%} held out for the "
           f"defender, {attack.config.poison_rate:.0%} of the rest poisoned with a "
           f"{attack.config.patch_size}×{attack.config.patch_size} patch, target class "
@@ -63,7 +81,13 @@ def run_demo(out_dir: Path, *, data: str = "mnist", arch: str = "small_cnn", epo
     print(f"  trained {config.epochs} epochs in {seconds:.0f} s\n")
     print(metrics_table([("BadNet (backdoored)", trained.metrics)]))
     print(f"\nsaved {badnet_path}\n")
+    return trained
 
+
+def _repair(out_dir: Path, trained: TrainedModel, train_data: ImageData, test_data: ImageData,
+            attack: Attack[Any], seed: int, progress: bool) -> list[tuple[str, Metrics]]:
+    """Repair the BadNet with pruning and fine-pruning from the defender's 1 % of clean
+    images, save each repair; returns the rows of the table comparing them."""
     clean, _ = defender_clean(train_data, 0.01, seed,
                               HoldOut.from_training(trained.card.training))
     print(f"repair: the defender has {len(clean)} clean images (1 %), held out of training, "
@@ -78,11 +102,4 @@ def run_demo(out_dir: Path, *, data: str = "mnist", arch: str = "small_cnn", epo
         print(f"  {defense.name}: {report.result.timings.repair:.1f} s, pruned "
               f"{notes['pruned']} of {len(notes['order'])} channels of {notes['layer']}")
         rows += [row for row in report.rows()[1:] if "pruned" not in row[0]]
-    print()
-    print(metrics_table(rows))
-    print("\n  CA: clean test accuracy. ASR: poisoned test inputs (true class not the target) "
-          "sent to the target class.\n  RA: poisoned inputs given their true class. GoodNet: "
-          f"answers {train_data.num_classes} (\"poisoned\") where the BadNet and the repaired "
-          "model disagree;\n  detected: poisoned inputs answered so; false alarm: clean inputs "
-          "answered so. prune X: pruned until clean accuracy fell X.")
-    print(f"\nwrote repaired models, GoodNets, curves and plots under {out_dir}/")
+    return rows

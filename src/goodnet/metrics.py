@@ -148,7 +148,6 @@ def predict_all(
     if not models:
         return {}
     names = [c.name for c in attack.components()] if attack is not None else []
-    modes = {name: model.training for name, model in models.items()}
     labels: list[torch.Tensor] = []
     clean: dict[str, list[torch.Tensor]] = {name: [] for name in models}
     by_trigger: dict[str, dict[str, list[list[torch.Tensor]]]] = {
@@ -159,28 +158,43 @@ def predict_all(
     device = model_device(next(iter(models.values())))
     source = prepared if prepared is not None else poisoned_batches(
         test, attack, batch_size, device, poisoned)
+    with _evaluating(models):
+        for x, y, triggered in source:
+            x = x.to(device)
+            if y is not None:
+                labels.append(y.cpu())
+                for name, model in models.items():
+                    clean[name].append(model(x).argmax(1).cpu())
+            for trigger, x_poisoned, y_true, target in triggered:
+                x_poisoned = x_poisoned.to(device)
+                for name, model in models.items():
+                    parts = by_trigger[name][trigger]
+                    parts[0].append(model(x_poisoned).argmax(1).cpu())
+                    parts[1].append(y_true.cpu())
+                    parts[2].append(target.cpu())
+    return _concatenated(labels, clean, by_trigger)
+
+
+@contextlib.contextmanager
+def _evaluating(models: Mapping[str, nn.Module]) -> Iterator[None]:
+    """The models in eval mode and channels-last layout; their modes are put back after."""
+    modes = {name: model.training for name, model in models.items()}
     try:
         for model in models.values():
             model.eval()
         with contextlib.ExitStack() as stack:
             for model in models.values():
                 stack.enter_context(channels_last(model))
-            for x, y, triggered in source:
-                x = x.to(device)
-                if y is not None:
-                    labels.append(y.cpu())
-                    for name, model in models.items():
-                        clean[name].append(model(x).argmax(1).cpu())
-                for trigger, x_poisoned, y_true, target in triggered:
-                    x_poisoned = x_poisoned.to(device)
-                    for name, model in models.items():
-                        parts = by_trigger[name][trigger]
-                        parts[0].append(model(x_poisoned).argmax(1).cpu())
-                        parts[1].append(y_true.cpu())
-                        parts[2].append(target.cpu())
+            yield
     finally:
         for name, model in models.items():
             model.train(modes[name])
+
+
+def _concatenated(labels: list[torch.Tensor], clean: dict[str, list[torch.Tensor]],
+                  by_trigger: dict[str, dict[str, list[list[torch.Tensor]]]]
+                  ) -> dict[str, Predictions]:
+    """Each model's :class:`Predictions` from the per-batch answers collected."""
     empty = torch.empty(0, dtype=torch.long)
 
     def cat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -190,7 +204,7 @@ def predict_all(
     return {name: Predictions(all_labels, cat(clean[name]),
                               {trigger: (cat(p), cat(t), cat(g))
                                for trigger, (p, t, g) in by_trigger[name].items()})
-            for name in models}
+            for name in clean}
 
 
 def detector_predictions(original: Predictions, repaired: Predictions,

@@ -497,71 +497,28 @@ def _hold_out(value: Any, clean: float | int, source: str) -> float | int:
 def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid:
     """A :class:`Grid` from the parsed YAML mapping ``raw`` (``base``: the grid file's folder,
     for relative paths)."""
-    if not isinstance(raw, dict):
-        raise GoodnetError(f"{source}: a grid must be a mapping of settings")
-    unknown = sorted(set(raw) - _KEYS, key=str)
-    if unknown:
-        raise GoodnetError(f"{source}: unknown key {_short(unknown[0])} (known: "
-                           f"{', '.join(sorted(_KEYS))})")
+    _check_keys(raw, source)
     # A grid with scanners or detectors and no defenses key runs no defense.
     others = "scanners" in raw or "detectors" in raw
     defenses_raw = raw.get("defenses", [] if others else "all")
-    cells = math.prod([_count(raw.get("data")), _count(raw.get("archs")),
-                       _count(raw.get("attacks", "all"), ATTACKS),
-                       _count(defenses_raw, DEFENSES) + _count(raw.get("scanners", []), SCANNERS)
-                       + _count(raw.get("detectors", []), DETECTORS),
-                       max(_count(raw.get("seeds")), _count(raw.get("clean_seeds")))])
-    if cells > MAX_CELLS:  # counted before a single entry is parsed or a cell made
-        raise GoodnetError(f"{source}: data × archs × attacks × (defenses + scanners + "
-                           f"detectors) × seeds "
-                           f"is {cells} cells; at most {MAX_CELLS} (split the grid)")
+    _check_size(raw, defenses_raw, source)
     base = base or Path(".")
-    name = _text(raw.get("name", Path(source).stem), "name", source)
-    if name in (".", "..") or "/" in name or "\\" in name:
-        raise GoodnetError(f"{source}: name must be usable as a folder name (runs/<name>), got "
-                           f"{name!r}")
+    name = _name(raw, source)
 
     def local(text: str) -> str:  # absolute, so every worker (and Ray node) reads the same path
         return str((base / text).resolve()) if not Path(text).is_absolute() else text
 
     data = tuple(d if d in DATASETS else local(d)
                  for d in _strings(raw.get("data", "mnist"), "data", source, MAX_PATH))
-    archs = _strings(raw.get("archs", "small_cnn"), "archs", source)
-    for arch in archs:
-        if arch not in MODELS:
-            raise GoodnetError(f"{source}: unknown architecture {arch!r} (choose from "
-                               f"{', '.join(MODELS)})")
-    for key, values in (("data", data), ("archs", archs)):
-        if len(set(values)) != len(values):
-            raise GoodnetError(f"{source}: {key} lists the same entry twice")
+    archs = _archs(raw, data, source)
     seeds = _seeds(raw.get("seeds", [0]), "seeds", source)
     clean_seeds = (_seeds(raw["clean_seeds"], "clean_seeds", source)
                    if raw.get("clean_seeds") is not None else None)
-    clean = raw.get("clean", 0.01)
-    if isinstance(clean, bool) or not isinstance(clean, int | float) or not math.isfinite(
-            clean) or clean <= 0 or (isinstance(clean, float) and clean >= 1):
-        raise GoodnetError(f"{source}: clean must be a fraction in (0, 1) or a count >= 1")
+    clean = _clean(raw.get("clean", 0.01), source)
     hold_out = _hold_out(raw.get("hold_out", DEFENDER_SHARE), clean, source)
-    train = _coerce(TrainConfig, raw.get("train") or {}, f"{source}: train")
-    train.pop("seed", None)  # the cell's seed
-    try:
-        TrainConfig(**train)
-    except (TypeError, ValueError) as error:
-        raise GoodnetError(f"{source}: train: {error}") from None
-    curve_limit = raw.get("curve_limit", 2000)
-    threads = raw.get("threads", 1)
-    for key, value in (("curve_limit", curve_limit), ("threads", threads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < (key == "threads") \
-                or value > 10**9:
-            raise GoodnetError(f"{source}: {key} must be a whole number"
-                               f"{' >= 1' if key == 'threads' else ' >= 0'}")
-    false_alarms = _false_alarms(raw.get("false_alarms", list(FALSE_ALARMS)), source)
-    calibration = _limit(raw.get("calibration", CALIBRATION), "calibration", source)
-    assert calibration is not None
-    needed = math.ceil(1 / min(false_alarms) - 1 - 1e-9)
-    if calibration < needed:
-        raise GoodnetError(f"{source}: calibration {calibration} cannot calibrate a false-alarm "
-                           f"rate of {min(false_alarms):g}: it takes at least {needed} images")
+    train = _train(raw.get("train") or {}, source)
+    curve_limit, threads = _curve_limit_and_threads(raw, source)
+    false_alarms, calibration = _calibration(raw, source)
     return Grid(
         name=name, zoo=local(_text(raw.get("zoo", "zoo"), "zoo", source, MAX_PATH)),
         data=data, archs=archs,
@@ -578,6 +535,96 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
         train_limit=_limit(raw.get("train_limit"), "train_limit", source),
         test_limit=_limit(raw.get("test_limit"), "test_limit", source),
         curve_limit=curve_limit, threads=threads, source=source)
+
+
+def _check_keys(raw: Any, source: str) -> None:
+    """Refuse a grid that is not a mapping or that has a key the grid does not know."""
+    if not isinstance(raw, dict):
+        raise GoodnetError(f"{source}: a grid must be a mapping of settings")
+    unknown = sorted(set(raw) - _KEYS, key=str)
+    if unknown:
+        raise GoodnetError(f"{source}: unknown key {_short(unknown[0])} (known: "
+                           f"{', '.join(sorted(_KEYS))})")
+
+
+def _check_size(raw: dict[str, Any], defenses_raw: Any, source: str) -> None:
+    """Refuse a grid of more than ``MAX_CELLS`` cells, counted before a single entry is parsed
+    or a cell made."""
+    cells = math.prod([_count(raw.get("data")), _count(raw.get("archs")),
+                       _count(raw.get("attacks", "all"), ATTACKS),
+                       _count(defenses_raw, DEFENSES) + _count(raw.get("scanners", []), SCANNERS)
+                       + _count(raw.get("detectors", []), DETECTORS),
+                       max(_count(raw.get("seeds")), _count(raw.get("clean_seeds")))])
+    if cells > MAX_CELLS:
+        raise GoodnetError(f"{source}: data × archs × attacks × (defenses + scanners + "
+                           f"detectors) × seeds "
+                           f"is {cells} cells; at most {MAX_CELLS} (split the grid)")
+
+
+def _name(raw: dict[str, Any], source: str) -> str:
+    """The grid's name (the grid file's stem by default), usable as a folder name."""
+    name = _text(raw.get("name", Path(source).stem), "name", source)
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise GoodnetError(f"{source}: name must be usable as a folder name (runs/<name>), got "
+                           f"{name!r}")
+    return name
+
+
+def _archs(raw: dict[str, Any], data: tuple[str, ...], source: str) -> tuple[str, ...]:
+    """The grid's architectures, each a registered one; neither they nor ``data`` repeated."""
+    archs = _strings(raw.get("archs", "small_cnn"), "archs", source)
+    for arch in archs:
+        if arch not in MODELS:
+            raise GoodnetError(f"{source}: unknown architecture {arch!r} (choose from "
+                               f"{', '.join(MODELS)})")
+    for key, values in (("data", data), ("archs", archs)):
+        if len(set(values)) != len(values):
+            raise GoodnetError(f"{source}: {key} lists the same entry twice")
+    return archs
+
+
+def _clean(clean: Any, source: str) -> float | int:
+    """The grid's ``clean``: the defender's clean data, a fraction in (0, 1) or a count."""
+    if isinstance(clean, bool) or not isinstance(clean, int | float) or not math.isfinite(
+            clean) or clean <= 0 or (isinstance(clean, float) and clean >= 1):
+        raise GoodnetError(f"{source}: clean must be a fraction in (0, 1) or a count >= 1")
+    return clean
+
+
+def _train(value: Any, source: str) -> dict[str, Any]:
+    """The grid's training settings, checked against :class:`TrainConfig` (less the seed,
+    which is each cell's)."""
+    train = _coerce(TrainConfig, value, f"{source}: train")
+    train.pop("seed", None)  # the cell's seed
+    try:
+        TrainConfig(**train)
+    except (TypeError, ValueError) as error:
+        raise GoodnetError(f"{source}: train: {error}") from None
+    return train
+
+
+def _curve_limit_and_threads(raw: dict[str, Any], source: str) -> tuple[int, int]:
+    """The grid's ``curve_limit`` (>= 0) and ``threads`` (>= 1), whole numbers."""
+    curve_limit = raw.get("curve_limit", 2000)
+    threads = raw.get("threads", 1)
+    for key, value in (("curve_limit", curve_limit), ("threads", threads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (key == "threads") \
+                or value > 10**9:
+            raise GoodnetError(f"{source}: {key} must be a whole number"
+                               f"{' >= 1' if key == 'threads' else ' >= 0'}")
+    return curve_limit, threads
+
+
+def _calibration(raw: dict[str, Any], source: str) -> tuple[tuple[float, ...], int]:
+    """The grid's false-alarm rates and the calibration images, enough for the lowest rate."""
+    false_alarms = _false_alarms(raw.get("false_alarms", list(FALSE_ALARMS)), source)
+    calibration = _limit(raw.get("calibration", CALIBRATION), "calibration", source)
+    assert calibration is not None
+    needed = math.ceil(1 / min(false_alarms) - 1 - 1e-9)
+    if calibration < needed:
+        raise GoodnetError(f"{source}: calibration {calibration} cannot calibrate a false-alarm "
+                           f"rate of {min(false_alarms):g}: it takes at least {needed} images")
+    return false_alarms, calibration
 
 
 # The pure-Python loader: libyaml (CSafeLoader) composes nested collections by C recursion with

@@ -400,6 +400,30 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
         raise GoodnetError(f"{results}: no result records in it")
     title = title or f"goodnet benchmark: {results.parent.name}"
     markdown = report.markdown()
+    facts = _facts(report, results, tolerance)
+    failures = _failures(report)
+    scans, detects = _scans_section(report), _detects_section(report)
+    if not report.ok:
+        markdown = ""
+    text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown, scans, detects,
+                                     "Failed cells:\n" + "\n".join(failures)
+                                     if failures else ""])) + "\n"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise GoodnetError(f"cannot write {out}: {error.strerror or error}") from None
+    written = _write_tables(report, out, text)
+    images = _plot(report, out)
+    written += [path for _, path in images]
+    write_text_atomic(out / "report.html", _html_page(report, title, note, facts, markdown,
+                                                      failures, images,
+                                                      bool(scans), bool(detects)))
+    written.append(out / "report.html")
+    return written
+
+
+def _facts(report: Report, results: Path, tolerance: float) -> str:
+    """The paragraph under the title: the runs, the cells, their time, what the tables show."""
     seconds = sum((r.get("repair_seconds") or 0) + (r.get("measure_seconds") or 0)
                   for r in report.ok)
     hosts = sorted({r.get("host") or "?" for r in report.ok})
@@ -422,52 +446,66 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
         facts += (f" {len(measured)} detector cells ({len(report.detects) - len(measured)} "
                   f"failed), {sum(r.get('detect_seconds') or 0 for r in measured) / 60:.1f} "
                   f"min of detection.")
-
-    def method(r: dict[str, Any]) -> str:
-        if r.get("kind") == "scan":
-            return f"scan {r.get('scanner')}"
-        if r.get("kind") == "detect":
-            return f"detect {r.get('detector')}"
-        return str(r.get("defense"))
-
-    failures = [f"- {r['data']} {r['arch']} {r['attack']} seed {r['seed']}, {method(r)}: "
-                f"{r.get('error')}" for r in report.failed + [
-                    r for r in report.scans + report.detects if r.get("status") != "ok"]]
-    scans = scan_markdown(report.scans)
-    if scans:
-        scans = ("## Scanners\n\nBackdoored against clean models: AUROC of the model-level "
-                 "score, detection and false positives at each scanner's default threshold, "
-                 "the target named on the working all-to-one backdoors.\n\n" + scans)
-    detects = detect_markdown(report.detects)
-    if detects:
-        ranking = choose_default(report.detects)
-        chosen = (f" By the rule of BENCHMARKS.md (most models on target, then mean detection "
-                  f"at 1 %, then time), the default GoodNet would be **{ranking[0][0]}**."
-                  if ranking else "")
-        detects = ("## Input detectors\n\nEach row a GoodNet's checks: one detector, or several "
-                   "(a+b) each calibrated at the requested rate divided by their number, "
-                   "answering N when any fires. Detection: triggered test inputs answered N; "
-                   "working triggers: those of them the backdoored model sends to the target; FA: "
-                   "clean test inputs answered N, at each requested false-alarm rate; on "
-                   "target: models with detection ≥ 95 % at a measured false-alarm rate ≤ 1 % "
-                   f"(1 % requested).{chosen}\n\n" + detects)
-    if not report.ok:
-        markdown = ""
     if len(report.defenses) > MAX_PLOTTED:
         facts += (f" The plots show the first {MAX_PLOTTED} of {len(report.defenses)} "
                   f"defenses; the tables show all.")
-    text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown, scans, detects,
-                                     "Failed cells:\n" + "\n".join(failures)
-                                     if failures else ""])) + "\n"
-    written = []
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise GoodnetError(f"cannot write {out}: {error.strerror or error}") from None
+    return facts
+
+
+def _method(r: dict[str, Any]) -> str:
+    """What a cell ran: its defense, ``scan <scanner>`` or ``detect <detector>``."""
+    if r.get("kind") == "scan":
+        return f"scan {r.get('scanner')}"
+    if r.get("kind") == "detect":
+        return f"detect {r.get('detector')}"
+    return str(r.get("defense"))
+
+
+def _failures(report: Report) -> list[str]:
+    """One Markdown list item per failed cell: repairs first, then scans and detectors."""
+    return [f"- {r['data']} {r['arch']} {r['attack']} seed {r['seed']}, {_method(r)}: "
+            f"{r.get('error')}" for r in report.failed + [
+                r for r in report.scans + report.detects if r.get("status") != "ok"]]
+
+
+def _scans_section(report: Report) -> str:
+    """The Markdown section on the scanners, or "" when the results have no scan."""
+    scans = scan_markdown(report.scans)
+    if not scans:
+        return scans
+    return ("## Scanners\n\nBackdoored against clean models: AUROC of the model-level "
+            "score, detection and false positives at each scanner's default threshold, "
+            "the target named on the working all-to-one backdoors.\n\n" + scans)
+
+
+def _detects_section(report: Report) -> str:
+    """The Markdown section on the input detectors, or "" when the results have none."""
+    detects = detect_markdown(report.detects)
+    if not detects:
+        return detects
+    ranking = choose_default(report.detects)
+    chosen = (f" By the rule of BENCHMARKS.md (most models on target, then mean detection "
+              f"at 1 %, then time), the default GoodNet would be **{ranking[0][0]}**."
+              if ranking else "")
+    return ("## Input detectors\n\nEach row a GoodNet's checks: one detector, or several "
+            "(a+b) each calibrated at the requested rate divided by their number, "
+            "answering N when any fires. Detection: triggered test inputs answered N; "
+            "working triggers: those of them the backdoored model sends to the target; FA: "
+            "clean test inputs answered N, at each requested false-alarm rate; on "
+            "target: models with detection ≥ 95 % at a measured false-alarm rate ≤ 1 % "
+            f"(1 % requested).{chosen}\n\n" + detects)
+
+
+def _write_tables(report: Report, out: Path, text: str) -> list[Path]:
+    """``report.md`` (``text``), ``summary.csv`` and ``cells.csv``; returns their paths."""
     write_text_atomic(out / "report.md", text)
     write_text_atomic(out / "summary.csv", _csv(report.summary_rows()))
     write_text_atomic(out / "cells.csv", _csv(report.cell_rows()))
-    written += [out / "report.md", out / "summary.csv", out / "cells.csv"]
+    return [out / "report.md", out / "summary.csv", out / "cells.csv"]
+
+
+def _plot(report: Report, out: Path) -> list[tuple[str, Path]]:
+    """Draw the report's figures into ``out``; returns (caption, path) for each one drawn."""
     images = []
     if report.ok:
         images.append(("CA against ASR, per defense", plot_scatter(report, out / "scatter.png")))
@@ -484,7 +522,13 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
     if detection is not None:
         images.append(("input detectors: detection at the lowest requested false-alarm rate",
                        detection))
-    written += [path for _, path in images]
+    return images
+
+
+def _html_page(report: Report, title: str, note: str, facts: str, markdown: str,
+               failures: list[str], images: list[tuple[str, Path]], scans: bool,
+               detects: bool) -> str:
+    """``report.html``: the Markdown report's sections as HTML, the figures inlined."""
     figures = "\n".join(
         f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,'
         f'{base64.b64encode(path.read_bytes()).decode()}"><figcaption>{html.escape(caption)}'
@@ -492,7 +536,7 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
     note_html = f"<p>{html.escape(note)}</p>" if note else ""
     failed_html = ("<h2>Failed cells</h2><ul>" + "".join(
         f"<li>{html.escape(f[2:])}</li>" for f in failures) + "</ul>") if failures else ""
-    page = f"""<!DOCTYPE html>
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
@@ -512,6 +556,3 @@ figure {{ margin: 1.5em 0; }} img {{ max-width: 100%; }}
 {figures}
 </body></html>
 """
-    write_text_atomic(out / "report.html", page)
-    written.append(out / "report.html")
-    return written

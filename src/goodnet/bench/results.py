@@ -67,6 +67,11 @@ def cell_problem(record: Any) -> str | None:
     """What is wrong with a cell record, or None: the types every reader of results relies on."""
     if not isinstance(record, dict):
         return "not a record (a JSON object)"
+    return _identity_problem(record) or _measurement_problem(record) or _curve_problem(record)
+
+
+def _identity_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with the fields that say which cell a record is and where it ran."""
     kind = record.get("kind")
     if kind not in (None, "scan", "detect"):
         return "kind must be 'scan', 'detect' or absent"
@@ -85,6 +90,11 @@ def cell_problem(record: Any) -> str | None:
         problem = _optional(record, name, str, "a string")
         if problem:
             return problem
+    return None
+
+
+def _measurement_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with the rates measured, the times and the versions of a record."""
     for part in ("before", "after", "goodnet"):
         problem = _optional(record, part, dict, "an object")
         if problem:
@@ -102,6 +112,11 @@ def cell_problem(record: Any) -> str | None:
     if versions is not None and not (isinstance(versions, dict) and all(
             isinstance(v, str) for v in versions.values())):
         return "versions must map names to strings"
+    return None
+
+
+def _curve_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a record's curve: its points, axis, marks and channels pruned."""
     curve = record.get("curve")
     if curve is not None and not (isinstance(curve, list) and all(
             isinstance(point, dict) for point in curve)):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 
 from goodnet.bench.cell import build_model, machine, run_cell, versions
 from goodnet.bench.executors import LocalExecutor, RayExecutor
-from goodnet.bench.grid import AnyCell, DetectCell, Grid, ScanCell
+from goodnet.bench.grid import AnyCell, DetectCell, Grid, ModelJob, ScanCell
 from goodnet.bench.results import RESULTS, RUNS, ResultsFile, latest, read_records
 from goodnet.errors import GoodnetError
 
@@ -94,45 +95,70 @@ def _run(grid: Grid, out: Path, executor: LocalExecutor | RayExecutor,
         bar.set_postfix_str(f"done {summary.done}, running {running[0]}, failed "
                             f"{summary.failed}, skipped {skipped}", refresh=True)
 
-    broken: dict[Path, str] = {}
+    def tick() -> None:
+        bar.update()
+        show()
+
     with ResultsFile(results) as sink, executor.session():
         bar.set_description(f"{grid.name}: models")
-        for index, built in executor.run(build_model, [(job, grid.threads) for job in jobs],
-                                         running=running):
-            if isinstance(built, BaseException):
-                built = {"status": "failed", "error": f"worker died: {built!r}"}
-            if built.get("status") != "ok":
-                broken[jobs[index].path()] = built.get("error", "unknown error")
-            summary.models_built += bool(built.get("built"))
-            bar.update()
-            show()
-        runnable = []
-        for cell in todo:
-            error = broken.get(cell.model.path())
-            if error is None:
-                runnable.append(cell)
-                continue
-            record = _failed(cell, f"building the model failed: {error}")
-            sink.append(record)
-            summary.failed += 1
-            summary.failures.append(f"{cell.describe()}: {record['error']}")
-            bar.update()
+        broken = _build_models(jobs, grid.threads, executor, summary, running, tick)
+        runnable = _fail_unbuilt(todo, broken, sink, summary, bar.update)
         bar.set_description(f"{grid.name}: cells")
         show()
-        for index, record in executor.run(run_cell, [(cell,) for cell in runnable],
-                                          running=running):
-            cell = runnable[index]
-            if isinstance(record, BaseException):
-                record = _failed(cell, f"worker died: {record!r}")
-            sink.append(record)
-            if record["status"] == "ok":
-                summary.done += 1
-            else:
-                summary.failed += 1
-                summary.failures.append(f"{cell.describe()}: {record.get('error')}")
-            bar.update()
-            show()
+        _run_cells(runnable, executor, sink, summary, running, tick)
     bar.close()
+
+
+def _build_models(jobs: list[ModelJob], threads: int, executor: LocalExecutor | RayExecutor,
+                  summary: RunSummary, running: list[int], tick: Callable[[], Any]
+                  ) -> dict[Path, str]:
+    """Build (or find) every model the cells need; returns the error of each one that failed,
+    by its path."""
+    broken: dict[Path, str] = {}
+    for index, built in executor.run(build_model, [(job, threads) for job in jobs],
+                                     running=running):
+        if isinstance(built, BaseException):
+            built = {"status": "failed", "error": f"worker died: {built!r}"}
+        if built.get("status") != "ok":
+            broken[jobs[index].path()] = built.get("error", "unknown error")
+        summary.models_built += bool(built.get("built"))
+        tick()
+    return broken
+
+
+def _fail_unbuilt(todo: list[AnyCell], broken: dict[Path, str], sink: ResultsFile,
+                  summary: RunSummary, tick: Callable[[], Any]) -> list[AnyCell]:
+    """Record a failure for each cell whose model failed to build; returns the other cells."""
+    runnable = []
+    for cell in todo:
+        error = broken.get(cell.model.path())
+        if error is None:
+            runnable.append(cell)
+            continue
+        record = _failed(cell, f"building the model failed: {error}")
+        sink.append(record)
+        summary.failed += 1
+        summary.failures.append(f"{cell.describe()}: {record['error']}")
+        tick()
+    return runnable
+
+
+def _run_cells(runnable: list[AnyCell], executor: LocalExecutor | RayExecutor,
+               sink: ResultsFile, summary: RunSummary, running: list[int],
+               tick: Callable[[], Any]) -> None:
+    """Run the cells, appending each one's record to ``sink`` as it comes back."""
+    for index, record in executor.run(run_cell, [(cell,) for cell in runnable],
+                                      running=running):
+        cell = runnable[index]
+        if isinstance(record, BaseException):
+            record = _failed(cell, f"worker died: {record!r}")
+        sink.append(record)
+        if record["status"] == "ok":
+            summary.done += 1
+        else:
+            summary.failed += 1
+            summary.failures.append(f"{cell.describe()}: {record.get('error')}")
+        tick()
 
 
 def _failed(cell: AnyCell, error: str) -> dict[str, Any]:

@@ -188,13 +188,9 @@ class FST(Defense[FSTConfig]):
                 points.append(steps.measure(work.eval(), clean, offset + epoch, None))
             return measure
 
-        def settings(epochs: int, lr: float) -> TrainConfig:
-            return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, momentum=0.9,
-                               weight_decay=0.0, schedule="cosine", seed=cfg.seed)
-
         try:
             losses = [e.loss for e in train(
-                work, clean, settings(cfg.epochs, cfg.lr), progress=progress,
+                work, clean, _tuning(cfg, cfg.epochs, cfg.lr), progress=progress,
                 hooks=Hooks(penalty=penalty, after_step=project,
                             after_epoch=measure_from(0))).epochs]
             variants = {"tuned": work}
@@ -202,7 +198,7 @@ class FST(Defense[FSTConfig]):
             if cfg.recover_epochs:
                 variants = {"tuned": copy.deepcopy(work).eval()}
                 losses += [e.loss for e in train(
-                    work, clean, settings(cfg.recover_epochs, cfg.recover_lr),
+                    work, clean, _tuning(cfg, cfg.recover_epochs, cfg.recover_lr),
                     progress=progress, hooks=Hooks(penalty=distiller,
                                                    after_epoch=measure_from(cfg.epochs))).epochs]
                 variants["recovered"] = work
@@ -215,3 +211,10 @@ class FST(Defense[FSTConfig]):
         curve = Curve("epoch", tuple(points), tuple(marks))
         return Repaired(model=work, curve=curve, variants=variants, chosen=chosen,
                         notes={"head": name, "head_norm": float(norm), "loss": losses})
+
+
+def _tuning(cfg: FSTConfig, epochs: int, lr: float) -> TrainConfig:
+    """The training settings of either phase, the head's turn or the recovery: SGD with
+    momentum 0.9, no weight decay, a cosine schedule."""
+    return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, momentum=0.9,
+                       weight_decay=0.0, schedule="cosine", seed=cfg.seed)

@@ -169,42 +169,18 @@ def unlearn(model: nn.Module, data: ImageData, cfg: RNPConfig) -> tuple[nn.Modul
                                 weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=0.1)
     generator = torch.Generator().manual_seed(cfg.seed)
-    floor = cfg.overshoot * cfg.clean_threshold
     log: dict[str, Any] = {"steps": 0, "backtracks": 0, "accuracy": [], "reached": False}
-
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        output = work(x)
-        (-F.cross_entropy(output, y)).backward()
-        if cfg.clip_norm is not None:
-            nn.utils.clip_grad_norm_(work.parameters(), cfg.clip_norm)
-        optimizer.step()
-        return output.detach()
-
     for _epoch in range(cfg.unlearning_epochs + (1 if cfg.stop == "epoch" else 0)):
         hits = seen = 0
         for x, y in batches(data, cfg.batch_size, shuffle=True, generator=generator,
                             device=device):
             if cfg.stop == "epoch":
-                output = step(x, y)
+                output = _ascent_step(work, optimizer, x, y, cfg.clip_norm)
                 hits += int((output.argmax(1) == y).sum())
                 seen += len(y)
                 log["steps"] += 1
                 continue
-            saved = (copy.deepcopy(work.state_dict()), copy.deepcopy(optimizer.state_dict()))
-            lr = optimizer.param_groups[0]["lr"]
-            for attempt in range(cfg.backtracks + 1):
-                step(x, y)
-                accuracy = _train_mode_accuracy(work, data, cfg.batch_size)
-                if accuracy >= floor or attempt == cfg.backtracks:
-                    break
-                work.load_state_dict(saved[0])
-                optimizer.load_state_dict(saved[1])
-                for group in optimizer.param_groups:
-                    group["lr"] = lr / 2 ** (attempt + 1)
-                log["backtracks"] += 1
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            accuracy = _backtracking_step(work, optimizer, x, y, data, cfg, log)
             log["steps"] += 1
             log["accuracy"].append(round(accuracy, 4))
             if accuracy <= cfg.clean_threshold:
@@ -218,6 +194,42 @@ def unlearn(model: nn.Module, data: ImageData, cfg: RNPConfig) -> tuple[nn.Modul
                 return work.to(memory_format=torch.contiguous_format), log
         schedule.step()
     return work.to(memory_format=torch.contiguous_format), log
+
+
+def _ascent_step(work: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                 y: torch.Tensor, clip_norm: float | None) -> torch.Tensor:
+    """One step of gradient ascent on the cross-entropy of ``(x, y)``; returns the outputs."""
+    optimizer.zero_grad(set_to_none=True)
+    output = work(x)
+    (-F.cross_entropy(output, y)).backward()
+    if clip_norm is not None:
+        nn.utils.clip_grad_norm_(work.parameters(), clip_norm)
+    optimizer.step()
+    return output.detach()
+
+
+def _backtracking_step(work: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+                       y: torch.Tensor, data: ImageData, cfg: RNPConfig, log: dict[str, Any]
+                       ) -> float:
+    """One ascent step, taken again from where it began with half the learning rate (up to
+    ``cfg.backtracks`` times, counted in ``log``) while it sends the clean accuracy below
+    ``cfg.overshoot`` times the threshold; returns the clean accuracy after it."""
+    floor = cfg.overshoot * cfg.clean_threshold
+    saved = (copy.deepcopy(work.state_dict()), copy.deepcopy(optimizer.state_dict()))
+    lr = optimizer.param_groups[0]["lr"]
+    for attempt in range(cfg.backtracks + 1):
+        _ascent_step(work, optimizer, x, y, cfg.clip_norm)
+        accuracy = _train_mode_accuracy(work, data, cfg.batch_size)
+        if accuracy >= floor or attempt == cfg.backtracks:
+            break
+        work.load_state_dict(saved[0])
+        optimizer.load_state_dict(saved[1])
+        for group in optimizer.param_groups:
+            group["lr"] = lr / 2 ** (attempt + 1)
+        log["backtracks"] += 1
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return accuracy
 
 
 def recover(unlearned: nn.Module, data: ImageData, layers: list[str], cfg: RNPConfig

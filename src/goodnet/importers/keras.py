@@ -332,14 +332,7 @@ def config_to_graph(config: dict[str, Any]) -> tuple[list[dict[str, Any]], Shape
     Layer widths (``in``, ``features``) come from those shapes, not from the weights, which are
     read later.
     """
-    kind = config.get("class_name")
-    body = config.get("config")
-    if not isinstance(kind, str) or kind not in ("Sequential", "Functional", "Model"):
-        raise GoodnetError(f"unsupported Keras model class {kind!r:.40}")
-    layers = body if isinstance(body, list) else \
-        body.get("layers") if isinstance(body, dict) else None
-    if not isinstance(layers, list) or not layers:
-        raise GoodnetError("the Keras model config lists no layers")
+    kind, body, layers = _model_layers(config)
     graph: list[dict[str, Any]] = []
     shapes: dict[str, Shape] = {}
     shape: Shape | None = None
@@ -351,17 +344,7 @@ def config_to_graph(config: dict[str, Any]) -> tuple[list[dict[str, Any]], Shape
         graph.append({"name": name, "op": "input", "inputs": []})
 
     for layer in layers:
-        if not isinstance(layer, dict):
-            raise GoodnetError("malformed Keras layer entry")
-        cls, cfg = layer.get("class_name"), layer.get("config", {})
-        name = layer.get("name") or (cfg.get("name") if isinstance(cfg, dict) else None)
-        if not isinstance(name, str) or not name or name in shapes:
-            raise GoodnetError(f"a {cls!r:.40} layer has no name, or a name already used")
-        if not isinstance(cfg, dict):
-            raise GoodnetError(f"layer {name!r}: its config is not a JSON object")
-        if cls == "Lambda":
-            raise GoodnetError(f"layer {name!r} is a Lambda layer: it holds code, and goodnet "
-                               "never runs code from a model file; refused")
+        cls, cfg, name = _read_layer(layer, shapes)
         if cls == "InputLayer":
             add_input(cfg.get("batch_input_shape") or cfg.get("batch_shape"), name)
             previous = name
@@ -373,23 +356,64 @@ def config_to_graph(config: dict[str, Any]) -> tuple[list[dict[str, Any]], Shape
             inputs = [previous]
         else:
             inputs = _inbound(layer, name)
-        if not inputs or any(i not in shapes for i in inputs):
-            raise GoodnetError(f"layer {name!r} reads an input that is not defined before it")
-        if cfg.get("data_format", "channels_last") != "channels_last":
-            raise GoodnetError(f"layer {name!r}: only channels_last Keras models are supported")
-        convert = CONVERTERS.get(cls) if isinstance(cls, str) else None
-        if convert is None:
-            raise GoodnetError(f"layer {name!r} is a {cls!s:.40} layer, which goodnet does "
-                               "not import (custom layers are never run)")
-        received = [shapes[i] for i in inputs]
-        node: dict[str, Any] = {"name": name, "inputs": inputs, **convert(name, cfg, received)}
-        shapes[name] = layer_shape(node, received)
+        node, shapes[name] = _layer_node(name, cls, cfg, inputs, shapes)
         graph.append(node)
         previous = name
     if shape is None:
         raise GoodnetError("the Keras model has no input layer with a known shape")
     if kind != "Sequential":
         _check_output(body, graph[-1]["name"])
+    return graph, shape, _logits_out(graph)
+
+
+def _model_layers(config: dict[str, Any]) -> tuple[str, Any, list[Any]]:
+    """The Keras model's class, its config and its list of layers (refusing other models)."""
+    kind = config.get("class_name")
+    body = config.get("config")
+    if not isinstance(kind, str) or kind not in ("Sequential", "Functional", "Model"):
+        raise GoodnetError(f"unsupported Keras model class {kind!r:.40}")
+    layers = body if isinstance(body, list) else \
+        body.get("layers") if isinstance(body, dict) else None
+    if not isinstance(layers, list) or not layers:
+        raise GoodnetError("the Keras model config lists no layers")
+    return kind, body, layers
+
+
+def _read_layer(layer: Any, shapes: dict[str, Shape]) -> tuple[Any, dict[str, Any], str]:
+    """A layer entry's class, config and name (new: not in ``shapes``); a Lambda is refused."""
+    if not isinstance(layer, dict):
+        raise GoodnetError("malformed Keras layer entry")
+    cls, cfg = layer.get("class_name"), layer.get("config", {})
+    name = layer.get("name") or (cfg.get("name") if isinstance(cfg, dict) else None)
+    if not isinstance(name, str) or not name or name in shapes:
+        raise GoodnetError(f"a {cls!r:.40} layer has no name, or a name already used")
+    if not isinstance(cfg, dict):
+        raise GoodnetError(f"layer {name!r}: its config is not a JSON object")
+    if cls == "Lambda":
+        raise GoodnetError(f"layer {name!r} is a Lambda layer: it holds code, and goodnet "
+                           "never runs code from a model file; refused")
+    return cls, cfg, name
+
+
+def _layer_node(name: str, cls: Any, cfg: dict[str, Any], inputs: list[str],
+                shapes: dict[str, Shape]) -> tuple[dict[str, Any], Shape]:
+    """The graph node of a layer reading ``inputs`` (shapes known), and its output shape."""
+    if not inputs or any(i not in shapes for i in inputs):
+        raise GoodnetError(f"layer {name!r} reads an input that is not defined before it")
+    if cfg.get("data_format", "channels_last") != "channels_last":
+        raise GoodnetError(f"layer {name!r}: only channels_last Keras models are supported")
+    convert = CONVERTERS.get(cls) if isinstance(cls, str) else None
+    if convert is None:
+        raise GoodnetError(f"layer {name!r} is a {cls!s:.40} layer, which goodnet does "
+                           "not import (custom layers are never run)")
+    received = [shapes[i] for i in inputs]
+    node: dict[str, Any] = {"name": name, "inputs": inputs, **convert(name, cfg, received)}
+    return node, layer_shape(node, received)
+
+
+def _logits_out(graph: list[dict[str, Any]]) -> list[str]:
+    """Drop the graph's final softmax (a layer of its own, or its last layer's activation), so
+    that the model answers logits; returns a note on what was dropped."""
     notes = []
     last = graph[-1]
     if last["op"] == "activation" and last["activation"] == "softmax" and len(graph) > 2:
@@ -398,7 +422,7 @@ def config_to_graph(config: dict[str, Any]) -> tuple[list[dict[str, Any]], Shape
     elif last.get("activation") == "softmax":
         last["activation"] = "linear"
         notes.append(f"final softmax of {last['name']!r} dropped (logits out)")
-    return graph, shape, notes
+    return notes
 
 
 def _check_output(body: Any, last: str) -> None:

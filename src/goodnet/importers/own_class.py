@@ -96,6 +96,27 @@ def import_own_class(path: str | os.PathLike[str], *, arch: str,
     recorded = check_class_args(class_args)
     cls = load_class(arch)
     state = read_checkpoint(path)
+    network = _instantiate(cls, arch, class_args, state, path)
+    convs = [v for v in state.values() if v.ndim == 4]
+    channels = int(convs[0].shape[1]) if convs else 3
+    shape = input_shape or ((channels, 28, 28) if channels == 1 else (channels, 32, 32))
+    loaded = convert_onnx(parse_onnx(_trace(network, arch, shape), f"{arch} (traced)"),
+                          f"{arch} (traced)", pixel_scale=pixel_scale, mean=mean, std=std,
+                          input_shape=shape)
+    _check_outputs(network, loaded, arch, shape)
+    card = ModelCard(spec=loaded.card.spec, notes={
+        "source": {"file": path.name, "format": "pytorch", "class": arch,
+                   "class_args": recorded,
+                   "import_notes": [f"{arch} traced into goodnet's layer graph; the class is not "
+                                    "needed to load this file",
+                                    *loaded.card.notes["source"]["import_notes"]]}})
+    return LoadedModel(loaded.model, card, {})
+
+
+def _instantiate(cls: type[torch.nn.Module], arch: str, class_args: dict[str, Any],
+                 state: dict[str, torch.Tensor], path: Path) -> torch.nn.Module:
+    """The user's class built with ``class_args``, the checkpoint ``state`` loaded, in eval
+    mode; what goes wrong in the user's code is reported in one line."""
     try:
         network = cls(**class_args)
     except Exception as error:  # the user's own constructor: report it in one line
@@ -109,9 +130,11 @@ def import_own_class(path: str | os.PathLike[str], *, arch: str,
         first = " ".join(str(error).split())[:300]
         raise GoodnetError(f"{path}: does not fit {arch} ({first})") from None
     network.eval()
-    convs = [v for v in state.values() if v.ndim == 4]
-    channels = int(convs[0].shape[1]) if convs else 3
-    shape = input_shape or ((channels, 28, 28) if channels == 1 else (channels, 32, 32))
+    return network
+
+
+def _trace(network: torch.nn.Module, arch: str, shape: tuple[int, int, int]) -> bytes:
+    """The network traced on a ``shape`` input by PyTorch's ONNX exporter: the ONNX bytes."""
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -124,8 +147,12 @@ def import_own_class(path: str | os.PathLike[str], *, arch: str,
             first = (str(error).splitlines() or [""])[0][:200]
             raise GoodnetError(f"{arch}: cannot be traced on a {shape} input "
                                f"({type(error).__name__}: {first})") from None
-    loaded = convert_onnx(parse_onnx(buffer.getvalue(), f"{arch} (traced)"), f"{arch} (traced)",
-                          pixel_scale=pixel_scale, mean=mean, std=std, input_shape=shape)
+    return buffer.getvalue()
+
+
+def _check_outputs(network: torch.nn.Module, loaded: LoadedModel, arch: str,
+                   shape: tuple[int, int, int]) -> None:
+    """Refuse the converted graph unless it gives the class's own outputs on random inputs."""
     x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = network(cast(Normalize, loaded.model.normalize)(x))
@@ -135,13 +162,6 @@ def import_own_class(path: str | os.PathLike[str], *, arch: str,
                                atol=(1e-4 * (1 + expected.abs().max())).item()):
         raise GoodnetError(f"{arch}: its traced graph does not reproduce its outputs (it may "
                            "branch on its input); not imported")
-    card = ModelCard(spec=loaded.card.spec, notes={
-        "source": {"file": path.name, "format": "pytorch", "class": arch,
-                   "class_args": recorded,
-                   "import_notes": [f"{arch} traced into goodnet's layer graph; the class is not "
-                                    "needed to load this file",
-                                    *loaded.card.notes["source"]["import_notes"]]}})
-    return LoadedModel(loaded.model, card, {})
 
 
 def takes(options: ImportOptions) -> bool:

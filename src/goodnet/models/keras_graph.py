@@ -410,6 +410,28 @@ def layer_shape(node: dict[str, Any], inputs: list[Shape]) -> Shape:
     settings of the wrong type or sign and layers that do not fit what they receive."""
     name, op = node["name"], node["op"]
     _check_fields(node, name)
+    _check_inputs(node, inputs)
+    shape = inputs[0]
+    if op in ("conv2d", "maxpool", "avgpool"):
+        return _window_shape(node, shape)
+    if op == "dense":
+        return (node["out"],)
+    if op in ("gap", "gmp"):
+        return (shape[0], 1, 1) if node.get("keepdims", False) else (shape[0],)
+    if op == "flatten":
+        return (math.prod(shape),)
+    if op == "zeropad":
+        (top, bottom), (left, right) = node["padding"]
+        return _fits((shape[0], shape[1] + top + bottom, shape[2] + left + right), name)
+    if op in ("add", "concatenate"):
+        return _merged_shape(name, op, inputs)
+    return shape  # activation, dropout, batchnorm, affine, clip, leakyrelu
+
+
+def _check_inputs(node: dict[str, Any], inputs: list[Shape]) -> None:
+    """Refuse a node given the wrong number of inputs, an image where it takes a vector (or
+    the reverse), or inputs of another width than its settings say."""
+    name, op = node["name"], node["op"]
     if op in SINGLE_INPUT and len(inputs) != 1:
         raise GoodnetError(f"layer {name!r} takes one input, got {len(inputs)}")
     shape = inputs[0]
@@ -428,39 +450,37 @@ def layer_shape(node: dict[str, Any], inputs: list[Shape]) -> Shape:
     if op == "affine" and node["features"] not in (1, shape[0]):
         raise GoodnetError(f"layer {name!r}: features={node['features']} but its input has "
                            f"{shape[0]} channels")
-    if op in ("conv2d", "maxpool", "avgpool"):
-        conv = op == "conv2d"
-        kernel = node["kernel"] if conv else node["pool"]
-        dilation = node["dilation"] if conv else [1, 1]
-        padding = node["padding"]
-        ceil = op == "maxpool" and not isinstance(padding, list) and \
-            bool(node.get("ceil_mode", False))
-        (top, height), (left, width) = (
-            _window(shape[1 + axis], kernel[axis], node["stride"][axis], dilation[axis],
-                    padding, axis, name, ceil) for axis in (0, 1))
-        _fits((shape[0], top, left), name, "pads its input to")
-        return _fits((node["out"] if conv else shape[0], height, width), name)
-    if op == "dense":
-        return (node["out"],)
-    if op in ("gap", "gmp"):
-        return (shape[0], 1, 1) if node.get("keepdims", False) else (shape[0],)
-    if op == "flatten":
-        return (math.prod(shape),)
-    if op == "zeropad":
-        (top, bottom), (left, right) = node["padding"]
-        return _fits((shape[0], shape[1] + top + bottom, shape[2] + left + right), name)
+
+
+def _window_shape(node: dict[str, Any], shape: Shape) -> Shape:
+    """The output shape of a convolution or a pooling layer (its padded input fitting too)."""
+    name, op = node["name"], node["op"]
+    conv = op == "conv2d"
+    kernel = node["kernel"] if conv else node["pool"]
+    dilation = node["dilation"] if conv else [1, 1]
+    padding = node["padding"]
+    ceil = op == "maxpool" and not isinstance(padding, list) and \
+        bool(node.get("ceil_mode", False))
+    (top, height), (left, width) = (
+        _window(shape[1 + axis], kernel[axis], node["stride"][axis], dilation[axis],
+                padding, axis, name, ceil) for axis in (0, 1))
+    _fits((shape[0], top, left), name, "pads its input to")
+    return _fits((node["out"] if conv else shape[0], height, width), name)
+
+
+def _merged_shape(name: str, op: str, inputs: list[Shape]) -> Shape:
+    """The output shape of an ``add`` (inputs broadcast) or a ``concatenate`` (on channels)."""
+    shape = inputs[0]
     if op == "add":
         if any(len(s) != len(shape) for s in inputs) or any(
                 len({d for d in dims if d != 1}) > 1 for dims in zip(*inputs, strict=True)):
             raise GoodnetError(f"layer {name!r} adds tensors of shapes that do not match: "
                                f"{inputs!r:.80}")
         return tuple(max(dims) for dims in zip(*inputs, strict=True))
-    if op == "concatenate":
-        if any(len(s) != len(shape) or s[1:] != shape[1:] for s in inputs):
-            raise GoodnetError(f"layer {name!r} concatenates tensors whose sizes differ beyond "
-                               f"their channels: {inputs!r:.80}")
-        return _fits((sum(s[0] for s in inputs), *shape[1:]), name)
-    return shape  # activation, dropout, batchnorm, affine, clip, leakyrelu
+    if any(len(s) != len(shape) or s[1:] != shape[1:] for s in inputs):
+        raise GoodnetError(f"layer {name!r} concatenates tensors whose sizes differ beyond "
+                           f"their channels: {inputs!r:.80}")
+    return _fits((sum(s[0] for s in inputs), *shape[1:]), name)
 
 
 def check_graph(graph: list[dict[str, Any]], input_shape: Shape | None = None

@@ -192,42 +192,21 @@ def reverse_engineer(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
                      progress: bool = False) -> list[ReversedTrigger]:
     """Every class's smallest trigger on ``clean`` (``model`` in eval mode, not modified)."""
     device = model_device(model)
-    classes, (channels, height, width) = clean.num_classes, clean.image_shape
+    classes = clean.num_classes
     generator = torch.Generator().manual_seed(cfg.seed)
-    start_mask = torch.rand(classes, 1, height, width, generator=generator)
-    start_pattern = torch.rand(classes, channels, height, width, generator=generator)
-    # The inverse of _squash, so that the random start is the mask and pattern in [0, 1].
-    mask_w = torch.atanh((start_mask - 0.5) * (2 - EPSILON)).to(device).requires_grad_()
-    pattern_w = torch.atanh((start_pattern - 0.5) * (2 - EPSILON)).to(device).requires_grad_()
+    mask_w, pattern_w = _random_start(classes, clean.image_shape, generator, device)
     optimizer = torch.optim.Adam([mask_w, pattern_w], lr=cfg.lr, betas=(0.5, 0.9))
     schedules = [_Schedule(cfg.init_cost) for _ in range(classes)]
     best_mask, best_pattern = _squash(mask_w).detach(), _squash(pattern_w).detach()
     reached = [False] * classes
-    chunk = max(1, IMAGES_PER_PASS // cfg.batch_size)
     for _ in tqdm(range(cfg.epochs), disable=not progress, desc="nc: reverse engineering",
                   leave=False):
         active = [k for k in range(classes) if not schedules[k].done]
         if not active:
             break
         cost = torch.tensor([s.cost for s in schedules], device=device)
-        hits = torch.zeros(classes, device=device)
-        norm_sum = torch.zeros(classes, device=device)
-        seen = steps = 0
-        for x, _ in batches(clean, cfg.batch_size, shuffle=True, generator=generator,
-                            device=device):
-            optimizer.zero_grad(set_to_none=True)
-            for first in range(0, len(active), chunk):
-                ks = torch.tensor(active[first:first + chunk], device=device)
-                mask, pattern = _squash(mask_w[ks]), _squash(pattern_w[ks])
-                logits = model(_stamp(x, mask, pattern))
-                targets = ks.repeat_interleave(len(x))
-                ce = F.cross_entropy(logits, targets, reduction="none").view(len(ks), -1)
-                norms = mask.sum((1, 2, 3))
-                (ce.mean(1) + cost[ks] * norms).sum().backward()
-                hits[ks] += (logits.argmax(1) == targets).view(len(ks), -1).sum(1).float()
-                norm_sum[ks] += norms.detach()
-            optimizer.step()
-            seen, steps = seen + len(x), steps + 1
+        hits, norm_sum, seen, steps = _one_pass(model, clean, cfg, generator, active, cost,
+                                                (mask_w, pattern_w), optimizer)
         with torch.no_grad():
             mask_now, pattern_now = _squash(mask_w), _squash(pattern_w)
         for k in active:
@@ -242,6 +221,50 @@ def reverse_engineer(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
     success = trigger_success(model, clean, best_mask, best_pattern)
     return [ReversedTrigger(k, best_mask[k].cpu(), best_pattern[k].cpu(),
                             float(best_mask[k].sum()), success[k]) for k in range(classes)]
+
+
+def _random_start(classes: int, shape: tuple[int, int, int], generator: torch.Generator,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unsquashed weights of a random mask and pattern per class, to optimise."""
+    channels, height, width = shape
+    start_mask = torch.rand(classes, 1, height, width, generator=generator)
+    start_pattern = torch.rand(classes, channels, height, width, generator=generator)
+    # The inverse of _squash, so that the random start is the mask and pattern in [0, 1].
+    mask_w = torch.atanh((start_mask - 0.5) * (2 - EPSILON)).to(device).requires_grad_()
+    pattern_w = torch.atanh((start_pattern - 0.5) * (2 - EPSILON)).to(device).requires_grad_()
+    return mask_w, pattern_w
+
+
+def _one_pass(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
+              generator: torch.Generator, active: list[int], cost: torch.Tensor,
+              weights: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer
+              ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """One pass over ``clean`` optimising the triggers of the ``active`` classes (a chunk of
+    classes per forward pass); returns per class the triggered images sent to it and the sum
+    of its mask norms, and the images and steps of the pass."""
+    mask_w, pattern_w = weights
+    device = mask_w.device
+    classes = len(cost)
+    chunk = max(1, IMAGES_PER_PASS // cfg.batch_size)
+    hits = torch.zeros(classes, device=device)
+    norm_sum = torch.zeros(classes, device=device)
+    seen = steps = 0
+    for x, _ in batches(clean, cfg.batch_size, shuffle=True, generator=generator,
+                        device=device):
+        optimizer.zero_grad(set_to_none=True)
+        for first in range(0, len(active), chunk):
+            ks = torch.tensor(active[first:first + chunk], device=device)
+            mask, pattern = _squash(mask_w[ks]), _squash(pattern_w[ks])
+            logits = model(_stamp(x, mask, pattern))
+            targets = ks.repeat_interleave(len(x))
+            ce = F.cross_entropy(logits, targets, reduction="none").view(len(ks), -1)
+            norms = mask.sum((1, 2, 3))
+            (ce.mean(1) + cost[ks] * norms).sum().backward()
+            hits[ks] += (logits.argmax(1) == targets).view(len(ks), -1).sum(1).float()
+            norm_sum[ks] += norms.detach()
+        optimizer.step()
+        seen, steps = seen + len(x), steps + 1
+    return hits, norm_sum, seen, steps
 
 
 @torch.no_grad()
