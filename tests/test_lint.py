@@ -30,17 +30,7 @@ def test_mypy_clean():
     assert "Success: no issues found" in run.stdout
 
 
-# Functions over MAX_FUNCTION_LINES today in files being rewritten elsewhere (issue 28): this list
-# is to shrink to nothing. The second test below fails once an entry is short enough, so that
-# the entry is removed with the long function.
 MAX_FUNCTION_LINES = 50
-LONG_FUNCTIONS_ALLOWED = {
-    "cli.py:cmd_repair",
-    "cli.py:_add_repair",
-    "workflow.py:repair_and_measure",
-    "workflow.py:plot_curve",
-    "bench/cell.py:run_detect_cell",
-}
 
 
 def _function_lengths() -> dict[str, int]:
@@ -69,15 +59,6 @@ def _function_lengths() -> dict[str, int]:
 def test_no_function_is_over_50_lines():
     """A function that needs more than 50 lines is doing several things: split it into
     helpers that name each one (issue 28)."""
-    long = {name: n for name, n in _function_lengths().items()
-            if n > MAX_FUNCTION_LINES and name not in LONG_FUNCTIONS_ALLOWED}
+    long = {name: n for name, n in _function_lengths().items() if n > MAX_FUNCTION_LINES}
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines: " + ", ".join(
         f"{name} ({n})" for name, n in sorted(long.items()))
-
-
-def test_the_long_functions_allowed_are_still_long():
-    lengths = _function_lengths()
-    stale = sorted(name for name in LONG_FUNCTIONS_ALLOWED
-                   if lengths.get(name, 0) <= MAX_FUNCTION_LINES)
-    assert not stale, "short enough now, or gone: remove from LONG_FUNCTIONS_ALLOWED: " + \
-        ", ".join(stale)

@@ -199,6 +199,24 @@ def calibration_split(clean: ImageData, detectors: int, false_alarm: float,
     return split_clean(clean, size, seed=seed)
 
 
+def _screens(model: nn.Module, clean: ImageData | None, detectors: Sequence[str],
+             false_alarm: float, confidence: float | None, calibration: int | None, seed: int,
+             clean_caveat: str | None, name: str) -> list[tuple[Screen, nn.Module]]:
+    """The GoodNets' detectors, fitted on the original model and calibrated on images split off
+    ``clean`` (see :func:`repair`), with the warning where ``clean_caveat`` says why the model
+    may have trained on them."""
+    if clean is None:
+        raise GoodnetError("input detectors calibrate on clean data: give clean data")
+    calibration_images, fit = calibration_split(clean, len(detectors), false_alarm,
+                                                confidence, calibration, seed)
+    if clean_caveat is not None:
+        warnings.warn(f"{name} may have trained on the clean images ({clean_caveat}): if "
+                      "it did, the detectors' false-alarm rate on new inputs can exceed "
+                      "--false-alarm", UserWarning, stacklevel=3)
+    return list(calibrated_screens(model, {d: {} for d in detectors}, fit,
+                                   calibration_images, false_alarm, confidence))
+
+
 def repair(
     model: nn.Module,
     card: ModelCard,
@@ -220,46 +238,27 @@ def repair(
     curve_limit: int = 2000,
     progress: bool = False,
 ) -> RepairRun:
-    """Repair ``model`` (saved with ``card`` and ``extras``) with ``defense`` on the defender's
-    ``clean`` data, and measure it on ``test`` against the card's attack.
+    """Repair ``model`` with ``defense`` on ``clean``; measure it on ``test`` (the card's attack).
 
     Args:
-        model: the model to repair; never modified.
-        card: its card: its classes and the attack it was trained with.
-        extras: the tensors saved beside it (an attack's learned trigger).
-        defense: the repair.
+        model, card, extras: the model to repair (never modified), its card (its classes,
+            its attack) and the tensors saved beside it (an attack's learned trigger).
         clean: the defender's clean data (None for a data-free defense without detectors).
-        test: test data for the figures (None: the repair alone, nothing measured).
-        poisoned: already-triggered test images labelled with their targets (CSAW-HackML's
-            ``bd_test.h5``), measured beside ``test``.
-        detectors: input detectors (registry names) the GoodNets screen inputs with, fitted
-            on the original model and calibrated on images split off ``clean``.
-        disagree: whether the GoodNets keep the lab's check (the two models disagree).
-        false_alarm: the share of clean inputs the detectors together may flag.
-        confidence: the chance that the false-alarm rate on new inputs stays within
-            ``false_alarm`` (None: on average).
-        calibration: the clean images kept for calibration (None: the fewest needed).
-        seed: the seed of the calibration split.
+        test, poisoned: test data for the figures (None: nothing measured), and
+            already-triggered test images labelled with their targets (``bd_test.h5``).
+        detectors, disagree: the GoodNets' input detectors (registry names; fitted on the
+            original model, calibrated on ``calibration`` images split off ``clean`` with
+            ``seed``, by default the fewest needed) and whether they keep the lab's check.
+        false_alarm, confidence: the share of clean inputs the detectors together may flag,
+            and the chance it holds on new inputs (None: on average).
         clean_caveat: why it is not known that ``model`` never trained on ``clean`` (None
-            where it is known): with detectors, a warning that their rate may be exceeded.
-        name: the model as messages name it.
-        label: the defense as the record names it (default: its registry name).
-        curve_limit: test images measured at each step of the curve (0: none).
-        progress: progress bars.
+            where it is): with detectors, a warning names the model as ``name``.
+        label, curve_limit, progress: the defense as the record names it (default: its
+            registry name), test images measured per curve step (0: none), progress bars.
     """
     started = time.perf_counter()
-    screens: list[tuple[Screen, nn.Module]] = []
-    if detectors:
-        if clean is None:
-            raise GoodnetError("input detectors calibrate on clean data: give clean data")
-        calibration_images, fit = calibration_split(clean, len(detectors), false_alarm,
-                                                    confidence, calibration, seed)
-        if clean_caveat is not None:
-            warnings.warn(f"{name} may have trained on the clean images ({clean_caveat}): if "
-                          "it did, the detectors' false-alarm rate on new inputs can exceed "
-                          "--false-alarm", UserWarning, stacklevel=2)
-        screens = list(calibrated_screens(model, {d: {} for d in detectors}, fit,
-                                          calibration_images, false_alarm, confidence))
+    screens = _screens(model, clean, detectors, false_alarm, confidence, calibration, seed,
+                       clean_caveat, name) if detectors else []
     if poisoned is not None and test is None:
         raise GoodnetError("poisoned test images need clean test data too")
     attack = attack_from_card(card, dict(extras), test) if test is not None else None

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,6 +64,19 @@ class RepairReport:
         return rows
 
 
+def _curve_evaluation(test: ImageData | None, attack: Attack | None,
+                      poisoned: ImageData | None, curve_limit: int) -> Evaluation | None:
+    """What the repair's curve is measured on: the first ``curve_limit`` test (and
+    already-poisoned) images; None without test data or a curve."""
+    if test is None or curve_limit <= 0:
+        return None
+    subset = test.subset(torch.arange(min(curve_limit, len(test)))) \
+        if len(test) > curve_limit else test
+    bad = poisoned.subset(torch.arange(min(curve_limit, len(poisoned)))) \
+        if poisoned is not None and len(poisoned) > curve_limit else poisoned
+    return Evaluation(subset, attack, poisoned=bad)
+
+
 def repair_and_measure(
     model: nn.Module,
     defense: Defense,
@@ -82,28 +96,16 @@ def repair_and_measure(
 ) -> RepairReport:
     """Repair ``model`` with ``defense`` on ``clean``; measure everything on ``test``.
 
-    The original and every variant are measured in one pass over ``test`` (each poisoned batch
-    made once); each GoodNet's answers are derived from its two models' predictions, which is
-    exactly what running it would give. ``baseline``, the original's predictions on the same
-    ``test`` and ``attack`` (from :func:`goodnet.metrics.predict_all`), saves measuring the
-    original again when several defenses repair the same model. ``poisoned`` adds a set of
-    already-triggered images labelled with their targets (CSAW-HackML's ``bd_test.h5``).
-    ``clean`` may be None for a data-free defense (CLP), given ``num_classes``. ``prepared``,
-    ``list(poisoned_batches(test, attack, poisoned=poisoned))`` made once, saves making the poisoned
-    test inputs again when several defenses are measured on the same test set.
-
-    The per-step curve is measured on the first ``curve_limit`` test images (it is for
-    plotting; 0 skips it and keeps only the clean-data accuracy per step); the final figures on
-    the whole test set. Each GoodNet has the checks ``screens`` and ``disagree`` (see
-    :class:`goodnet.detector.GoodNet`); with detectors, its figures come from running it.
+    The original and every variant are measured in one pass over ``test``; a GoodNet with only
+    the disagreement check is derived from its two models' predictions (exactly what running it
+    gives), one with detectors is run. ``baseline`` (the original's predictions from
+    :func:`goodnet.metrics.predict_all`) and ``prepared`` (``list(poisoned_batches(...))``)
+    save redoing work when several defenses repair one model. ``poisoned`` adds
+    already-triggered images labelled with their targets (CSAW-HackML's ``bd_test.h5``);
+    ``clean`` may be None for a data-free defense, given ``num_classes``. The curve is measured
+    on the first ``curve_limit`` test images (0: none), the final figures on all of them.
     """
-    evaluation = None
-    if test is not None and curve_limit > 0:
-        subset = test.subset(torch.arange(min(curve_limit, len(test)))) \
-            if len(test) > curve_limit else test
-        bad = poisoned.subset(torch.arange(min(curve_limit, len(poisoned)))) \
-            if poisoned is not None and len(poisoned) > curve_limit else poisoned
-        evaluation = Evaluation(subset, attack, poisoned=bad)
+    evaluation = _curve_evaluation(test, attack, poisoned, curve_limit)
     result = defense.repair(model, clean, evaluation=evaluation, progress=progress)
     if num_classes is None:
         if clean is None:
@@ -120,14 +122,27 @@ def repair_and_measure(
     report = RepairReport(result, score(original), reject_class=num_classes)
     for name in result.variants:
         report.variants[name] = score(predictions[name])
-        if goodnets and (screens or not disagree):
+    if goodnets:
+        _measure_goodnets(report, model, original, predictions, test, attack, poisoned,
+                          screens, disagree)
+    return report
+
+
+def _measure_goodnets(report: RepairReport, model: nn.Module, original: Predictions,
+                      predictions: dict[str, Predictions], test: ImageData,
+                      attack: Attack | None, poisoned: ImageData | None,
+                      screens: Sequence[tuple[Screen, nn.Module]], disagree: bool) -> None:
+    """Each variant's GoodNet into ``report.goodnets``: run, where it has detectors (or lacks
+    the disagreement check); otherwise derived from the two models' predictions."""
+    result, num_classes = report.result, report.reject_class
+    for name in result.variants:
+        if screens or not disagree:
             goodnet = GoodNet(model, result.variants[name], screens, disagree=disagree)
             report.goodnets[name] = evaluate(goodnet, test, attack, reject_class=num_classes,
                                              poisoned=poisoned)
-        elif goodnets:
+        else:
             report.goodnets[name] = score(
                 detector_predictions(original, predictions[name], num_classes), num_classes)
-    return report
 
 
 def curve_csv(curve: Curve) -> str:
@@ -139,6 +154,24 @@ def curve_csv(curve: Curve) -> str:
     writer.writeheader()
     writer.writerows(records)
     return buffer.getvalue()
+
+
+def _mark_variants(axes: Any, result: RepairResult, x_of: Callable[[Any], Any]) -> None:
+    """A vertical line at each variant's step of the curve, the chosen one in black (variants at
+    one step share a line and a label)."""
+    curve = result.curve
+    marks: dict[float, list[str]] = {}
+    for name, index in curve.marks:
+        x = x_of(curve.points[index])
+        if x is not None:
+            marks.setdefault(float(x), []).append(
+                f"chosen {name}" if name == result.chosen else name)
+    for x, names in marks.items():
+        chosen = any(name.startswith("chosen ") for name in names)
+        axes.axvline(x, color="black" if chosen else "grey", alpha=0.6 if chosen else 0.4,
+                     linewidth=0.8)
+        axes.text(x, 2, ", ".join(names), rotation=90, fontsize=7,
+                  color="black" if chosen else "grey")
 
 
 def plot_curve(path: Path, result: RepairResult) -> Path:
@@ -169,18 +202,7 @@ def plot_curve(path: Path, result: RepairResult) -> Path:
                 axes.plot(xs, [100 * v for v in values], style, label=label)
         axes.set_ylabel("%")
         axes.set_ylim(0, 101)
-    marks: dict[float, list[str]] = {}  # marks at one x share a line and a label
-    for name, index in curve.marks:
-        x = x_of(curve.points[index])
-        if x is not None:
-            marks.setdefault(float(x), []).append(
-                f"chosen {name}" if name == result.chosen else name)
-    for x, names in marks.items():
-        chosen = any(name.startswith("chosen ") for name in names)
-        axes.axvline(x, color="black" if chosen else "grey", alpha=0.6 if chosen else 0.4,
-                     linewidth=0.8)
-        axes.text(x, 2, ", ".join(names), rotation=90, fontsize=7,
-                  color="black" if chosen else "grey")
+    _mark_variants(axes, result, x_of)
     axes.set_xlabel(axis_label)
     layers = result.notes.get("layers")
     where = result.notes.get("layer") or (f"{len(layers)} layers" if layers else "")

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from goodnet.artifacts import load_model, save_model
 from goodnet.attacks import ATTACKS, make_attack
@@ -200,6 +201,12 @@ def _new_record(job: Any, **fields: str) -> dict[str, Any]:
             "host": platform.node()}
 
 
+def _card_figures(card: Any) -> dict[str, Any]:
+    """The backdoored model's own figures, from its card, as a cell's record keeps them."""
+    return {"clean_accuracy": card.metrics.get("clean_accuracy"),
+            "attack_success_rate": card.metrics.get("attack_success_rate")}
+
+
 def _load_checked(job: Any) -> Any:
     """The job's model file, checked to be the model the job describes."""
     loaded = load_model(job.path())
@@ -247,9 +254,7 @@ def run_scan_cell(cell: ScanCell) -> dict[str, Any]:
                              else list(attack.get("targets") or [])),
             "all_to_one": (job.attack.name != CLEAN and attack.get("target") is not None
                            and attack.get("mode", "all-to-one") == "all-to-one"),
-            "model_card": {"clean_accuracy": loaded.card.metrics.get("clean_accuracy"),
-                           "attack_success_rate": loaded.card.metrics.get(
-                               "attack_success_rate")},
+            "model_card": _card_figures(loaded.card),
             "flagged": verdict.backdoored, "targets": list(verdict.targets),
             "score": _number(verdict.score), "threshold": _number(verdict.threshold),
             "score_name": report.score_name, "scores": [_number(v) for v in verdict.scores],
@@ -267,6 +272,28 @@ SCORE_DIGITS = 6  # significant digits of a stored score (the report combines de
 
 def _stored(scores: torch.Tensor) -> list[float]:
     return [float(f"{v:.{SCORE_DIGITS}g}") for v in scores.double().tolist()]
+
+
+def _triggered_scores(detection: Any, test: ImageData, attack: Any) -> torch.Tensor:
+    """The detection's scores of the triggered copies of ``test`` (other classes than the
+    target)."""
+    device = model_device(detection.model)
+    with torch.no_grad():
+        triggered = [detection(x_poisoned.to(device)).float().cpu()
+                     for _, _, parts in poisoned_batches(test, attack, 256)
+                     for _, x_poisoned, _, _ in parts]
+    return torch.cat(triggered) if triggered else torch.empty(0)
+
+
+def _fired(model: nn.Module, test: ImageData, attack: Any) -> list[int]:
+    """Which triggered copies of ``test`` the backdoored ``model`` sends to their target (the
+    working triggers), 1 or 0 in the order of :func:`_triggered_scores`."""
+    device = model_device(model)
+    with torch.no_grad():
+        fired = [model(x_poisoned.to(device)).argmax(1).cpu() == targets.cpu()
+                 for _, _, parts in poisoned_batches(test, attack, 256)
+                 for _, x_poisoned, _, targets in parts]
+    return [int(v) for v in torch.cat(fired).tolist()] if fired else []
 
 
 def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
@@ -292,17 +319,9 @@ def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
             calibration_scores = detection.scores(calibration)
             score_start = time.perf_counter()
             clean_scores = detection.scores(test)
-            device = model_device(detection.model)
-            with torch.no_grad():
-                triggered = [detection(x_poisoned.to(device)).float().cpu()
-                             for _, _, parts in poisoned_batches(test, attack, 256)
-                             for _, x_poisoned, _, _ in parts]
-            triggered_scores = torch.cat(triggered) if triggered else torch.empty(0)
+            triggered_scores = _triggered_scores(detection, test, attack)
             score_seconds = time.perf_counter() - score_start
-            with torch.no_grad():  # not timed: the backdoored model's answers, for the report
-                fired = [detection.model(x_poisoned.to(device)).argmax(1).cpu() == targets.cpu()
-                         for _, _, parts in poisoned_batches(test, attack, 256)
-                         for _, x_poisoned, _, targets in parts]
+            fired = _fired(detection.model, test, attack)  # not timed: for the report
         every = torch.cat([calibration_scores, clean_scores, triggered_scores])
         if not torch.isfinite(every).all():
             raise GoodnetError(f"{cell.detector.label} gave scores that are not finite numbers")
@@ -314,17 +333,14 @@ def run_detect_cell(cell: DetectCell) -> dict[str, Any]:
         record.update({
             "calibration_images": len(calibration), "fit_images": len(fit),
             "test_images": len(clean_scores), "triggered_images": len(triggered_scores),
-            # which triggered inputs the backdoored model sends to their target (the working ones)
-            "fired": [int(v) for v in torch.cat(fired).tolist()] if fired else [],
+            "fired": fired,
             "auroc": (auroc(scores["triggered"], scores["clean"])
                       if scores["triggered"] and scores["clean"] else None),
             **figures,
             "ms_per_input": 1000 * score_seconds / scored if scored else 0.0,
             "fit_seconds": fit_seconds, "detect_seconds": fit_seconds + score_seconds,
             "peak_memory_mib": memory.mib, "scores": scores,
-            "model_card": {"clean_accuracy": loaded.card.metrics.get("clean_accuracy"),
-                           "attack_success_rate": loaded.card.metrics.get(
-                               "attack_success_rate")},
+            "model_card": _card_figures(loaded.card),
         })
     except Exception as error:  # recorded, and the grid goes on
         record.update(_failure(error))
@@ -355,9 +371,7 @@ def run_cell(cell: AnyCell) -> dict[str, Any]:
         record.update({
             **run.outcome(start).record(),
             "peak_memory_mib": memory.mib,
-            "model_card": {"clean_accuracy": loaded.card.metrics.get("clean_accuracy"),
-                           "attack_success_rate": loaded.card.metrics.get(
-                               "attack_success_rate"),
+            "model_card": {**_card_figures(loaded.card),
                            "train_seconds": loaded.card.training.get("seconds")},
         })
     except Exception as error:  # recorded, and the grid goes on

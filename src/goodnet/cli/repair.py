@@ -12,6 +12,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from goodnet import defenses
 from goodnet.artifacts import check_writable
 from goodnet.cli.options import (
@@ -26,7 +28,7 @@ from goodnet.cli.options import (
     open_model,
     poisoned_from_args,
 )
-from goodnet.data import DATASETS
+from goodnet.data import DATASETS, ImageData
 from goodnet.defenses import DEFENSES, defense_class, make_defense
 from goodnet.defenses.base import Defense
 from goodnet.detector import DEFAULT_DETECTORS, DISAGREE
@@ -34,7 +36,7 @@ from goodnet.detectors import DETECTORS
 from goodnet.errors import GoodnetError
 from goodnet.masking import get_layer
 from goodnet.metrics import metrics_table
-from goodnet.pipeline import calibration_count, repair, write_repair
+from goodnet.pipeline import RepairRun, calibration_count, repair, write_repair
 from goodnet.settings import check_settings, pairs_to_dict
 
 # Options of ``goodnet repair`` that are defense settings of the same name.
@@ -101,14 +103,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
     detectors, disagree = detect_from_args(args)
     loaded = open_model(args)
     spec = loaded.card.spec
-    if args.layer is not None:
-        get_layer(loaded.model, args.layer)  # a typo fails now, not after loading the data
-    if args.rank_layer is not None:
-        try:
-            loaded.model.get_submodule(args.rank_layer)  # any layer can rank, pools included
-        except AttributeError:
-            raise GoodnetError(f"the model has no layer {args.rank_layer!r} to rank on") \
-                from None
+    _check_layers(args, loaded.model)
     if args.clean is None and defense.needs_clean:
         raise GoodnetError(f"{defense.name} needs clean data: give --clean")
     if args.clean is None and detectors:
@@ -132,6 +127,27 @@ def cmd_repair(args: argparse.Namespace) -> int:
                  name=str(args.model), curve_limit=args.curve_limit, progress=args.progress)
     written = write_repair(Path(args.out), run, loaded.model, loaded.card,
                            run.outcome(started))
+    _print_run(args, run, defense, clean, test is not None)
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def _check_layers(args: argparse.Namespace, model: nn.Module) -> None:
+    """A typo in --layer or --rank-layer fails now, not after loading the data."""
+    if args.layer is not None:
+        get_layer(model, args.layer)
+    if args.rank_layer is not None:
+        try:
+            model.get_submodule(args.rank_layer)  # any layer can rank, pools included
+        except AttributeError:
+            raise GoodnetError(f"the model has no layer {args.rank_layer!r} to rank on") \
+                from None
+
+
+def _print_run(args: argparse.Namespace, run: RepairRun, defense: Defense[Any],
+               clean: ImageData | None, measured: bool) -> None:
+    """What ``goodnet repair`` prints of a run: the defense and its data, the GoodNet's checks,
+    the defense's message and, with test data, the table."""
     report, screens = run.report, run.screens
     source = f"{len(clean)} clean images ({clean.name})" if clean is not None else "no data"
     what = defense.name if args.defense else f"the recommended repair ({describe_defense(defense)})"
@@ -139,15 +155,13 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if screens:
         checks = ", ".join(f"{s.detector} (threshold {s.threshold:.4g}, {100 * s.false_alarm:g} %)"
                            for s, _ in screens)
-        lab = " and the models' disagreement" if disagree else ""
+        lab = " and the models' disagreement" if run.disagree else ""
         print(f"GoodNet checks: {checks}{lab}; calibrated on {screens[0][0].calibration_images} "
               f"clean images, the rate held with {args.confidence:g} confidence")
     if report.result.message:
         print(report.result.message)
-    if test is not None:
+    if measured:
         print(metrics_table(report.rows()))
-    print(f"wrote {len(written)} files to {args.out}")
-    return 0
 
 
 def add_repair(sub: Commands) -> None:
