@@ -67,6 +67,15 @@ def data_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              stripes(160, seed=1))
 
 
+@pytest.fixture(scope="module")
+def npz_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """Stripes as ``.npz`` files a user could give: 800 training and 200 test images."""
+    folder = tmp_path_factory.mktemp("data")
+    for name, data in (("train", stripes(800, seed=0)), ("test", stripes(200, seed=1))):
+        np.savez(folder / f"{name}.npz", x=data.images.numpy(), y=data.labels.numpy())
+    return folder / "train.npz", folder / "test.npz"
+
+
 def requires_shared(*parts: str) -> Path:
     """Path under ../shared/data, skipping the test (with the reason) when it is absent."""
     path = SHARED_DATA.joinpath(*parts)

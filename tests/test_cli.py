@@ -17,14 +17,6 @@ from tests.conftest import stripes
 
 
 @pytest.fixture(scope="module")
-def npz_pair(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("data")
-    for name, data in (("train", stripes(800, seed=0)), ("test", stripes(200, seed=1))):
-        np.savez(folder / f"{name}.npz", x=data.images.numpy(), y=data.labels.numpy())
-    return folder / "train.npz", folder / "test.npz"
-
-
-@pytest.fixture(scope="module")
 def trained(npz_pair, tmp_path_factory):
     out = tmp_path_factory.mktemp("models") / "bd.safetensors"
     train, test = npz_pair

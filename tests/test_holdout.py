@@ -12,7 +12,6 @@ import math
 import re
 from fractions import Fraction
 
-import numpy as np
 import pytest
 import torch
 
@@ -191,18 +190,10 @@ def test_a_grid_draws_no_more_clean_images_than_its_models_hold_out(data_folder,
 # --- the command line ----------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def npz_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("holdout")
-    for name, data in (("train", stripes(800, seed=0)), ("test", stripes(200, seed=1))):
-        np.savez(folder / f"{name}.npz", x=data.images.numpy(), y=data.labels.numpy())
-    return folder / "train.npz", folder / "test.npz"
-
-
 @pytest.mark.parametrize("hold_out", ["200", "0"])
-def test_repair_calibrates_on_held_out_images_or_says_it_cannot(npz_files, tmp_path, capsys,
+def test_repair_calibrates_on_held_out_images_or_says_it_cannot(npz_pair, tmp_path, capsys,
                                                                 hold_out):
-    train, test = npz_files
+    train, test = npz_pair
     model = tmp_path / "m.safetensors"
     assert main(["--no-progress", "attack", "--data", str(train), "--test", str(test),
                  "-p", "target=1", "--epochs", "1", "--batch-size", "64", "--hold-out",
@@ -228,9 +219,9 @@ def test_repair_calibrates_on_held_out_images_or_says_it_cannot(npz_files, tmp_p
 
 
 @pytest.mark.parametrize("value", ["-0.1", "1.5", "x"])
-def test_a_bad_hold_out_is_one_line(npz_files, tmp_path, capsys, value):
+def test_a_bad_hold_out_is_one_line(npz_pair, tmp_path, capsys, value):
     with pytest.raises(SystemExit) as exit_:
-        main(["attack", "--data", str(npz_files[0]), "--test", str(npz_files[1]),
+        main(["attack", "--data", str(npz_pair[0]), "--test", str(npz_pair[1]),
               "--hold-out", value, "--out", str(tmp_path / "m.safetensors")])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
