@@ -31,8 +31,8 @@ from goodnet.cli.options import (
 from goodnet.data import DATASETS, ImageData
 from goodnet.defenses import DEFENSES, defense_class, make_defense
 from goodnet.defenses.base import Defense
-from goodnet.detector import DEFAULT_DETECTORS, DISAGREE
-from goodnet.detectors import DETECTORS
+from goodnet.detector import DISAGREE
+from goodnet.detectors import DEFAULT_DETECTORS, DETECTORS
 from goodnet.errors import GoodnetError
 from goodnet.masking import get_layer
 from goodnet.metrics import metrics_table
@@ -46,7 +46,7 @@ DEFENSE_OPTIONS = ("layer", "rank_layer", "semantics", "max_drop", "max_drops")
 def defense_from_args(args: argparse.Namespace) -> Defense[Any]:
     """The defense ``--defense`` names, its settings from ``-p key=value`` and the options of
     the same names (``--layer``, ``--max-drop``, ...)."""
-    name, base = (args.defense, {}) if args.defense else defenses.RECOMMENDED
+    name, base = (args.defense, {}) if args.defense else defenses.DEFAULT_DEFENSE
     cls = defense_class(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     settings = {**base, **check_settings(cls.Config, pairs_to_dict(args.param, name), name,
