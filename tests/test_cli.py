@@ -319,6 +319,31 @@ def test_help_lists_every_method_with_one_line(command, registry, capsys):
         assert cls.__doc__.splitlines()[0] in line, f"{name} has no line of its own"
 
 
+def test_the_help_s_method_names_come_from_the_registries(monkeypatch, capsys):
+    """The data-free defenses, the default scanners and the detectors named in ``--help`` are
+    read from the registries: a change there shows in the help."""
+    import goodnet.scans as scans
+    from goodnet.defenses import CLP, DEFENSES
+    from goodnet.detectors import DETECTORS, ScaleUp
+
+    class OtherFree(CLP):
+        """Another data-free defense (a test's)."""
+
+        name = "other-free"
+
+    monkeypatch.setitem(DEFENSES, "other-free", OtherFree)
+    monkeypatch.setitem(DETECTORS, "other-detector", ScaleUp)
+    monkeypatch.setitem(scans.DEFAULT_SCANNERS, "data-free", "other-scanner")
+    helps = {}
+    for command in ("repair", "scan"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "not needed by the data-free clp, other-free" in helps["repair"]
+    assert "teco, other-detector)" in helps["repair"]
+    assert "default: nc with --clean, the data-free other-scanner without" in helps["scan"]
+
+
 def test_predict_refuses_a_huge_image_header_in_one_line(trained, tmp_path, capsys, recwarn):
     from tests.data.conftest import ppm_header
 

@@ -22,6 +22,7 @@ from goodnet.cli.options import (
     add_keras_options,
     clean_from_args,
     data_for,
+    data_free,
     describe_defense,
     methods_help,
     numbers,
@@ -172,7 +173,7 @@ def add_repair(sub: Commands) -> None:
     repair.add_argument("model", type=Path)
     repair.add_argument("--defense", help="the defense (listed below); without it, the "
                         "recommended repair (BENCHMARKS.md, 'The recommended repair')")
-    add_clean_options(repair, "; not needed by the data-free clp")
+    add_clean_options(repair, f"; not needed by the data-free {data_free(DEFENSES)}")
     repair.add_argument("--test", default=None,
                         help="test data for the figures (default: the test split of --clean)")
     repair.add_argument("--layer", default=None, help="layer to prune (default: last conv)")
