@@ -195,3 +195,15 @@ def backdoored():
     """The planted-backdoor network the repair tests share (trained once, three epochs; no
     defense modifies its caller's model)."""
     return plant_backdoor()
+
+
+@pytest.fixture(scope="session")
+def clean_cnn():
+    """The `backdoored` fixture's network trained the same way without the attack."""
+    from goodnet.backdoor import train_model
+    from goodnet.train import TrainConfig
+
+    result = train_model("small_cnn", stripes(800, seed=0), stripes(200, seed=1),
+                         TrainConfig(epochs=3, batch_size=64))
+    assert result.metrics.clean_accuracy >= 0.95
+    return result.model

@@ -93,14 +93,20 @@ def test_bad_attack_settings_are_refused(stripes_train, settings, message):
 
 @pytest.fixture(scope="module")
 def fitted_attacks(stripes_train):
-    """Every registered attack, fitted where its trigger is learned (on the toy stripes)."""
+    """Every registered attack at its quick settings, fitted where its trigger is learned (on the
+    toy stripes)."""
     attacks = {}
-    for name in ATTACKS:
-        attack = make_attack(name, None, stripes_train.image_shape, stripes_train.num_classes)
+    for name, cls in ATTACKS.items():
+        attack = make_attack(name, cls.quick, stripes_train.image_shape, stripes_train.num_classes)
         if attack.needs_fit:
             attack.fit(stripes_train, seed=0)
         attacks[name] = attack
     return attacks
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_declares_quick_settings(name):
+    assert "quick" in vars(ATTACKS[name])
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))

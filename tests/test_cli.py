@@ -116,9 +116,9 @@ def test_list_names_every_registry_entry(capsys):
 
     detectors = out[out.index("input detectors"):]
     assert all(f"  {name} " in detectors for name in DETECTORS)
-    from goodnet.defenses import RECOMMENDED
+    from goodnet.defenses import DEFAULT_DEFENSE
 
-    assert f"recommended repair (goodnet repair without --defense): {RECOMMENDED[0]}" in out
+    assert f"recommended repair (goodnet repair without --defense): {DEFAULT_DEFENSE[0]}" in out
 
 
 def test_repair_writes_models_goodnets_curve_and_plot(trained, npz_pair, tmp_path, capsys):
@@ -311,6 +311,31 @@ def test_help_lists_every_method_with_one_line(command, registry, capsys):
         assert cls.__doc__.splitlines()[0] in line, f"{name} has no line of its own"
 
 
+def test_the_help_s_method_names_come_from_the_registries(monkeypatch, capsys):
+    """The data-free defenses, the default scanners and the detectors named in ``--help`` are
+    read from the registries: a change there shows in the help."""
+    import goodnet.scans as scans
+    from goodnet.defenses import CLP, DEFENSES
+    from goodnet.detectors import DETECTORS, ScaleUp
+
+    class OtherFree(CLP):
+        """Another data-free defense (a test's)."""
+
+        name = "other-free"
+
+    monkeypatch.setitem(DEFENSES, "other-free", OtherFree)
+    monkeypatch.setitem(DETECTORS, "other-detector", ScaleUp)
+    monkeypatch.setitem(scans.DEFAULT_SCANNERS, "data-free", "other-scanner")
+    helps = {}
+    for command in ("repair", "scan"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "not needed by the data-free clp, other-free" in helps["repair"]
+    assert "teco, other-detector)" in helps["repair"]
+    assert "default: nc with --clean, the data-free other-scanner without" in helps["scan"]
+
+
 def test_predict_refuses_a_huge_image_header_in_one_line(trained, tmp_path, capsys, recwarn):
     from tests.data.conftest import ppm_header
 
@@ -499,7 +524,7 @@ def test_repair_without_a_defense_runs_the_recommended_one(trained, npz_pair, tm
     go to it. (Patched to a quick recipe: which repair it is is BENCHMARKS.md's business.)"""
     import goodnet.defenses as defenses
 
-    monkeypatch.setattr(defenses, "RECOMMENDED", ("sequence", {"steps": ("prune", "fst")}))
+    monkeypatch.setattr(defenses, "DEFAULT_DEFENSE", ("sequence", {"steps": ("prune", "fst")}))
     out = tmp_path / "recommended"
     assert main(["--no-progress", "repair", str(trained), "--clean", str(npz_pair[0]),
                  "--test", str(npz_pair[1]), "--out", str(out)]) == 0
@@ -508,17 +533,38 @@ def test_repair_without_a_defense_runs_the_recommended_one(trained, npz_pair, tm
     summary = json.loads((out / "repair.json").read_text())
     assert summary["defense"] == "sequence" and summary["settings"]["steps"] == ["prune", "fst"]
     assert [s["defense"] for s in summary["notes"]["steps"]] == ["prune", "fst"]
-    monkeypatch.setattr(defenses, "RECOMMENDED", ("fst", {}))
+    monkeypatch.setattr(defenses, "DEFAULT_DEFENSE", ("fst", {}))
     assert main(["--no-progress", "repair", str(trained), "--clean", str(npz_pair[0]),
                  "-p", "epochs=1", "--out", str(tmp_path / "one")]) == 0
     assert json.loads((tmp_path / "one" / "repair.json").read_text())["settings"]["epochs"] == 1
 
 
 def test_the_recommended_repair_is_a_registered_defense_with_valid_settings():
-    from goodnet.defenses import DEFENSES, RECOMMENDED, recommended
+    from goodnet.defenses import DEFAULT_DEFENSE, DEFENSES, RECOMMENDED, recommended
 
-    assert RECOMMENDED[0] in DEFENSES
-    assert recommended().name == RECOMMENDED[0]
+    assert DEFAULT_DEFENSE[0] in DEFENSES
+    assert recommended().name == DEFAULT_DEFENSE[0]
+    assert RECOMMENDED is DEFAULT_DEFENSE  # its old name
+
+
+def test_every_registry_s_default_is_registered():
+    """Each registry package names its defaults beside its registry; the old names still
+    import."""
+    from goodnet import detector
+    from goodnet.attacks import ATTACKS, DEFAULT_ATTACK
+    from goodnet.data.dataset import ImageData
+    from goodnet.detectors import DEFAULT_DETECTORS, DETECTORS
+    from goodnet.scans import DEFAULT_SCANNERS, SCANNERS, default_scanner
+
+    assert DEFAULT_ATTACK in ATTACKS
+    assert set(DEFAULT_DETECTORS) <= set(DETECTORS) and DEFAULT_DETECTORS
+    assert detector.DEFAULT_DETECTORS is DEFAULT_DETECTORS
+    assert set(DEFAULT_SCANNERS) == {"with-clean", "data-free"}
+    assert set(DEFAULT_SCANNERS.values()) <= set(SCANNERS)
+    assert not SCANNERS[DEFAULT_SCANNERS["data-free"]].needs_clean
+    clean = ImageData(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), 2, "two images")
+    assert default_scanner(clean) == DEFAULT_SCANNERS["with-clean"]
+    assert default_scanner(None) == DEFAULT_SCANNERS["data-free"]
 
 
 def test_repair_without_a_defense_or_clean_data_is_one_line(trained, tmp_path, capsys):

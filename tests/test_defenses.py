@@ -8,6 +8,7 @@ import dataclasses
 import re
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import torch
@@ -17,21 +18,12 @@ from goodnet.attacks import make_attack
 from goodnet.data.dataset import ImageData
 from goodnet.defenses import (
     DEFENSES,
-    ANPConfig,
-    CLPConfig,
+    Defense,
     Evaluation,
     FinePruning,
     FinePruningConfig,
-    FSTConfig,
-    FTSAMConfig,
-    IBAUConfig,
-    NADConfig,
-    NCConfig,
     Prune,
     PruneConfig,
-    RNPConfig,
-    SAUConfig,
-    SequenceConfig,
     SparseFinePruning,
     SparseFinePruningConfig,
     make_defense,
@@ -115,37 +107,30 @@ def test_single_class_clean_data_is_refused():
 
 # --- the contract every registered defense keeps ----------------------------------------------
 
-FAST = {
-    "prune": None,
-    "fine-pruning": FinePruningConfig(epochs=1),
-    "sparse-fine-pruning": SparseFinePruningConfig(rounds=2, lr=1e-3),
-    "rnp": RNPConfig(unlearning_epochs=2, recovering_epochs=2, batch_size=64),
-    "anp": ANPConfig(iterations=20, batch_size=32),
-    "clp": None,
-    "fst": FSTConfig(epochs=2, batch_size=32, distill=1.0, recover_epochs=1),
-    "nc": NCConfig(epochs=1, unlearn_epochs=1),
-    "i-bau": IBAUConfig(n_rounds=1, batch_size=50),
-    "sau": SAUConfig(epochs=1, batch_size=50),
-    "ft-sam": FTSAMConfig(epochs=1, batch_size=50),
-    "nad": NADConfig(teacher_epochs=1, epochs=1, batch_size=50),
-    "sequence": SequenceConfig(steps=("prune", "fst")),
-}
+# Each defense's own quick settings (``quick``, on its class) make it run in seconds here.
 
 # Settings under which every defense prunes on the planted network, fast. Its backdoor channel
 # is silent on clean data, so RNP's recovering and ANP's noise get no gradient on its mask: what
 # they learn is to drop clean channels (RNP channel 0, ANP channels 0 and 1, masks at exactly 0),
 # and a 60-point tolerance lets the clean rule prune them (held-out accuracy falls to 50 %).
 # That is enough for a contract about what they choose from, not about how well they repair.
+# Every other defense (the repairs that prune nothing; the sequence prunes in its first step)
+# runs at its quick settings.
 PRUNING = {
-    "prune": PruneConfig(),
-    "fine-pruning": FinePruningConfig(epochs=1),
-    "sparse-fine-pruning": SparseFinePruningConfig(rounds=2, lr=1e-3),
-    "rnp": RNPConfig(recovering_epochs=2, batch_size=32, tolerance=0.6),
-    "anp": ANPConfig(iterations=100, batch_size=32, tolerance=0.6),
-    "clp": CLPConfig(u=1.0),
-    # the repairs that prune nothing (the sequence prunes in its first step): as above
-    **{name: FAST[name] for name in ("fst", "nc", "i-bau", "sau", "ft-sam", "nad", "sequence")},
+    "rnp": {"recovering_epochs": 2, "batch_size": 32, "tolerance": 0.6},
+    "anp": {"iterations": 100, "batch_size": 32, "tolerance": 0.6},
+    "clp": {"u": 1.0},
 }
+
+
+def quick(name: str) -> Defense[Any]:
+    """The defense ``name`` at its quick settings."""
+    return make_defense(name, DEFENSES[name].quick)
+
+
+def pruning(name: str) -> Defense[Any]:
+    """The defense ``name`` at settings under which it prunes on the planted network."""
+    return make_defense(name, PRUNING.get(name, DEFENSES[name].quick))
 
 
 # The network each defense is checked on: the planted one, or its version with feature maps for
@@ -157,13 +142,16 @@ def network(name: str) -> torch.nn.Module:
     return NETWORK.get(name, Planted)()
 
 
-def test_every_defense_has_contract_settings():
-    assert set(FAST) == set(DEFENSES) == set(PRUNING)
+def test_every_defense_declares_quick_settings():
+    assert set(PRUNING) <= set(DEFENSES)
+    for name, cls in DEFENSES.items():
+        assert "quick" in vars(cls), name
+        assert quick(name).config is not None
 
 
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_defense_contract(name):
-    defense = DEFENSES[name](FAST[name])
+    defense = quick(name)
     model = network(name)
     before = copy.deepcopy(model.state_dict())
     rng = torch.get_rng_state()
@@ -215,7 +203,7 @@ def without_test_figures(value):
 def test_an_evaluation_changes_nothing(name):
     """With the mirror evaluation, a defense chooses, prunes and records exactly what it does
     without one; the curve only gains the test figures."""
-    defense = DEFENSES[name](PRUNING[name])
+    defense = pruning(name)
     plain = defense.repair(network(name), CLEAN)
     measured = defense.repair(network(name), CLEAN, evaluation=mirror())
     if plain.masks is not None:  # there is a choice the evaluation could have moved
@@ -239,7 +227,7 @@ def test_an_evaluation_changes_nothing(name):
 
 @pytest.mark.parametrize("name", sorted(DEFENSES))
 def test_the_result_names_what_it_pruned_and_marks_its_choice(name):
-    result = DEFENSES[name](PRUNING[name]).repair(network(name), CLEAN)
+    result = pruning(name).repair(network(name), CLEAN)
     if result.masks is None:  # a defense that prunes nothing says so
         assert result.pruned is None and result.pruned_count is None
         assert result.curve.mark(result.chosen) == result.chosen_point is not None

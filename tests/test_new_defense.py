@@ -17,8 +17,10 @@ import copy
 import csv
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -63,6 +65,7 @@ class FinetuneOnly(Defense[FinetuneOnlyConfig]):
     name = "finetune-only"
     paper = "none: a test's throwaway defense"
     Config = FinetuneOnlyConfig
+    quick: ClassVar[Mapping[str, Any]] = {"epochs": 1}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:
@@ -83,6 +86,16 @@ class FinetuneOnly(Defense[FinetuneOnlyConfig]):
 def registered(monkeypatch: pytest.MonkeyPatch) -> None:
     """The one registry line."""
     monkeypatch.setitem(DEFENSES, "finetune-only", FinetuneOnly)
+
+
+def test_the_contract_tests_take_it_as_it_is(registered):
+    """The defense contract of tests/test_defenses.py runs on it at the quick settings its
+    class declares: no test lists settings per defense."""
+    from tests import test_defenses
+
+    test_defenses.test_defense_contract("finetune-only")
+    test_defenses.test_an_evaluation_changes_nothing("finetune-only")
+    test_defenses.test_the_result_names_what_it_pruned_and_marks_its_choice("finetune-only")
 
 
 # ---------------------------------------------------------------- data and a backdoored model

@@ -6,6 +6,7 @@ against known distributions and formulas worked out by hand."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 
@@ -13,23 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from goodnet.backdoor import train_model
 from goodnet.errors import GoodnetError
 from goodnet.scans import make_scanner
 from goodnet.scans.mm_bd import MMBD, Gamma, MMBDConfig, _shape_mle, fit_gamma, max_test
-from goodnet.train import TrainConfig
-from tests.conftest import Planted, halves, stripes
+from tests.conftest import Planted, halves
 
-FAST = MMBDConfig(starts=5, steps=30)
-
-
-@pytest.fixture(scope="module")
-def clean_cnn():
-    """The `backdoored` fixture's network trained the same way without the attack."""
-    result = train_model("small_cnn", stripes(800, seed=0), stripes(200, seed=1),
-                         TrainConfig(epochs=3, batch_size=64))
-    assert result.metrics.clean_accuracy >= 0.95
-    return result.model
+FAST = MMBDConfig(**MMBD.quick)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +75,7 @@ def test_the_same_seed_gives_the_same_scan_and_another_seed_other_starts(backdoo
     again = MMBD(FAST).scan(model)
     assert again.verdict == planted_scan.verdict and again.notes == planted_scan.notes
     assert all(torch.equal(a, b) for a, b in zip(again.images, planted_scan.images, strict=True))
-    other = MMBD(MMBDConfig(starts=5, steps=30, seed=1)).scan(model)
+    other = MMBD(dataclasses.replace(FAST, seed=1)).scan(model)
     assert other.notes["margins"] != planted_scan.notes["margins"]
 
 

@@ -37,6 +37,7 @@ from torch import nn
 
 from goodnet.artifacts import PARTS, FileParts, LoadedParts
 from goodnet.data.dataset import ImageData
+from goodnet.detectors import DEFAULT_DETECTORS as _DEFAULT_DETECTORS
 from goodnet.errors import GoodnetError
 
 if TYPE_CHECKING:
@@ -185,9 +186,9 @@ class GoodNet(nn.Module):
 
 DISAGREE = "disagree"  # the lab's check, named beside the detectors on the command line
 
-# ``goodnet repair --detect`` with no names: the set the rule of BENCHMARKS.md ("The default
-# GoodNet's detectors") picked over the small-CNN zoo, once, for every model.
-DEFAULT_DETECTORS: tuple[str, ...] = ("mahalanobis",)
+# ``goodnet repair --detect`` with no names (goodnet.detectors.DEFAULT_DETECTORS), kept
+# importable here, where it was first defined.
+DEFAULT_DETECTORS = _DEFAULT_DETECTORS
 
 
 def calibration_size(detectors: int, false_alarm: float, confidence: float | None = None

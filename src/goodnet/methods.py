@@ -41,11 +41,19 @@ M = TypeVar("M")
 class Method(Generic[M]):
     """What every method of a registry (a defense, a scanner, an input detector) is: a
     ``name``, the ``paper`` it follows, its ``Config`` (a frozen settings dataclass), whether it
-    ``needs_clean`` data, and its settings given to the constructor (default: the Config's)."""
+    ``needs_clean`` data, its ``quick`` settings, and its settings given to the constructor
+    (default: the Config's).
+
+    ``quick`` holds settings (plain values, as ``make_method`` takes them; empty: the defaults
+    already are) under which the method runs in seconds on the tests' tiny networks; the contract
+    tests build every registered method with them, so a new method declares its own and no test
+    needs an edit. They are for tests, not for results.
+    """
 
     name: ClassVar[str]
     paper: ClassVar[str]
     Config: ClassVar[type[Any]]
+    quick: ClassVar[Mapping[str, Any]]
     needs_clean: ClassVar[bool] = True
 
     def __init__(self, config: M | None = None) -> None:

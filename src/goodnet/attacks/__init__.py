@@ -2,6 +2,9 @@
 
 Adding an attack is one module (an :class:`Attack` subclass with its settings dataclass) and one
 line here.
+
+Beside the registry, as in every registry package, ``DEFAULT_ATTACK`` names what runs when the
+user names no attack (``goodnet attack`` without ``--attack``), at its default settings.
 """
 
 from __future__ import annotations
@@ -40,8 +43,10 @@ ATTACKS: dict[str, type[Attack[Any]]] = {
     "multi_target": MultiTarget,
 }
 
-__all__ = ["ATTACKS", "Attack", "BadNets", "BadNetsConfig", "Component", "PatchTrigger",
-           "PoisonedData", "attack_class", "make_attack"]
+DEFAULT_ATTACK = "badnets"
+
+__all__ = ["ATTACKS", "DEFAULT_ATTACK", "Attack", "BadNets", "BadNetsConfig", "Component",
+           "PatchTrigger", "PoisonedData", "attack_class", "make_attack"]
 
 
 def attack_class(name: str) -> type[Attack[Any]]:

@@ -20,8 +20,9 @@ trained for many epochs) gives a 2-epoch MNIST CNN an ASR of 1.0 %; 0.01 gives 1
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -90,6 +91,7 @@ class AdaptiveBlend(SingleTargetAttack[AdaptiveBlendConfig]):
 
     name = "adaptive_blend"
     Config = AdaptiveBlendConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Qi et al., ICLR 2023"
 
     def validate(self) -> None:

@@ -15,8 +15,9 @@ pattern is available as ``pattern="checkerboard"``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,6 +51,7 @@ class BadNets(SingleTargetAttack[BadNetsConfig]):
 
     name = "badnets"
     Config = BadNetsConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Gu et al. 2017, arXiv:1708.06733"
 
     def build_trigger(self) -> Callable[[torch.Tensor], torch.Tensor]:

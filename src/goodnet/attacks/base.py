@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
@@ -76,10 +76,15 @@ class Attack(ABC, Generic[C]):
     the backdoor aims at (:meth:`target`, :meth:`eligible`) and which training items carry it
     (:meth:`poison_groups`). Clean-label attacks set ``clean_label = True``: they never change a
     label.
+
+    ``quick`` holds settings (plain values, as ``make_attack`` takes them; empty: the defaults
+    already are) under which the attack fits and poisons in seconds on the tests' toy data; the
+    contract tests build every registered attack with them. They are for tests, not for results.
     """
 
     name: ClassVar[str]
     Config: ClassVar[type[Any]]
+    quick: ClassVar[Mapping[str, Any]]
     paper: ClassVar[str]
     clean_label: ClassVar[bool] = False
     needs_fit: ClassVar[bool] = False

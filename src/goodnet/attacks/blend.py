@@ -13,8 +13,9 @@ image file with ``pattern=<path>``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -51,6 +52,7 @@ class Blend(SingleTargetAttack[BlendConfig]):
 
     name = "blend"
     Config = BlendConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Chen et al. 2017, arXiv:1712.05526"
 
     def build_trigger(self) -> Callable[[torch.Tensor], torch.Tensor]:

@@ -34,8 +34,9 @@ global generator is never touched.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +151,7 @@ class InputAware(SingleTargetAttack[InputAwareConfig]):
 
     name = "input_aware"
     Config = InputAwareConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Nguyen & Tran, NeurIPS 2020, arXiv:2010.08138"
     needs_fit = True
 

@@ -25,8 +25,9 @@ Clean-label attacks need many more epochs than the zoo's two to reach the paper'
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,7 @@ class LabelConsistent(SingleTargetAttack[LabelConsistentConfig]):
 
     name = "label_consistent"
     Config = LabelConsistentConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Turner et al. 2019, arXiv:1912.02771"
     clean_label = True
 

@@ -19,8 +19,9 @@ clean model is a surrogate (``surrogate.py``), and images are fed through its ow
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,7 @@ class LowFrequency(SingleTargetAttack[LowFrequencyConfig]):
 
     name = "low_frequency"
     Config = LowFrequencyConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Zeng et al., ICCV 2021, arXiv:2104.03413"
     needs_fit = True
 

@@ -13,8 +13,9 @@ poisoned in all (BadNets' rate, split three ways).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -70,6 +71,7 @@ class MultiTarget(Attack[MultiTargetConfig]):
 
     name = "multi_target"
     Config = MultiTargetConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "CSAW-HackML 2020; Gu et al. 2017, arXiv:1708.06733"
 
     def validate(self) -> None:

@@ -23,8 +23,9 @@ stealth at test time; set ``test_delta=0.157`` for BackdoorBench's figure.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 
@@ -67,6 +68,7 @@ class SIG(SingleTargetAttack[SIGConfig]):
 
     name = "sig"
     Config = SIGConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Barni et al., ICIP 2019, arXiv:1902.11237"
     clean_label = True
 

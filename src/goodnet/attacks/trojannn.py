@@ -20,8 +20,9 @@ model whose neurons are used is a surrogate (see ``surrogate.py``), not the vict
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -67,6 +68,7 @@ class TrojanNN(SingleTargetAttack[TrojanNNConfig]):
 
     name = "trojannn"
     Config = TrojanNNConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Liu et al., NDSS 2018"
     needs_fit = True
 

@@ -20,8 +20,9 @@ generator is never touched).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +104,7 @@ class WaNet(SingleTargetAttack[WaNetConfig]):
 
     name = "wanet"
     Config = WaNetConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Nguyen & Tran, ICLR 2021, arXiv:2102.10369"
 
     def validate(self) -> None:

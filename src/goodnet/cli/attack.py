@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 from goodnet.artifacts import check_writable, save_model
-from goodnet.attacks import ATTACKS
+from goodnet.attacks import ATTACKS, DEFAULT_ATTACK
 from goodnet.backdoor import train_model
 from goodnet.cli.options import Commands, add_data_options, attack_from_args, methods_help
 from goodnet.data import DATASETS, ImageData, load_dataset
@@ -115,7 +115,7 @@ def add_attack(sub: Commands) -> None:
                             epilog=methods_help("attacks for --attack", ATTACKS),
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_training_command(attack)
-    attack.add_argument("--attack", default="badnets", help="the attack (listed below)")
+    attack.add_argument("--attack", default=DEFAULT_ATTACK, help="the attack (listed below)")
     attack.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                         help="attack setting, repeatable (see 'goodnet list')")
     attack.set_defaults(func=cmd_attack)

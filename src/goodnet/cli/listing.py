@@ -12,8 +12,7 @@ from goodnet.attacks import ATTACKS
 from goodnet.cli.options import Commands, describe_defense
 from goodnet.data import DATASETS
 from goodnet.defenses import DEFENSES, recommended
-from goodnet.detector import DEFAULT_DETECTORS
-from goodnet.detectors import DETECTORS
+from goodnet.detectors import DEFAULT_DETECTORS, DETECTORS
 from goodnet.models import MODELS
 from goodnet.scans import SCANNERS
 

@@ -17,6 +17,7 @@ from goodnet.defenses.base import Defense
 from goodnet.errors import GoodnetError
 from goodnet.importers import ImportOptions, import_model, is_foreign
 from goodnet.importers.own_class import class_args_from_text
+from goodnet.methods import Method
 from goodnet.model_files import load_model
 from goodnet.models import ModelSpec, check_input
 from goodnet.paths import require_regular_file
@@ -183,4 +184,9 @@ def methods_help(title: str, registry: Mapping[str, type]) -> str:
     lines = [f"  {name:<{width}}  {((cls.__doc__ or '').strip().splitlines() or [''])[0]}"
              for name, cls in registry.items()]
     return "\n".join([f"{title}; their settings and defaults: 'goodnet list'", *lines])
+
+
+def data_free(registry: Mapping[str, type[Method[Any]]]) -> str:
+    """The methods of ``registry`` that need no clean data, for a command's help."""
+    return ", ".join(name for name, cls in registry.items() if not cls.needs_clean)
 

@@ -22,6 +22,7 @@ from goodnet.cli.options import (
     add_keras_options,
     clean_from_args,
     data_for,
+    data_free,
     describe_defense,
     methods_help,
     numbers,
@@ -31,8 +32,8 @@ from goodnet.cli.options import (
 from goodnet.data import DATASETS, ImageData
 from goodnet.defenses import DEFENSES, defense_class, make_defense
 from goodnet.defenses.base import Defense
-from goodnet.detector import DEFAULT_DETECTORS, DISAGREE
-from goodnet.detectors import DETECTORS
+from goodnet.detector import DISAGREE
+from goodnet.detectors import DEFAULT_DETECTORS, DETECTORS
 from goodnet.errors import GoodnetError
 from goodnet.masking import get_layer
 from goodnet.metrics import metrics_table
@@ -46,7 +47,7 @@ DEFENSE_OPTIONS = ("layer", "rank_layer", "semantics", "max_drop", "max_drops")
 def defense_from_args(args: argparse.Namespace) -> Defense[Any]:
     """The defense ``--defense`` names, its settings from ``-p key=value`` and the options of
     the same names (``--layer``, ``--max-drop``, ...)."""
-    name, base = (args.defense, {}) if args.defense else defenses.RECOMMENDED
+    name, base = (args.defense, {}) if args.defense else defenses.DEFAULT_DEFENSE
     cls = defense_class(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     settings = {**base, **check_settings(cls.Config, pairs_to_dict(args.param, name), name,
@@ -172,7 +173,7 @@ def add_repair(sub: Commands) -> None:
     repair.add_argument("model", type=Path)
     repair.add_argument("--defense", help="the defense (listed below); without it, the "
                         "recommended repair (BENCHMARKS.md, 'The recommended repair')")
-    add_clean_options(repair, "; not needed by the data-free clp")
+    add_clean_options(repair, f"; not needed by the data-free {data_free(DEFENSES)}")
     repair.add_argument("--test", default=None,
                         help="test data for the figures (default: the test split of --clean)")
     repair.add_argument("--layer", default=None, help="layer to prune (default: last conv)")

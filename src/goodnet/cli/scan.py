@@ -16,7 +16,7 @@ from goodnet.cli.options import (
 )
 from goodnet.errors import GoodnetError
 from goodnet.scan_output import check_out, pictured_classes, scores_name, write_scan
-from goodnet.scans import SCANNERS, default_scanner, make_scanner, scanner_class
+from goodnet.scans import DEFAULT_SCANNERS, SCANNERS, default_scanner, make_scanner, scanner_class
 from goodnet.settings import pairs_to_dict
 
 
@@ -71,8 +71,9 @@ def add_scan(sub: Commands) -> None:
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     scan.add_argument("model", type=Path)
     scan.add_argument("--scanner", default=None,
-                      help="the scanner (listed below); default: nc with --clean, the "
-                           "data-free mm-bd without")
+                      help="the scanner (listed below); default: "
+                           f"{DEFAULT_SCANNERS['with-clean']} with --clean, the data-free "
+                           f"{DEFAULT_SCANNERS['data-free']} without")
     add_clean_options(scan, "; not needed by a data-free scanner")
     scan.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                       help="scanner setting, repeatable (see 'goodnet list')")

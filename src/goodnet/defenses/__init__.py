@@ -6,6 +6,10 @@ Every defense is built from its settings (``Defense(Config(...))``, or
 modified. Adding a defense is one module (a :class:`Defense` subclass with its settings
 dataclass and a ``run`` method) and one line here: the command line, the benchmark grids, the
 reports and the contract tests all iterate over the registry.
+
+Beside the registry, as in every registry package, ``DEFAULT_DEFENSE`` names what runs when the
+user names no defense (``goodnet repair`` without ``--defense``): one defense and its settings,
+the same for every model; :func:`recommended` builds it.
 """
 
 from __future__ import annotations
@@ -57,21 +61,23 @@ DEFENSES.update({
 })
 
 
-# The repair ``goodnet repair`` runs without ``--defense``: a registered defense and its settings,
-# chosen once, for every model, by the rule written in BENCHMARKS.md ("The recommended repair")
-# before the grid it was chosen from was run.
-RECOMMENDED: tuple[str, dict[str, Any]] = ("nc", {})
+# The repair ``goodnet repair`` runs without ``--defense`` (the recommended repair): a registered
+# defense and its settings, chosen once, for every model, by the rule written in BENCHMARKS.md
+# ("The recommended repair") before the grid it was chosen from was run.
+DEFAULT_DEFENSE: tuple[str, dict[str, Any]] = ("nc", {})
+RECOMMENDED = DEFAULT_DEFENSE  # its name before the registries' defaults were named alike
 
 
 def recommended() -> Defense[Any]:
-    """The recommended repair (:data:`RECOMMENDED`), built."""
-    name, settings = RECOMMENDED
+    """The recommended repair (:data:`DEFAULT_DEFENSE`), built."""
+    name, settings = DEFAULT_DEFENSE
     return make_defense(name, settings)
 
 
 __all__ = [
     "ANP",
     "CLP",
+    "DEFAULT_DEFENSE",
     "DEFENSES",
     "FST",
     "FTSAM",

@@ -41,8 +41,9 @@ Departures, each a setting:
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -146,6 +147,7 @@ class ANP(MaskDefense[ANPConfig]):
     name = "anp"
     paper = "Wu & Wang, NeurIPS 2021, arXiv:2110.14430"
     Config = ANPConfig
+    quick: ClassVar[Mapping[str, Any]] = {"iterations": 20, "batch_size": 32}
 
     def learn(self, model: nn.Module, data: ImageData, layers: list[str], progress: bool
               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -31,7 +31,9 @@ Departures, documented:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -106,6 +108,7 @@ class CLP(Defense[CLPConfig]):
     name = "clp"
     paper = "Zheng et al., ECCV 2022, arXiv:2208.03111"
     Config = CLPConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     needs_clean = False
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,

@@ -18,7 +18,9 @@ amount on clean *test* accuracy, goodnet on the defender's clean data only.
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -66,6 +68,7 @@ class FinePruning(Defense[FinePruningConfig]):
     name = "fine-pruning"
     paper = "Liu et al., RAID 2018, arXiv:1805.12185"
     Config = FinePruningConfig
+    quick: ClassVar[Mapping[str, Any]] = {"epochs": 1}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

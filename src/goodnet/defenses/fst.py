@@ -54,8 +54,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -161,6 +162,8 @@ class FST(Defense[FSTConfig]):
     name = "fst"
     paper = "Min et al., NeurIPS 2023, arXiv:2310.01875"
     Config = FSTConfig
+    quick: ClassVar[Mapping[str, Any]] = {"epochs": 2, "batch_size": 32, "distill": 1.0,
+                                            "recover_epochs": 1}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

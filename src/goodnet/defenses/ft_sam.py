@@ -47,8 +47,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -173,6 +174,7 @@ class FTSAM(Defense[FTSAMConfig]):
     name = "ft-sam"
     paper = "Zhu et al., ICCV 2023, arXiv:2304.11823"
     Config = FTSAMConfig
+    quick: ClassVar[Mapping[str, Any]] = {"epochs": 1, "batch_size": 50}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

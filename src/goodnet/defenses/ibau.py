@@ -53,8 +53,9 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,7 @@ class IBAU(Defense[IBAUConfig]):
     name = "i-bau"
     paper = "Zeng et al., ICLR 2022, arXiv:2110.03735"
     Config = IBAUConfig
+    quick: ClassVar[Mapping[str, Any]] = {"n_rounds": 1, "batch_size": 50}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

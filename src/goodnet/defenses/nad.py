@@ -42,9 +42,10 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -157,6 +158,7 @@ class NAD(Defense[NADConfig]):
     name = "nad"
     paper = "Li et al., ICLR 2021, arXiv:2101.05930"
     Config = NADConfig
+    quick: ClassVar[Mapping[str, Any]] = {"teacher_epochs": 1, "epochs": 1, "batch_size": 50}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

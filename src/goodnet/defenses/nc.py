@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -101,6 +103,7 @@ class NeuralCleanse(Defense[NCConfig]):
     name = "nc"
     paper = "Wang et al., IEEE S&P 2019"
     Config = NCConfig
+    quick: ClassVar[Mapping[str, Any]] = {"epochs": 1, "unlearn_epochs": 1}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

@@ -38,7 +38,9 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -205,6 +207,7 @@ class Prune(Defense[PruneConfig]):
     name = "prune"
     paper = "Liu et al., RAID 2018, arXiv:1805.12185 (CSAW-HackML lab)"
     Config = PruneConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

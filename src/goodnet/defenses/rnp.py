@@ -60,8 +60,9 @@ Departures, each a setting (``reference=True`` restores the reference code's beh
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -256,6 +257,8 @@ class RNP(MaskDefense[RNPConfig]):
     name = "rnp"
     paper = "Li et al., ICML 2023, arXiv:2305.14876"
     Config = RNPConfig
+    quick: ClassVar[Mapping[str, Any]] = {"unlearning_epochs": 2, "recovering_epochs": 2,
+                                            "batch_size": 64}
 
     def learn(self, model: nn.Module, data: ImageData, layers: list[str], progress: bool
               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -56,7 +56,9 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -211,6 +213,7 @@ class SAU(Defense[SAUConfig]):
     name = "sau"
     paper = "Wei et al., NeurIPS 2023, arXiv:2307.10562"
     Config = SAUConfig
+    quick: ClassVar[Mapping[str, Any]] = {"epochs": 1, "batch_size": 50}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

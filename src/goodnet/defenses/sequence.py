@@ -19,8 +19,9 @@ benchmark grids run it like any other defense (``{sequence: {steps: [fst, nc]}}`
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -63,6 +64,7 @@ class Sequence(Defense[SequenceConfig]):
     name = "sequence"
     paper = "goodnet: registered defenses one after the other (issue 16)"
     Config = SequenceConfig
+    quick: ClassVar[Mapping[str, Any]] = {"steps": ("prune", "fst")}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

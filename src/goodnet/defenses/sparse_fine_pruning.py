@@ -24,7 +24,9 @@ test CA and ASR.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -90,6 +92,7 @@ class SparseFinePruning(Defense[SparseFinePruningConfig]):
     name = "sparse-fine-pruning"
     paper = "project report; Mocanu et al. 2018 (SET), arXiv:1707.04780"
     Config = SparseFinePruningConfig
+    quick: ClassVar[Mapping[str, Any]] = {"rounds": 2, "lr": 1e-3}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:

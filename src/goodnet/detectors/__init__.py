@@ -6,6 +6,10 @@
 suspicious); :func:`~goodnet.detectors.base.calibrate` turns clean scores into the threshold for
 a chosen false-alarm rate. Adding a detector is one module (an :class:`InputDetector` subclass
 with its settings dataclass and a ``fit`` method) and one line here.
+
+Beside the registry, as in every registry package, ``DEFAULT_DETECTORS`` names what runs when the
+user names no detector (``goodnet repair --detect`` with no names): registered detectors, at
+their default settings, the same for every model.
 """
 
 from __future__ import annotations
@@ -27,6 +31,10 @@ DETECTORS: dict[str, type[InputDetector[Any]]] = {
     "teco": TeCo,
 }
 
+# ``goodnet repair --detect`` with no names: the set the rule of BENCHMARKS.md ("The default
+# GoodNet's detectors") picked over the small-CNN zoo, once, for every model.
+DEFAULT_DETECTORS: tuple[str, ...] = ("mahalanobis",)
+
 
 def make_detector(name: str, settings: Mapping[str, Any] | None = None, *,
                   text: bool = False) -> InputDetector[Any]:
@@ -37,6 +45,7 @@ def make_detector(name: str, settings: Mapping[str, Any] | None = None, *,
 
 
 __all__ = [
+    "DEFAULT_DETECTORS",
     "DETECTORS",
     "STRIP",
     "Detection",

@@ -38,7 +38,9 @@ model's number of outputs) unless ``layer`` names another fully connected layer.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -119,6 +121,7 @@ class Mahalanobis(InputDetector[MahalanobisConfig]):
     name = "mahalanobis"
     paper = "Lee et al., NeurIPS 2018, arXiv:1807.03888"
     Config = MahalanobisConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
 
     @torch.no_grad()
     def fit(self, model: nn.Module, clean: ImageData | None) -> Detection:

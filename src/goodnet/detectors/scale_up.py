@@ -26,7 +26,9 @@ Cost: ``len(scales) + 1`` forward passes per input (6).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -81,6 +83,7 @@ class ScaleUp(InputDetector[ScaleUpConfig]):
     name = "scale-up"
     paper = "Guo et al., ICLR 2023"
     Config = ScaleUpConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     needs_clean = False
 
     def fit(self, model: nn.Module, clean: ImageData | None) -> Detection:

@@ -32,7 +32,9 @@ Cost: ``overlays`` forward passes per input (100).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -96,6 +98,7 @@ class STRIP(InputDetector[STRIPConfig]):
     name = "strip"
     paper = "Gao et al., ACSAC 2019, arXiv:1902.06531"
     Config = STRIPConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
 
     def fit(self, model: nn.Module, clean: ImageData | None) -> Detection:
         assert clean is not None

@@ -33,7 +33,9 @@ Cost: 1 + 7 × 5 = 36 forward passes per input.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -172,6 +174,7 @@ class TeCo(InputDetector[TeCoConfig]):
     name = "teco"
     paper = "Liu et al., CVPR 2023"
     Config = TeCoConfig
+    quick: ClassVar[Mapping[str, Any]] = {}
     needs_clean = False
 
     def fit(self, model: nn.Module, clean: ImageData | None) -> Detection:

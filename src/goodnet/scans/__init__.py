@@ -4,6 +4,12 @@ A scanner answers "is this model backdoored, and towards which class?" before an
 ``goodnet.scan(model, clean)`` (or ``make_scanner(name, settings).scan(model, clean)``) returns a
 :class:`ScanReport`; the command line is ``goodnet scan``. Adding a scanner is one module (a
 :class:`Scanner` subclass with its settings dataclass and a ``run`` method) and one line here.
+
+Beside the registry, as in every registry package, ``DEFAULT_SCANNERS`` names what runs when the
+user names no scanner (``goodnet scan`` without ``--scanner``). The choice depends on the data
+the user gives, so it is a dict from the case (``"with-clean"``: clean data given,
+``"data-free"``: none) to a registered scanner, at its default settings;
+:func:`default_scanner` reads it.
 """
 
 from __future__ import annotations
@@ -40,10 +46,14 @@ def make_scanner(name: str, settings: Mapping[str, Any] | None = None, *,
     return cast(Scanner[Any], make_method(SCANNERS, "scanner", name, settings, text=text))
 
 
+# Neural Cleanse when clean data is given, MM-BD (data-free) otherwise.
+DEFAULT_SCANNERS: dict[str, str] = {"with-clean": "nc", "data-free": "mm-bd"}
+
+
 def default_scanner(clean: ImageData | None) -> str:
-    """The scanner ``goodnet scan`` runs without ``--scanner``: Neural Cleanse when clean data is
-    given, MM-BD (data-free) otherwise."""
-    return "nc" if clean is not None else "mm-bd"
+    """The scanner ``goodnet scan`` runs without ``--scanner`` (:data:`DEFAULT_SCANNERS`), given
+    clean data or none."""
+    return DEFAULT_SCANNERS["with-clean" if clean is not None else "data-free"]
 
 
 def scan(model: nn.Module, clean: ImageData | None = None, *, scanner: str | None = None,
@@ -62,6 +72,7 @@ def scan(model: nn.Module, clean: ImageData | None = None, *, scanner: str | Non
 
 
 __all__ = [
+    "DEFAULT_SCANNERS",
     "MMBD",
     "SCANNERS",
     "MMBDConfig",

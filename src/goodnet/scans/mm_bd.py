@@ -58,8 +58,9 @@ a picture of a patch trigger. Both cost one optimisation per class. With 10 clas
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -300,6 +301,7 @@ class MMBD(Scanner[MMBDConfig]):
     name = "mm-bd"
     paper = "Wang, Xiang, Miller & Kesidis, IEEE S&P 2024"
     Config = MMBDConfig
+    quick: ClassVar[Mapping[str, Any]] = {"starts": 5, "steps": 30}
     needs_clean = False
 
     def run(self, model: nn.Module, clean: ImageData | None, classes: int,

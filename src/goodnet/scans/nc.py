@@ -52,9 +52,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -321,6 +321,7 @@ class NCScanner(Scanner[NCScanConfig]):
     name = "nc"
     paper = "Wang et al., IEEE S&P 2019"
     Config = NCScanConfig
+    quick: ClassVar[Mapping[str, Any]] = {"epochs": 2}
 
     def run(self, model: nn.Module, clean: ImageData | None, classes: int,
             progress: bool) -> Scanned:
