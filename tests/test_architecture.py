@@ -32,17 +32,6 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "goodnet"
 
-# Circles known and not yet broken, as the edge (importer, imported) left out of the check; the
-# fewer the better. Each must still be in the graph (the test below fails once it is gone, so
-# that the entry is removed with the circle).
-KNOWN = {
-    # goodnet.models (its __init__) imports goodnet.data.dataset, which runs goodnet.data's
-    # __init__, which imports goodnet.data.npz, which checks the images' size against the
-    # models' input bounds (goodnet.models.spec.check_input_size), which runs goodnet.models'
-    # __init__. To break: move the input bounds to a module outside goodnet.models (left to the
-    # step of issue 28 that moves the model importers, the bounds' other users).
-    ("goodnet.data.npz", "goodnet.models"),
-}
 
 
 def module_names(src: Path = SRC, package: str = PACKAGE) -> dict[str, Path]:
@@ -194,15 +183,8 @@ def test_the_method_layer_stands_below_the_three_families(graph):
 
 
 def test_no_import_circle(graph):
-    cycles = find_cycles(without(graph, KNOWN))
+    cycles = find_cycles(graph)
     assert not cycles, "import circles:\n" + "\n".join(" -> ".join(c) for c in cycles)
-
-
-@pytest.mark.parametrize("edge", sorted(KNOWN))
-def test_each_known_circle_is_still_there(graph, edge):
-    importer, target = edge
-    assert target in graph[importer], f"{edge} is gone: remove it from KNOWN"
-    assert path_to(graph, target, importer) is not None, f"{edge} closes no circle any more"
 
 
 def test_the_old_names_are_the_method_layers():

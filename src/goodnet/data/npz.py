@@ -13,7 +13,7 @@ member's size is checked before NumPy allocates it: the shape in its header must
 the member's size in the ZIP directory, and that size may not exceed what the archive could
 hold (deflate expands at most 1032 to 1). Within that, a data set's shapes are checked from the
 headers before anything is decompressed: the layout of ``x``, its images against goodnet's
-input bounds (:func:`goodnet.models.spec.check_input_size`), one label per image in ``y``. A
+input bounds (:func:`goodnet.bounds.check_input_size`), one label per image in ``y``. A
 2 MB file of zeros can declare a 46000×46000 image; it is refused without inflating 2 GB.
 """
 
@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from goodnet.bounds import check_input_size
 from goodnet.data._common import check_pixel_type, file_size, image_data, labels_tensor, pixels
 from goodnet.data.dataset import ImageData
 from goodnet.errors import GoodnetError
-from goodnet.models.spec import check_input_size
 
 _MAX_DEFLATE_RATIO = 1032
 _READ_ERRORS = (OSError, ValueError, EOFError, KeyError, RuntimeError, NotImplementedError,

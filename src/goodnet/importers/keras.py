@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from goodnet.artifacts import LoadedModel, ModelCard
+from goodnet.bounds import check_input_size
 from goodnet.errors import GoodnetError
 from goodnet.hdf5 import attribute, check_stored, child, is_hdf5, open_hdf5, read
 from goodnet.importers.base import ImportOptions
@@ -56,7 +57,6 @@ from goodnet.models.keras_graph import (
     module_name,
     parse_json,
 )
-from goodnet.models.spec import check_input_size
 
 __all__ = ["PIXEL_SCALE", "config_to_graph", "import_keras", "is_hdf5", "load"]
 

@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from goodnet.artifacts import LoadedModel, ModelCard
+from goodnet.bounds import check_input_size
 from goodnet.errors import GoodnetError
 from goodnet.importers.base import ImportOptions
 from goodnet.models import GRAPH, ModelSpec, build_model
 from goodnet.models.keras_graph import MAX_NODES, check_graph, module_name
-from goodnet.models.spec import check_input_size
 from goodnet.paths import require_regular_file
 
 MAX_FILE_BYTES = 1 << 30
