@@ -7,7 +7,12 @@ never falls back to a default), each value is checked against the field's type (
 command line is converted first), lists become tuples, and a renamed setting still works under
 its old name with a one-line :class:`FutureWarning`.
 
-A settings class lists its old names in a ``renamed`` class attribute, old name → new name.
+A settings class lists its old names in a ``renamed`` class attribute, old name → new name (a
+subclass inherits its bases' renames). A setting's first name stays its name in every stored key
+(:func:`key_names`): a benchmark cell's cache key and a model's zoo path hash the settings under
+the names they had when the key was first written, so renaming a setting never invalidates a
+result or a cached model. Stored settings (a model card's, a result's) are read with
+``warn=False``: old names there are expected, not the user's to fix.
 """
 
 from __future__ import annotations
@@ -26,8 +31,20 @@ C = TypeVar("C")
 
 
 def renamed(cls: type) -> dict[str, str]:
-    """Old setting names of ``cls`` that still work, old → new."""
-    return dict(getattr(cls, "renamed", {}))
+    """Old setting names of ``cls`` (and of its bases) that still work, old → new."""
+    out: dict[str, str] = {}
+    for base in reversed(cls.__mro__):
+        out.update(vars(base).get("renamed", {}))
+    return out
+
+
+def key_names(cls: type, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (current names) with each renamed setting under its first name: what a
+    stored key hashes, so that a rename keeps every key."""
+    first: dict[str, str] = {}
+    for old, new in renamed(cls).items():
+        first.setdefault(new, old)
+    return {first.get(key, key): value for key, value in settings.items()}
 
 
 def pairs_to_dict(pairs: Sequence[str], what: str) -> dict[str, str]:
@@ -43,10 +60,11 @@ def pairs_to_dict(pairs: Sequence[str], what: str) -> dict[str, str]:
 
 
 def check_settings(cls: type, settings: Mapping[str, Any], what: str, *,
-                   text: bool = False) -> dict[str, Any]:
+                   text: bool = False, warn: bool = True) -> dict[str, Any]:
     """``settings`` checked against the fields of dataclass ``cls``: known names (old names
-    mapped to new ones, with a warning), values of the field's type (``text=True``: values are
-    command-line text, converted first). Returns the settings ready for ``cls(**settings)``."""
+    mapped to new ones, with a warning unless ``warn=False``), values of the field's type
+    (``text=True``: values are command-line text, converted first). Returns the settings ready
+    for ``cls(**settings)``."""
     if not isinstance(settings, Mapping):
         raise GoodnetError(f"{what}: settings must be a mapping, got {type(settings).__name__}")
     fields = {f.name for f in dataclasses.fields(cls)}
@@ -58,8 +76,9 @@ def check_settings(cls: type, settings: Mapping[str, Any], what: str, *,
             raise GoodnetError(f"{what}: setting names must be strings, got {key!r:.40}")
         if key in old and key not in fields:
             new = old[key]
-            warnings.warn(f"{what}: setting {key!r} is now called {new!r}; the old name will be "
-                          "removed in a later version", FutureWarning, stacklevel=2)
+            if warn:
+                warnings.warn(f"{what}: setting {key!r} is now called {new!r}; the old name will "
+                              "be removed in a later version", FutureWarning, stacklevel=2)
             if new in settings:
                 raise GoodnetError(f"{what}: give {new!r} or its old name {key!r}, not both")
             key = new
@@ -80,10 +99,10 @@ def check_settings(cls: type, settings: Mapping[str, Any], what: str, *,
 
 
 def build_settings(cls: type[C], settings: Mapping[str, Any] | None, what: str, *,
-                   text: bool = False) -> C:
+                   text: bool = False, warn: bool = True) -> C:
     """An instance of settings dataclass ``cls`` from ``settings`` (see :func:`check_settings`);
     any error the class raises on the values is one :class:`GoodnetError` naming ``what``."""
-    checked = check_settings(cls, settings or {}, what, text=text)
+    checked = check_settings(cls, settings or {}, what, text=text, warn=warn)
     try:
         return cls(**checked)
     except GoodnetError as error:

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from goodnet.artifacts import load_model, save_model
-from goodnet.attacks import ATTACKS, make_attack
+from goodnet.attacks import ATTACKS, attack_class, make_attack
 from goodnet.backdoor import attack_from_card, train_model
 from goodnet.bench.detect_report import screen_figures
-from goodnet.bench.grid import CLEAN, AnyCell, DetectCell, ModelJob, ScanCell, normal
+from goodnet.bench.grid import CLEAN, AnyCell, DetectCell, ModelJob, ScanCell, normal, resolved
 from goodnet.data import load_dataset, split_clean
 from goodnet.data.dataset import ImageData
 from goodnet.data.holdout import HoldOut, defender_clean
@@ -36,6 +36,7 @@ from goodnet.metrics import auroc, poisoned_batches
 from goodnet.models import model_device
 from goodnet.pipeline import repair
 from goodnet.scans import make_scanner
+from goodnet.settings import build_settings
 from goodnet.version import __version__
 
 
@@ -149,7 +150,7 @@ def check_model(job: ModelJob, card_training: dict[str, Any], card_attack: Any) 
     """Refuse a cached model built with other settings than ``job`` asks for."""
     wanted = job.train_config_dict()
     found = card_training.get("config", {})
-    attack = (card_attack or {}).get("config")
+    attack = _stored_attack(card_attack)
     expected_attack = (None if job.attack.name == CLEAN
                        else job.attack.resolved(ATTACKS, "attack"))
     held = HoldOut.from_training(card_training, str(job.path()))
@@ -161,6 +162,20 @@ def check_model(job: ModelJob, card_training: dict[str, Any], card_attack: Any) 
                "attack or hold-out settings than the grid asks for")
         raise GoodnetError(f"{job.path()}: this cached model was {why}; move it away to "
                            "rebuild")
+
+
+def _stored_attack(card_attack: Any) -> dict[str, Any] | None:
+    """A card's attack settings resolved as a key hashes them (a card written before a setting
+    was renamed reads the same as one written after), or None for a clean model; a card whose
+    settings no longer build reads as written (and so matches nothing)."""
+    if not card_attack:
+        return None
+    name, config = card_attack.get("name"), card_attack.get("config")
+    try:
+        return resolved(build_settings(attack_class(name).Config, config, "attack",
+                                       warn=False))
+    except GoodnetError:
+        return config  # type: ignore[no-any-return]
 
 
 def build_model(job: ModelJob, threads: int = 1) -> dict[str, Any]:

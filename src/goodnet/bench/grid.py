@@ -74,7 +74,7 @@ from goodnet.errors import GoodnetError
 from goodnet.models import MODELS
 from goodnet.paths import require_regular_file
 from goodnet.scans import SCANNERS
-from goodnet.settings import build_settings, check_settings
+from goodnet.settings import build_settings, check_settings, key_names
 from goodnet.train import TrainConfig
 from goodnet.zoo import data_folder
 
@@ -169,13 +169,18 @@ class Entry:
         """Every setting, defaults included: what the cache key hashes. A composite (a
         sequence) runs other defenses at their defaults, so their settings count too: a changed
         default of a step is a new cell of every sequence that runs it."""
-        config = self.config(registry, what)
-        settings = _jsonable(dataclasses.asdict(config))
-        parts = getattr(config, "parts", None)
-        if callable(parts):
-            settings["parts"] = [[name, _jsonable(dataclasses.asdict(part))]
-                                 for name, part in parts()]
-        return settings
+        return resolved(self.config(registry, what))
+
+
+def resolved(config: Any) -> dict[str, Any]:
+    """Every setting of ``config`` (a settings dataclass) as a key hashes it: plain values, each
+    setting under its first name (:func:`goodnet.settings.key_names`), and a composite's parts
+    (each step's name and resolved settings) under ``parts``."""
+    settings = key_names(type(config), _jsonable(dataclasses.asdict(config)))
+    parts = getattr(config, "parts", None)
+    if callable(parts):
+        settings["parts"] = [[name, resolved(part)] for name, part in parts()]
+    return settings
 
 
 def _jsonable(value: Any) -> Any:
