@@ -25,9 +25,10 @@ import torch
 from goodnet.artifacts import load_model
 from goodnet.data import load_dataset, split_clean
 from goodnet.detectors import calibrate, make_detector
+from goodnet.zoo import ZooCell
 
-ATTACKS = ("adaptive_blend", "badnets", "blend", "input_aware", "label_consistent",
-           "low_frequency", "multi_target", "sig", "trojannn", "wanet")
+ATTACKS = ("adaptive-blend", "badnets", "blend", "input-aware", "label-consistent",
+           "low-frequency", "multi-target", "sig", "trojannn", "wanet")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         order = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))
         unseen, measured = test.subset(order[:300]), test.subset(order[300:5300])
         for attack in args.attacks:
-            path = args.zoo / data / args.arch / attack / f"seed{args.seed}.safetensors"
+            path = ZooCell(data, args.arch, attack, args.seed).path(args.zoo)
             model = load_model(path).model
             clean, _ = split_clean(train, 0.01, seed=args.seed)
             calibration, fit = split_clean(clean, 300, seed=args.seed)

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from goodnet import attack_from_card, load_dataset, load_model, split_clean
+from goodnet.attacks import ATTACK_ALIASES
 from goodnet.defenses import DEFENSES, Defense, make_defense
 from goodnet.metrics import poisoned_batches, predict_all
 from goodnet.settings import pairs_to_dict
@@ -272,7 +273,11 @@ def main() -> None:
     results = args.out / "results.jsonl"
     records = [json.loads(line) for line in results.read_text().splitlines()] \
         if results.exists() else []
-    done = {(r["data"], r["attack"], r["seed"], r["defense"]) for r in records}
+    # an attack recorded under its old name is the same attack (goodnet.attacks.ATTACK_ALIASES)
+    done = {(r["data"], ATTACK_ALIASES.get(r["attack"], r["attack"]), r["seed"], r["defense"])
+            for r in records}
+    if args.attacks:
+        args.attacks = [ATTACK_ALIASES.get(a, a) for a in args.attacks]
     cache: dict = {}
     for cell, _card in ([] if args.table_only else collect(args.zoo)):
         if (cell.arch != args.arch or cell.attack == CLEAN or cell.data not in args.data

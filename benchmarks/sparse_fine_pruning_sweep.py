@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from lab_defenses import zoo_model  # the same defender's data, next to this script
 
+from goodnet.attacks import ATTACK_ALIASES
 from goodnet.defenses import SparseFinePruning, SparseFinePruningConfig
 from goodnet.workflow import repair_and_measure
 from goodnet.zoo import collect
@@ -113,7 +114,7 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path, default=Path("zoo"))
     parser.add_argument("--arch", default="small_cnn")
     parser.add_argument("--data", nargs="+", default=["mnist", "fashion-mnist"])
-    parser.add_argument("--attacks", nargs="+", default=["badnets", "blend", "multi_target"])
+    parser.add_argument("--attacks", nargs="+", default=["badnets", "blend", "multi-target"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.1, 0.2, 0.3, 0.4, 0.5])
     parser.add_argument("--rounds", type=int, default=10)
@@ -121,6 +122,7 @@ def main() -> None:
     parser.add_argument("--curve-limit", type=int, default=2000)
     parser.add_argument("--out", type=Path, default=Path("runs/sfp_sweep"))
     args = parser.parse_args()
+    args.attacks = [ATTACK_ALIASES.get(a, a) for a in args.attacks]  # old names read as new
     args.out.mkdir(parents=True, exist_ok=True)
     results = args.out / "results.jsonl"
     records = [json.loads(line) for line in results.read_text().splitlines()] \
@@ -130,8 +132,9 @@ def main() -> None:
         if (cell.arch != args.arch or cell.data not in args.data or cell.seed not in args.seeds
                 or cell.attack not in args.attacks):
             continue
-        done = {r["fraction"] for r in records if (r["data"], r["attack"], r["seed"], r["score"])
-                == (cell.data, cell.attack, cell.seed, args.score)}
+        done = {r["fraction"] for r in records
+                if (r["data"], ATTACK_ALIASES.get(r["attack"], r["attack"]), r["seed"],
+                    r["score"]) == (cell.data, cell.attack, cell.seed, args.score)}
         todo = [f for f in args.fractions if f not in done]
         if not todo:
             continue

@@ -230,3 +230,19 @@ def test_the_graph_counts_deferred_imports_and_package_inits(tmp_path):
 if __name__ == "__main__":
     for cycle in find_cycles(import_graph()):
         print(" -> ".join(cycle))
+
+
+def test_every_registry_spells_its_names_in_kebab_case():
+    """One spelling for method names across the four registries (and the names a registry's
+    class carries are its registry keys)."""
+    import re
+
+    from goodnet.attacks import ATTACKS
+    from goodnet.defenses import DEFENSES
+    from goodnet.detectors import DETECTORS
+    from goodnet.scans import SCANNERS
+
+    for registry in (ATTACKS, DEFENSES, SCANNERS, DETECTORS):
+        for name, cls in registry.items():
+            assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name), name
+            assert cls.name == name

@@ -168,9 +168,9 @@ def test_config_is_frozen():
 # and thread count (seed 0 is the one run). With their defaults on 800 toy images, Adaptive-Blend
 # (1 % poison, 1 % cover), SIG (test delta 90/255) and Input-aware (4 epochs against its cross
 # items) fail on 1 to 5 of those 10 seeds. Every other attack runs with its defaults.
-TOY_SETTINGS = {"adaptive_blend": {"poison_rate": 0.3, "cover_rate": 0.03},
+TOY_SETTINGS = {"adaptive-blend": {"poison_rate": 0.3, "cover_rate": 0.03},
                 "sig": {"test_delta": 0.5}}
-TOY_EPOCHS = {"input_aware": 8}
+TOY_EPOCHS = {"input-aware": 8}
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
@@ -193,7 +193,7 @@ def test_backdoor_takes_hold(name):
 def test_input_aware_never_keeps_a_collapsed_mask(stripes_train):
     """With few steps the mask generator can saturate at all-zero masks (fitting seed 2 of the
     toy did): the fitted trigger must still change its input."""
-    attack = make_attack("input_aware", {"generator_epochs": 0}, stripes_train.image_shape,
+    attack = make_attack("input-aware", {"generator_epochs": 0}, stripes_train.image_shape,
                          stripes_train.num_classes)
     attack.fit(stripes_train, seed=2)
     x, _ = stripes_train.get(torch.arange(64))
@@ -203,7 +203,7 @@ def test_input_aware_never_keeps_a_collapsed_mask(stripes_train):
 
 @pytest.mark.parametrize(("name", "group", "settings"), [
     ("wanet", "noise", None),
-    ("input_aware", "cross", {"mask_epochs": 1, "generator_epochs": 1}),  # a quick fit
+    ("input-aware", "cross", {"mask_epochs": 1, "generator_epochs": 1}),  # a quick fit
 ])
 def test_fresh_draws_come_from_the_attacks_own_generators(name, group, settings, stripes_train):
     """WaNet's noise items and Input-aware's cross items are drawn afresh at every read, and
@@ -228,3 +228,20 @@ def test_fresh_draws_come_from_the_attacks_own_generators(name, group, settings,
     assert not torch.equal(runs[0][1], runs[0][2])  # drawn afresh at each read
     for first, second in zip(*runs, strict=True):
         assert torch.equal(first, second)
+
+
+def test_every_attack_name_is_kebab_case_and_the_old_names_still_build(stripes_train):
+    """Attack names are spelt like every other registry's; the old snake_case names (model
+    cards, grids and scripts written before) build the same attack, named the new way."""
+    import re
+
+    from goodnet.attacks import ATTACK_ALIASES, attack_class
+
+    assert all(re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name) for name in ATTACKS)
+    assert set(ATTACK_ALIASES.values()) <= set(ATTACKS)
+    for old, new in ATTACK_ALIASES.items():
+        assert attack_class(old) is ATTACKS[new] and ATTACKS[new].name == new
+        attack = make_attack(old, None, stripes_train.image_shape, stripes_train.num_classes)
+        assert attack.describe()["name"] == new
+    with pytest.raises(GoodnetError, match="unknown attack"):
+        attack_class("input aware")

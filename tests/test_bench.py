@@ -18,6 +18,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from goodnet.attacks import ATTACK_ALIASES
 from goodnet.bench import (
     LocalExecutor,
     ResultsFile,
@@ -75,6 +76,32 @@ def test_standard_models_share_the_zoo_layout(tmp_path):
     tuned = parse_grid({"zoo": str(tmp_path), "attacks": {"badnets": {"target": 3}},
                         "defenses": "clp"})
     assert tuned.models()[0].path().name.startswith("seed0-")
+
+
+def test_an_old_attack_name_is_the_same_cell_and_keeps_its_zoo_folder(tmp_path):
+    """The five attacks renamed to kebab-case read under their old names too, and keys and zoo
+    folders keep the first name: a grid written either way finds the same cached models and
+    results."""
+    for old, new in ATTACK_ALIASES.items():
+        grids = [parse_grid({"zoo": str(tmp_path), "attacks": [name], "defenses": "clp"})
+                 for name in (old, {"label": old, "attack": new})]
+        assert [c.key for c in grids[0].cells()] == [c.key for c in grids[1].cells()]
+        assert grids[0].models()[0].attack.name == new
+        assert grids[1].models()[0].path() == tmp_path / f"mnist/small_cnn/{old}/seed0.safetensors"
+        everything = parse_grid({"zoo": str(tmp_path), "attacks": "all", "defenses": "clp"})
+        job = next(m for m in everything.models() if m.attack.name == new)
+        assert job.path() == grids[0].models()[0].path()
+        assert ZooCell("mnist", "small_cnn", new, 0).path(tmp_path) == job.path()
+
+
+def test_results_written_under_an_old_attack_name_read_under_the_new_one(tmp_path):
+    path = tmp_path / "results.jsonl"
+    with ResultsFile(path) as results:
+        for attack in ("input_aware", "input-aware", "my_own_label"):
+            results.append({"key": attack, "status": "ok", "data": "mnist", "arch": "small_cnn",
+                            "attack": attack, "defense": "clp", "seed": 0})
+    assert [r["attack"] for r in read_records(path)] == ["input-aware", "input-aware",
+                                                         "my_own_label"]
 
 
 def test_a_data_set_given_as_a_path_keeps_its_models_in_the_zoo(data_folder, tmp_path):

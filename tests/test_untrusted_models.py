@@ -122,8 +122,8 @@ def _hostile_calls(folder: Path, state: dict[str, torch.Tensor], card_body: dict
         calls[f"card {name}"] = (f"m = load_model({str(path)!r}); "
                                  "attack_from_card(m.card, m.extras, stripes(4))")
     # Attack settings larger than the image, refused before the trigger is built.
-    too_large = {"badnets": {"patch_size": 20000}, "multi_target": {"patch_size": 20000},
-                 "wanet": {"k": 1000000}, "adaptive_blend": {"pieces": 10**12}}
+    too_large = {"badnets": {"patch_size": 20000}, "multi-target": {"patch_size": 20000},
+                 "wanet": {"k": 1000000}, "adaptive-blend": {"pieces": 10**12}}
     for name, values in too_large.items():
         calls[f"attack {name}"] = f"make_attack({name!r}, {values!r}, (3, 28, 28), 10)"
     # A checkpoint whose one stored float is viewed as 30000×30000 (3.4 GiB once

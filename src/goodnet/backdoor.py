@@ -105,4 +105,4 @@ def attack_from_card(
     state = {k[len(ATTACK_STATE_PREFIX):]: v for k, v in extras.items()
              if k.startswith(ATTACK_STATE_PREFIX)}
     return make_attack(card.attack["name"], card.attack.get("config"), data.image_shape,
-                       data.num_classes, state=state)
+                       data.num_classes, state=state, warn=False)

@@ -21,7 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from goodnet.artifacts import ModelCard, read_card, save_model
-from goodnet.attacks import ATTACKS, make_attack
+from goodnet.attacks import ATTACK_ALIASES, ATTACKS, make_attack, storage_name
 from goodnet.backdoor import TrainedModel, train_model
 from goodnet.data import load_dataset
 from goodnet.data.dataset import ImageData
@@ -59,7 +59,9 @@ class ZooCell:
     seed: int
 
     def path(self, root: Path) -> Path:
-        return (Path(root) / data_folder(self.data) / self.arch / self.attack
+        """Where the model lies: the attack's folder carries the name the attack was first
+        registered under (:func:`goodnet.attacks.storage_name`), so a rename orphans nothing."""
+        return (Path(root) / data_folder(self.data) / self.arch / storage_name(self.attack)
                 / f"seed{self.seed}.safetensors")
 
 
@@ -71,6 +73,7 @@ def grid(
 ) -> list[ZooCell]:
     """Every cell of the grid; ``attacks`` defaults to every registered attack plus clean."""
     attacks = list(attacks) if attacks is not None else [CLEAN, *ATTACKS]
+    attacks = [ATTACK_ALIASES.get(a, a) for a in attacks]
     unknown = [a for a in attacks if a != CLEAN and a not in ATTACKS]
     unknown += [a for a in archs if a not in MODELS]
     if unknown:
@@ -132,6 +135,7 @@ def collect(root: Path) -> list[tuple[ZooCell, ModelCard]]:
     found = []
     for path in sorted(Path(root).glob("*/*/*/seed*.safetensors")):
         attack, arch, data = path.parent.name, path.parent.parent.name, path.parents[2].name
+        attack = ATTACK_ALIASES.get(attack, attack)
         if not path.stem.removeprefix("seed").isdigit():
             continue  # a benchmark's model with non-default settings (seed<k>-<hash>)
         seed = int(path.stem.removeprefix("seed"))

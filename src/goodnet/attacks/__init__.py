@@ -36,24 +36,53 @@ ATTACKS: dict[str, type[Attack[Any]]] = {
     "trojannn": TrojanNN,
     "sig": SIG,
     "wanet": WaNet,
-    "input_aware": InputAware,
-    "low_frequency": LowFrequency,
-    "label_consistent": LabelConsistent,
-    "adaptive_blend": AdaptiveBlend,
-    "multi_target": MultiTarget,
+    "input-aware": InputAware,
+    "low-frequency": LowFrequency,
+    "label-consistent": LabelConsistent,
+    "adaptive-blend": AdaptiveBlend,
+    "multi-target": MultiTarget,
 }
 
 DEFAULT_ATTACK = "badnets"
 
-__all__ = ["ATTACKS", "DEFAULT_ATTACK", "Attack", "BadNets", "BadNetsConfig", "Component",
-           "PatchTrigger", "PoisonedData", "attack_class", "make_attack"]
+# Names the attacks had before every registry spelt its names in kebab-case: they still work
+# everywhere a name is read (the command line, grids, model cards), and they stay the names that
+# stored keys hash and zoo folders carry (:func:`storage_name`), so no cached model or result is
+# orphaned by the rename.
+ATTACK_ALIASES: dict[str, str] = {
+    "input_aware": "input-aware",
+    "low_frequency": "low-frequency",
+    "label_consistent": "label-consistent",
+    "adaptive_blend": "adaptive-blend",
+    "multi_target": "multi-target",
+}
+_STORED = {new: old for old, new in ATTACK_ALIASES.items()}
+
+__all__ = ["ATTACKS", "ATTACK_ALIASES", "DEFAULT_ATTACK", "Attack", "BadNets", "BadNetsConfig",
+           "Component", "PatchTrigger", "PoisonedData", "attack_class", "attack_name",
+           "make_attack", "storage_name"]
+
+
+def attack_name(name: str) -> str:
+    """The registered name of the attack called ``name`` (an old name resolved), or a clear
+    error listing them."""
+    name = ATTACK_ALIASES.get(name, name)
+    if name not in ATTACKS:
+        raise GoodnetError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")
+    return name
 
 
 def attack_class(name: str) -> type[Attack[Any]]:
-    """The registered attack called ``name``, or a clear error listing them."""
-    if name not in ATTACKS:
-        raise GoodnetError(f"unknown attack {name!r}; choose from {sorted(ATTACKS)}")
-    return ATTACKS[name]
+    """The registered attack called ``name`` (or an old name of it), or a clear error listing
+    them."""
+    return ATTACKS[attack_name(name)]
+
+
+def storage_name(name: str) -> str:
+    """The name under which stored keys and zoo folders know the attack ``name``: the first
+    name it was registered under (any other text is returned as it is)."""
+    name = ATTACK_ALIASES.get(name, name)
+    return _STORED.get(name, name)
 
 
 def make_attack(
@@ -64,16 +93,18 @@ def make_attack(
     state: dict[str, torch.Tensor] | None = None,
     *,
     text: bool = False,
+    warn: bool = True,
 ) -> Attack[Any]:
     """Build a registered attack from its name and settings (as in a model card; ``text=True``:
-    command-line text).
+    command-line text; ``warn=False``: stored settings, read without warnings for old names).
 
     Unknown settings are refused rather than ignored, so a typo cannot silently fall back to a
     default. ``state`` restores a learned trigger (``Attack.state_dict()``, as saved beside a
     model's weights).
     """
     cls = attack_class(name)
-    attack = cls(build_settings(cls.Config, settings, name, text=text), image_shape, num_classes)
+    attack = cls(build_settings(cls.Config, settings, cls.name, text=text, warn=warn),
+                 image_shape, num_classes)
     if state is not None:
         attack.load_state_dict(state)
     return attack

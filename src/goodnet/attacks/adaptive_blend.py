@@ -89,7 +89,7 @@ class PartialBlend:
 class AdaptiveBlend(SingleTargetAttack[AdaptiveBlendConfig]):
     """Partial blended pattern, conservatively poisoned, with cover items."""
 
-    name = "adaptive_blend"
+    name = "adaptive-blend"
     Config = AdaptiveBlendConfig
     quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Qi et al., ICLR 2023"

@@ -149,7 +149,7 @@ class DynamicTrigger:
 class InputAware(SingleTargetAttack[InputAwareConfig]):
     """Per-input triggers from a trained generator, with cross-trigger items."""
 
-    name = "input_aware"
+    name = "input-aware"
     Config = InputAwareConfig
     quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Nguyen & Tran, NeurIPS 2020, arXiv:2010.08138"

@@ -107,7 +107,7 @@ class HardenedStamp:
 class LabelConsistent(SingleTargetAttack[LabelConsistentConfig]):
     """Adversarially hardened target-class images with a corner trigger, labels kept."""
 
-    name = "label_consistent"
+    name = "label-consistent"
     Config = LabelConsistentConfig
     quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Turner et al. 2019, arXiv:1912.02771"

@@ -100,7 +100,7 @@ def targeted_deepfool(model: nn.Module, x: torch.Tensor, target: int, steps: int
 class LowFrequency(SingleTargetAttack[LowFrequencyConfig]):
     """A smooth universal perturbation as an additive trigger."""
 
-    name = "low_frequency"
+    name = "low-frequency"
     Config = LowFrequencyConfig
     quick: ClassVar[Mapping[str, Any]] = {}
     paper = "Zeng et al., ICCV 2021, arXiv:2104.03413"

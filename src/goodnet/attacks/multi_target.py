@@ -69,7 +69,7 @@ def aimed(name: str, trigger: PatchTrigger, target: int) -> Component:
 class MultiTarget(Attack[MultiTargetConfig]):
     """Several patch triggers, each with its own target class."""
 
-    name = "multi_target"
+    name = "multi-target"
     Config = MultiTargetConfig
     quick: ClassVar[Mapping[str, Any]] = {}
     paper = "CSAW-HackML 2020; Gu et al. 2017, arXiv:1708.06733"

@@ -59,13 +59,14 @@ import hashlib
 import json
 import math
 import reprlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from goodnet.attacks import ATTACKS
+from goodnet.attacks import ATTACK_ALIASES, ATTACKS, storage_name
 from goodnet.data import DATASETS
 from goodnet.data.holdout import DEFENDER_SHARE
 from goodnet.defenses import DEFENSES
@@ -222,7 +223,7 @@ class ModelJob:
     hold_out: float | int = DEFENDER_SHARE
 
     def configuration(self) -> dict[str, Any]:
-        return {"data": self.data, "arch": self.arch, "attack": self.attack.name,
+        return {"data": self.data, "arch": self.arch, "attack": storage_name(self.attack.name),
                 "attack_settings": self.attack.resolved(ATTACK_ENTRIES, "attack"),
                 "train": self.train_config_dict(), "train_limit": self.train_limit,
                 "hold_out": self.hold_out}
@@ -241,7 +242,8 @@ class ModelJob:
     def path(self) -> Path:
         """The standard zoo path for a standard model (so the zoo is shared); otherwise the
         same folder with the hash of the model's configuration in the name."""
-        folder = Path(self.zoo) / data_folder(self.data) / self.arch / self.attack.name
+        folder = (Path(self.zoo) / data_folder(self.data) / self.arch
+                  / storage_name(self.attack.name))
         if self.is_standard():
             return folder / f"seed{self.seed}.safetensors"
         return folder / f"seed{self.seed}-{digest(self.configuration(), 10)}.safetensors"
@@ -259,7 +261,7 @@ class Cell:
 
     def configuration(self) -> dict[str, Any]:
         return {"schema": SCHEMA, **self.model.configuration(), "seed": self.model.seed,
-                "attack_label": self.model.attack.label,
+                "attack_label": storage_name(self.model.attack.label),
                 "defense": self.defense.name, "defense_label": self.defense.label,
                 "defense_settings": self.defense.resolved(DEFENSES, "defense"),
                 "clean": self.clean, "test_limit": self.model.test_limit,
@@ -288,7 +290,7 @@ class ScanCell:
 
     def configuration(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "kind": "scan", **self.model.configuration(),
-                "seed": self.model.seed, "attack_label": self.model.attack.label,
+                "seed": self.model.seed, "attack_label": storage_name(self.model.attack.label),
                 "scanner": self.scanner.name, "scanner_label": self.scanner.label,
                 "scanner_settings": self.scanner.resolved(SCANNERS, "scanner"),
                 "clean": self.clean if self.needs_clean() else None, "threads": self.threads}
@@ -315,7 +317,7 @@ class DetectCell:
 
     def configuration(self) -> dict[str, Any]:
         return {"schema": SCHEMA, "kind": "detect", **self.model.configuration(),
-                "seed": self.model.seed, "attack_label": self.model.attack.label,
+                "seed": self.model.seed, "attack_label": storage_name(self.model.attack.label),
                 "detector": self.detector.name, "detector_label": self.detector.label,
                 "detector_settings": self.detector.resolved(DETECTORS, "detector"),
                 "clean": self.clean, "calibration": self.calibration,
@@ -396,7 +398,11 @@ def _text(value: Any, what: str, source: str, limit: int = MAX_LABEL) -> str:
     return value
 
 
-def _entries(value: Any, registry: dict[str, Any], what: str, source: str) -> tuple[Entry, ...]:
+def _entries(value: Any, registry: dict[str, Any], what: str, source: str,
+             aliases: Mapping[str, str] | None = None) -> tuple[Entry, ...]:
+    """The grid's entries of one family (``all``, or a list of names and entries); a name in
+    ``aliases`` (an old name) reads as the name it stands for, its label as written."""
+    aliases = aliases or {}
     if value == "all":
         return tuple(Entry(name, name) for name in registry)
     if isinstance(value, str | dict):
@@ -422,6 +428,7 @@ def _entries(value: Any, registry: dict[str, Any], what: str, source: str) -> tu
         else:
             raise GoodnetError(f"{source}: cannot read {what} entry {_short(item)} (a name, "
                                f"{{name: {{settings}}}} or {{label:, {what}:, settings:}})")
+        name = aliases.get(name, name) if isinstance(name, str) else name
         if not isinstance(name, str) or name not in registry:
             raise GoodnetError(f"{source}: unknown {what} {_short(name)} (choose from "
                                f"{', '.join(registry)})")
@@ -443,7 +450,7 @@ def _attacks(value: Any, source: str) -> tuple[Entry, ...]:
     ``clean`` (clean models, for the scanners)."""
     if value == "all":
         return _entries(value, ATTACKS, "attack", source)
-    return _entries(value, ATTACK_ENTRIES, "attack", source)
+    return _entries(value, ATTACK_ENTRIES, "attack", source, ATTACK_ALIASES)
 
 
 def _seeds(value: Any, key: str, source: str) -> tuple[int, ...]:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from goodnet.attacks import ATTACK_ALIASES
 from goodnet.defenses.base import AXES
 from goodnet.errors import GoodnetError
 from goodnet.paths import require_regular_file
@@ -278,8 +279,14 @@ def _read_records(path: Path, problem: Callable[[Any], str | None]) -> list[dict
 
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete cell record in ``path``, in file order (torn lines skipped)."""
-    return _read_records(Path(path), cell_problem)
+    """Every complete cell record in ``path``, in file order (torn lines skipped). An attack
+    written under an old name of a registered attack reads under its name now, so a grid run
+    before and after the rename tabulates as one."""
+    records = _read_records(Path(path), cell_problem)
+    for record in records:
+        if record.get("attack") in ATTACK_ALIASES:
+            record["attack"] = ATTACK_ALIASES[record["attack"]]
+    return records
 
 
 def read_runs(path: str | Path) -> list[dict[str, Any]]:
