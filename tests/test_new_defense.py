@@ -5,7 +5,10 @@ frozen settings dataclass and a ``run`` that fine-tunes a copy of the model), is
 with one line (``DEFENSES["finetune-only"] = FinetuneOnly``, through ``monkeypatch``) and then
 runs through ``goodnet repair``, ``goodnet bench`` and ``goodnet report`` with nothing else
 written for it: its curve, timings and ``pruned`` (null: it prunes nothing) are filled in, its
-settings come from ``-p key=value`` and grid files, and an unknown setting is refused. The same
+settings come from ``-p key=value`` and grid files, and an unknown setting is refused. One of
+its settings nests (``optimiser``, a settings dataclass of its own): it too is set from the
+command line and from grids, checked name by name, and recorded, with nothing written for it
+outside this file. The same
 grid checks that a masking defense's ``pruned`` is its chosen model's masked channel count, and
 an evaluation made slow checks that ``repair.json``'s and the bench's repair seconds leave the
 evaluation's time out.
@@ -45,17 +48,30 @@ from tests.conftest import stripes
 
 
 @dataclass(frozen=True)
+class Optimiser:
+    """The throwaway defense's nested settings.
+
+    Attributes:
+        lr: fine-tuning learning rate.
+        batch_size: images per step.
+    """
+
+    lr: float = 0.01
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
 class FinetuneOnlyConfig:
     """Settings of the throwaway defense.
 
     Attributes:
         epochs: fine-tuning epochs over the clean data.
-        lr: fine-tuning learning rate.
+        optimiser: how each epoch trains (nested settings).
         seed: fixes the training order.
     """
 
     epochs: int = 1
-    lr: float = 0.01
+    optimiser: Optimiser = Optimiser()
     seed: int = 0
 
 
@@ -74,8 +90,9 @@ class FinetuneOnly(Defense[FinetuneOnlyConfig]):
         tuned = copy.deepcopy(model).eval()
         points = [steps.measure(tuned, clean, 0, None)]
         for epoch in range(1, cfg.epochs + 1):
-            train(tuned, clean, TrainConfig(epochs=1, batch_size=32, lr=cfg.lr,
-                                            seed=cfg.seed + epoch), progress=progress)
+            train(tuned, clean, TrainConfig(epochs=1, batch_size=cfg.optimiser.batch_size,
+                                            lr=cfg.optimiser.lr, seed=cfg.seed + epoch),
+                  progress=progress)
             tuned.eval()
             points.append(steps.measure(tuned, clean, epoch, None))
         curve = Curve("epoch", tuple(points), (("tuned", len(points) - 1),))
@@ -122,6 +139,9 @@ def backdoored(npz_files: dict[str, Path], tmp_path_factory: pytest.TempPathFact
     return out
 
 
+DEFAULTS = {"epochs": 1, "optimiser": {"lr": 0.01, "batch_size": 32}, "seed": 0}
+
+
 def read_csv(path: Path) -> list[dict[str, str]]:
     with path.open(newline="") as handle:
         return list(csv.DictReader(handle))
@@ -146,7 +166,7 @@ def test_a_registered_defense_repairs_through_the_command_line(registered, backd
         "repaired-tuned.safetensors"]
     summary = json.loads((out / "repair.json").read_text())
     assert summary["defense"] == "finetune-only" and summary["chosen"] == "tuned"
-    assert summary["settings"] == {"epochs": 1, "lr": 0.01, "seed": 0}
+    assert summary["settings"] == DEFAULTS
     assert summary["pruned"] is None and summary["pruned_count"] is None
     assert summary["curve_axis"] == "epoch" and summary["curve_marks"] == {"tuned": 1}
     assert summary["repair_seconds"] > 0 and summary["evaluation_seconds"] > 0
@@ -172,9 +192,17 @@ def test_command_line_settings_reach_the_config_and_unknown_ones_are_refused(
     summary = json.loads((out / "repair.json").read_text())
     assert summary["settings"]["epochs"] == 2 and summary["curve_marks"] == {"tuned": 2}
     assert [r["epoch"] for r in read_csv(out / "curve.csv")] == ["0", "1", "2"]
+    nested = tmp_path / "nested"
+    assert repair(backdoored, npz_files, nested, "-p", "optimiser={lr: 0.05}") == 0
+    settings = json.loads((nested / "repair.json").read_text())["settings"]
+    assert settings == {**DEFAULTS, "optimiser": {"lr": 0.05, "batch_size": 32}}
     capsys.readouterr()
     for setting, message in (("epoch=2", "finetune-only has no setting 'epoch'"),
-                             ("epochs=two", "'two' is not an integer")):
+                             ("epochs=two", "'two' is not an integer"),
+                             ("optimiser={lrr: 1}", "setting optimiser has no setting 'lrr'"),
+                             ("optimiser={lr: fast}", "setting lr must be a finite number"),
+                             ("optimiser={lr: [1", "cannot be read"),
+                             ("optimiser=0.05", "must be a mapping of Optimiser settings")):
         refused = tmp_path / setting
         assert repair(backdoored, npz_files, refused, "-p", setting) != 0
         err = capsys.readouterr().err
@@ -252,8 +280,21 @@ def test_grid_settings_reach_the_config_and_unknown_ones_are_refused(registered,
                                                                      tmp_path, capsys):
     parsed = parse_grid(grid(data_folder, tmp_path, [
         "finetune-only", {"label": "ft-2", "defense": "finetune-only",
-                          "settings": {"epochs": 2}}]))
-    assert [c.configuration()["defense_settings"]["epochs"] for c in parsed.cells()] == [1, 2]
+                          "settings": {"epochs": 2}},
+        {"label": "ft-fast", "defense": "finetune-only",
+         "settings": {"optimiser": {"lr": 0.05}}},
+        {"label": "ft-default", "defense": "finetune-only",
+         "settings": {"optimiser": {"lr": 0.01, "batch_size": 32}}}]))
+    settings = [c.configuration()["defense_settings"] for c in parsed.cells()]
+    assert [s["epochs"] for s in settings] == [1, 2, 1, 1]
+    assert [s["optimiser"]["lr"] for s in settings] == [0.01, 0.01, 0.05, 0.01]
+    keys = [c.key for c in parsed.cells()]
+    assert len(set(keys[:3])) == 3
+    # Spelling out a nested default changes nothing but the label (which the key holds).
+    assert settings[3] == settings[0] and parsed.cells()[3].defense.config(
+        DEFENSES, "defense") == parsed.cells()[0].defense.config(DEFENSES, "defense")
+    with pytest.raises(GoodnetError, match="setting optimiser has no setting 'lrr'"):
+        parse_grid(grid(data_folder, tmp_path, [{"finetune-only": {"optimiser": {"lrr": 1}}}]))
     with pytest.raises(GoodnetError, match="defense finetune-only has no setting 'epoch'"):
         parse_grid(grid(data_folder, tmp_path, [{"finetune-only": {"epoch": 2}}]), "grid.yaml")
     path = tmp_path / "bad.yaml"
@@ -283,7 +324,7 @@ def test_a_registered_defense_runs_through_bench_and_report(registered, data_fol
 
     for label, epochs in (("finetune-only", 1), ("ft-2", 2)):
         record = records[label]
-        assert record["config"]["defense_settings"] == {"epochs": epochs, "lr": 0.01, "seed": 0}
+        assert record["config"]["defense_settings"] == {**DEFAULTS, "epochs": epochs}
         assert record["chosen"] == "tuned" and record["after"] and record["goodnet"]
         assert record["pruned"] is None and record["pruned_count"] is None
         assert record["curve_axis"] == "epoch" and record["curve_marks"] == {"tuned": epochs}

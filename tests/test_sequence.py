@@ -45,6 +45,22 @@ def test_the_same_as_running_the_steps_by_hand():
     assert torch.equal(sequence.model(x), by_hand.model(x))
 
 
+def test_a_step_runs_with_the_settings_the_sequence_gives_it():
+    """A step's own settings reach it (the same model as that step run by hand with them), and
+    the step's record says which settings it ran with."""
+    fst = {"epochs": 2, "lr": 0.02}
+    by_hand = make_defense("fst", fst).repair(make_defense("prune").repair(Planted(),
+                                                                           CLEAN).model, CLEAN)
+    sequence = make_defense("sequence", {"steps": ["prune", {"fst": fst}]}).repair(Planted(),
+                                                                                    CLEAN)
+    x, _ = TEST.get(torch.arange(50))
+    assert torch.equal(sequence.model(x), by_hand.model(x))
+    ran = sequence.notes["steps"][1]["settings"]
+    assert {key: ran[key] for key in fst} == fst
+    default = Sequence(SequenceConfig(steps=("prune", "fst"))).repair(Planted(), CLEAN)
+    assert not torch.equal(default.model(x), by_hand.model(x))
+
+
 def test_a_scanning_steps_verdict_is_the_results():
     result = make_defense("sequence", {"steps": ["nc", "prune"]}).repair(Planted(), CLEAN)
     assert result.scan is not None and len(result.scan.triggers) == 2
@@ -53,7 +69,10 @@ def test_a_scanning_steps_verdict_is_the_results():
 
 @pytest.mark.parametrize(("steps", "message"), [
     (("fst",), "at least two"), (("fst", "nope"), "unknown defense 'nope'"),
-    (("fst", "sequence"), "cannot be another sequence")])
+    (("fst", "sequence"), "cannot be another sequence"),
+    (("fst", {"nc": {"unlearn_epoch": 2}}), "sequence step nc has no setting 'unlearn_epoch'"),
+    (("fst", {"nc": {}, "prune": {}}), "one defense's name and its settings"),
+    (("fst", {"nc": 2}), "one defense's name and its settings")])
 def test_bad_sequences_are_refused(steps, message):
     with pytest.raises(GoodnetError, match=message):
         SequenceConfig(steps=steps)
@@ -62,6 +81,9 @@ def test_bad_sequences_are_refused(steps, message):
 def test_a_sequence_from_the_command_line_text():
     defense = make_defense("sequence", {"steps": "fst,nc"}, text=True)
     assert defense.config.steps == ("fst", "nc")
+    nested = make_defense("sequence", {"steps": "[fst, {nc: {unlearn_epochs: 3}}]"}, text=True)
+    assert nested.config.steps == ("fst", {"nc": {"unlearn_epochs": 3}})
+    assert nested.config.parts()[1][1].unlearn_epochs == 3
 
 
 def test_a_changed_step_default_is_a_new_sequence_cell(monkeypatch):

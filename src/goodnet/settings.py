@@ -7,6 +7,14 @@ never falls back to a default), each value is checked against the field's type (
 command line is converted first), lists become tuples, and a renamed setting still works under
 its old name with a one-line :class:`FutureWarning`.
 
+Settings may nest: a field typed as another settings dataclass takes a mapping of that class's
+settings (checked the same way, names and all), and a field typed ``Mapping[str, X]`` takes a
+mapping whose values are of type ``X``; both may sit inside tuples and unions. Mappings are
+stored as :class:`FrozenDict` (read-only and hashable, as a frozen dataclass's values must be).
+On the command line such a value is written as YAML flow text (``-p 'steps=[fst, {nc:
+{unlearn_epochs: 2}}]'``), read as data, never evaluated. A method with a new kind of setting
+therefore touches its own module only.
+
 A settings class lists its old names in a ``renamed`` class attribute, old name → new name (a
 subclass inherits its bases' renames). A setting's first name stays its name in every stored key
 (:func:`key_names`): a benchmark cell's cache key and a model's zoo path hash the settings under
@@ -17,6 +25,7 @@ result or a cached model. Stored settings (a model card's, a result's) are read 
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 import types
@@ -24,6 +33,8 @@ import typing
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
+
+import yaml
 
 from goodnet.errors import GoodnetError
 
@@ -88,14 +99,79 @@ def check_settings(cls: type, settings: Mapping[str, Any], what: str, *,
         hint = hints[key]
         if text:
             value = _convert(str(value), hint, f"{what} setting {key}")
-        value = _tuples(value)
-        if not fits(value, hint):
-            raise GoodnetError(f"{what}: setting {key} must be {describe(hint)}, got "
-                               f"{value!r:.40}")
-        if hint is float and isinstance(value, int):
-            value = float(value)
-        out[key] = value
+        out[key] = shaped(value, hint, f"{what}: setting {key}", warn)
     return out
+
+
+class FrozenDict(dict[str, Any]):
+    """A read-only, hashable mapping: how a settings dataclass holds a mapping value."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items(), key=lambda item: item[0])))
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("settings are read-only")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+    __ior__ = _refuse  # type: ignore[assignment]
+
+
+class _Mismatch(Exception):
+    """A value that is not of a settings type (turned into one message by :func:`shaped`)."""
+
+
+def shaped(value: Any, hint: Any, what: str, warn: bool = True) -> Any:
+    """``value`` in the form its settings type ``hint`` stores: lists as tuples, mappings as
+    :class:`FrozenDict`, nested settings built (their own errors name them), an integer given
+    for a float as a float. A value of another type is a :class:`GoodnetError` naming ``what``
+    and the type expected."""
+    try:
+        return _shape(value, hint, what, warn)
+    except _Mismatch:
+        raise GoodnetError(f"{what} must be {describe(hint)}, got {value!r:.40}") from None
+
+
+def _shape(value: Any, hint: Any, what: str, warn: bool) -> Any:
+    options = _options(hint)
+    if options is not None:
+        for option in options:
+            try:
+                return _shape(value, option, what, warn)
+            except _Mismatch:
+                continue
+        raise _Mismatch
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, Mapping):
+            raise _Mismatch
+        return build_settings(hint, value, what, warn=warn)
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise _Mismatch
+        item = typing.get_args(hint)[0]
+        return tuple(_shape(v, item, what, warn) for v in value)
+    if origin in (dict, Mapping, collections.abc.Mapping):
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise _Mismatch
+        item = typing.get_args(hint)[1]
+        return FrozenDict({k: _shape(v, item, f"{what}.{k}", warn) for k, v in value.items()})
+    if hint is Any:
+        return _frozen(value)
+    value = _tuples(value)
+    if not fits(value, hint):
+        raise _Mismatch
+    return float(value) if hint is float and isinstance(value, int) else value
+
+
+def _frozen(value: Any) -> Any:
+    """Any plain value made immutable: lists as tuples, mappings as :class:`FrozenDict`."""
+    if isinstance(value, Mapping):
+        return FrozenDict({str(k): _frozen(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 def build_settings(cls: type[C], settings: Mapping[str, Any] | None, what: str, *,
@@ -158,14 +234,26 @@ def describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         item = typing.get_args(hint)[0]
         return "a list of " + {int: "integers", float: "finite numbers", str: "strings"}.get(
-            item, str(item))
+            item, f"items each {describe(item)}")
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
+        return f"a mapping of {hint.__name__} settings"
+    if typing.get_origin(hint) in (dict, Mapping, collections.abc.Mapping):
+        return f"a mapping of names to {describe(typing.get_args(hint)[1])}"
+    if hint is Any:
+        return "any value"
     return {type(None): "null", int: "an integer", float: "a finite number", str: "a string",
             bool: "true or false"}.get(hint, str(hint))
 
 
 def _convert(raw: str, kind: Any, what: str) -> Any:
     """Command-line text as a value of type ``kind`` ("none" for None where allowed; a tuple
-    from comma-separated items)."""
+    from comma-separated items; a nested value from YAML flow text, ``[...]`` or ``{...}``)."""
+    if raw.lstrip()[:1] in ("[", "{") and _nests(kind):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            problem = str(getattr(error, "problem", "") or "not YAML")
+            raise GoodnetError(f"{what}: {raw!r:.40} cannot be read ({problem})") from None
     options = _options(kind)
     if options is not None:
         rest = [k for k in options if k is not type(None)]
@@ -190,3 +278,13 @@ def _convert(raw: str, kind: Any, what: str) -> Any:
     except ValueError:
         raise GoodnetError(f"{what}: {raw!r} is not {describe(kind)}") from None
     return raw
+
+
+def _nests(hint: Any) -> bool:
+    """Whether values of type ``hint`` can hold mappings or lists (written as YAML on the
+    command line)."""
+    options = _options(hint)
+    if options is not None:
+        return any(_nests(option) for option in options)
+    return (dataclasses.is_dataclass(hint) or hint is Any
+            or typing.get_origin(hint) in (tuple, dict, Mapping, collections.abc.Mapping))

@@ -87,6 +87,7 @@ MAX_CELLS = 10_000
 MAX_LABEL = 100
 MAX_PATH = 4096
 MAX_SEED = 2**63 - 1
+MAX_DEPTH = 4  # how deep a setting's lists and mappings may nest
 MAX_LIST = 1000
 
 _KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "scanners", "detectors",
@@ -134,24 +135,28 @@ def _coerce(cls: type, settings: dict[str, Any], what: str) -> dict[str, Any]:
             raise GoodnetError(f"{what}: unknown setting {_short(key)}")
         if not _plain(value):
             raise GoodnetError(f"{what}: setting {key!r} must be a number, string, boolean, "
-                               f"null or a list of those (strings of at most {MAX_PATH} "
-                               f"characters, lists of at most {MAX_LIST}), got "
+                               f"null, or a list or mapping of those (strings of at most "
+                               f"{MAX_PATH} characters, lists and mappings of at most "
+                               f"{MAX_LIST} items, nested at most {MAX_DEPTH} deep), got "
                                f"{_short(value)}")
     return check_settings(cls, settings, what)
 
 
 def _plain(value: Any, depth: int = 0) -> bool:
     """Whether ``value`` is what JSON can hold (YAML's dates, sets and bytes are not), and
-    small."""
+    small: a setting may nest (a sequence's steps with their own settings), but boundedly."""
     if value is None or isinstance(value, bool | int):
         return True
     if isinstance(value, str):
         return len(value) <= MAX_PATH
     if isinstance(value, float):
         return math.isfinite(value)
-    if isinstance(value, list) and depth < 1:
-        return len(value) <= MAX_LIST and all(_plain(v, depth + 1) for v in value)
-    return False
+    if depth >= MAX_DEPTH or not isinstance(value, list | dict) or len(value) > MAX_LIST:
+        return False
+    if isinstance(value, list):
+        return all(_plain(v, depth + 1) for v in value)
+    return all(isinstance(k, str) and len(k) <= MAX_LABEL and _plain(v, depth + 1)
+               for k, v in value.items())
 
 
 @dataclass(frozen=True)
