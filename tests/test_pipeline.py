@@ -26,7 +26,7 @@ def bench_record(data_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "name": "one-repair", "zoo": str(out / "zoo"), "data": str(data_folder),
         "archs": "small_cnn", "attacks": ["badnets"], "defenses": ["prune"], "seeds": [0],
         "clean": 40, "hold_out": 40, "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
-        "curve_limit": 40, "threads": 1})
+        "curve_limit": 40, "threads": 1, "verdict": "auto"})
     summary = run_grid(grid, out, progress=False)
     assert summary.failed == 0
     (record,) = read_records(out / "results.jsonl")
@@ -48,7 +48,12 @@ def test_repair_json_and_the_bench_record_share_the_record_fields(bench_record, 
     assert fields <= set(bench_record)
     assert summary["pruned_count"] == sum(len(v) for v in summary["pruned"].values()) > 0
     assert summary["seconds"] >= summary["repair_seconds"]
-    for name in sorted(fields - TIMES):
+    # Both scanned the repaired model the same way (the default scanner on the same clean
+    # images): the same verdict, its time aside.
+    verdicts = [{k: v for k, v in r["verdict"].items() if k != "seconds"}
+                for r in (summary, bench_record)]
+    assert verdicts[0] == verdicts[1] and verdicts[0]["scanner"] == "nc"
+    for name in sorted(fields - TIMES - {"verdict"}):
         assert summary[name] == bench_record[name], name
     for name in TIMES:
         assert summary[name] >= 0 and bench_record[name] >= 0, name

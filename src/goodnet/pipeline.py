@@ -35,6 +35,7 @@ from goodnet.detector import GoodNet, Screen, calibrated_screens, calibration_si
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics
 from goodnet.triggers import plot_triggers, save_triggers, verdict_summary
+from goodnet.verdict import Verdict, judge
 from goodnet.workflow import RepairReport, curve_csv, plot_curve, repair_and_measure
 
 
@@ -68,6 +69,8 @@ class RepairRecord:
         suspected: what the repair suspected, where it says: a scan's verdict, the class a
             proxy selection chose from.
         scan: the scan verdict of a defense that scans first (Neural Cleanse), else None.
+        verdict: the scan of the repaired model (:class:`goodnet.verdict.Verdict`: is a
+            backdoor still suspected, the class, the proxy ASR), or None where none was asked.
         message: what the defense has to say (why it pruned nothing, say); may be empty.
         notes: the defense's own notes (its layer, its pruning order, ...).
         curve: the repair's curve, one record per step.
@@ -92,6 +95,7 @@ class RepairRecord:
     pruned_count: int | None
     suspected: dict[str, Any] | None
     scan: dict[str, Any] | None
+    verdict: dict[str, Any] | None
     message: str
     notes: dict[str, Any]
     curve: list[dict[str, Any]]
@@ -117,6 +121,7 @@ class RepairRun:
         disagree: whether the GoodNet keeps the lab's disagreement check.
         label: the defense as the caller names it.
         started: when the run began (``time.perf_counter``), for its wall time.
+        verdict: the scan of the repaired model, where one was asked.
     """
 
     report: RepairReport
@@ -124,6 +129,7 @@ class RepairRun:
     disagree: bool
     label: str
     started: float
+    verdict: Verdict | None = None
 
     @property
     def result(self) -> RepairResult:
@@ -147,6 +153,7 @@ class RepairRun:
             pruned=result.pruned, pruned_count=result.pruned_count,
             suspected=suspected(result),
             scan=verdict_summary(result.scan) if result.scan is not None else None,
+            verdict=self.verdict.record() if self.verdict is not None else None,
             message=result.message, notes=dict(result.notes), curve=result.curve.records(),
             curve_axis=result.curve.axis, curve_marks=dict(result.curve.marks),
             repair_seconds=result.timings.repair,
@@ -224,19 +231,11 @@ def repair(
     defense: Defense[Any],
     clean: ImageData | None,
     *,
-    test: ImageData | None = None,
-    poisoned: ImageData | None = None,
-    detectors: Sequence[str] = (),
-    disagree: bool = True,
-    false_alarm: float = 0.01,
-    confidence: float | None = 0.95,
-    calibration: int | None = None,
-    seed: int = 0,
-    clean_caveat: str | None = None,
-    name: str = "the model",
-    label: str | None = None,
-    curve_limit: int = 2000,
-    progress: bool = False,
+    test: ImageData | None = None, poisoned: ImageData | None = None,
+    detectors: Sequence[str] = (), disagree: bool = True, false_alarm: float = 0.01,
+    confidence: float | None = 0.95, calibration: int | None = None, seed: int = 0,
+    clean_caveat: str | None = None, name: str = "the model", label: str | None = None,
+    curve_limit: int = 2000, verdict: str | None = None, progress: bool = False,
 ) -> RepairRun:
     """Repair ``model`` with ``defense`` on ``clean``; measure it on ``test`` (the card's attack).
 
@@ -255,6 +254,7 @@ def repair(
             where it is): with detectors, a warning names the model as ``name``.
         label, curve_limit, progress: the defense as the record names it (default: its
             registry name), test images measured per curve step (0: none), progress bars.
+        verdict: the scanner that judges the repaired model on ``clean`` (None: no verdict).
     """
     started = time.perf_counter()
     screens = _screens(model, clean, detectors, false_alarm, confidence, calibration, seed,
@@ -266,7 +266,9 @@ def repair(
         model, defense, clean, test, attack, curve_limit=curve_limit, progress=progress,
         poisoned=poisoned, num_classes=card.spec.num_classes, screens=screens,
         disagree=disagree)
-    return RepairRun(report, screens, disagree, label or defense.name, started)
+    judged = None if verdict is None else judge(report.result.model, clean, scanner=verdict,
+                                                seed=seed, progress=progress)
+    return RepairRun(report, screens, disagree, label or defense.name, started, judged)
 
 
 def write_repair(out: Path, run: RepairRun, model: nn.Module, card: ModelCard,

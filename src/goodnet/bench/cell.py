@@ -37,6 +37,7 @@ from goodnet.models import model_device
 from goodnet.pipeline import repair
 from goodnet.scans import make_scanner
 from goodnet.settings import build_settings
+from goodnet.verdict import verdict_scanner
 from goodnet.version import __version__
 
 
@@ -175,7 +176,7 @@ def _stored_attack(card_attack: Any) -> dict[str, Any] | None:
         return resolved(build_settings(attack_class(name).Config, config, "attack",
                                        warn=False))
     except GoodnetError:
-        return config  # type: ignore[no-any-return]
+        return config
 
 
 def build_model(job: ModelJob, threads: int = 1) -> dict[str, Any]:
@@ -381,8 +382,10 @@ def run_cell(cell: AnyCell) -> dict[str, Any]:
         with torch_threads(cell.threads), PeakMemory() as memory:
             loaded, test, clean = _model_and_data(job, cell.clean)
             defense = make_defense(cell.defense.name, dict(cell.defense.settings))
+            verdict = verdict_scanner(cell.verdict, clean, loaded.card.spec.num_classes)
             run = repair(loaded.model, loaded.card, loaded.extras, defense, clean, test=test,
-                         label=cell.defense.label, curve_limit=cell.curve_limit)
+                         label=cell.defense.label, curve_limit=cell.curve_limit,
+                         verdict=verdict)
         record.update({
             **run.outcome(start).record(),
             "peak_memory_mib": memory.mib,

@@ -17,6 +17,7 @@ A grid file names what to cross and how to measure it::
     test_limit: null              # measure on the first N test images (null: all)
     curve_limit: 2000             # test images behind each defense's curve (0: none)
     threads: 1                    # PyTorch threads per cell
+    verdict: none                 # scan each repaired model: none, auto or a scanner's name
 
 Every list may be a single value; ``attacks: all`` and ``defenses: all`` take every registered
 one. Unknown keys, attacks, defenses and settings are refused with the file and the key named.
@@ -77,6 +78,7 @@ from goodnet.paths import require_regular_file
 from goodnet.scans import SCANNERS
 from goodnet.settings import build_settings, check_settings, key_names
 from goodnet.train import TrainConfig
+from goodnet.verdict import AUTO, NONE
 from goodnet.zoo import data_folder
 
 SCHEMA = 1  # bump when a cell's meaning changes, so old results are not taken for new ones
@@ -92,7 +94,7 @@ MAX_LIST = 1000
 
 _KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "scanners", "detectors",
          "false_alarms", "calibration", "seeds", "clean_seeds", "clean", "hold_out", "train",
-         "train_limit", "test_limit", "curve_limit", "threads"}
+         "train_limit", "test_limit", "curve_limit", "threads", "verdict"}
 
 FALSE_ALARMS = (0.01, 0.05)  # the requested false-alarm rates a detector cell measures at
 CALIBRATION = 300  # clean images that calibrate a detector cell (the rest it fits on)
@@ -263,14 +265,18 @@ class Cell:
     clean: float | int
     curve_limit: int
     threads: int
+    verdict: str = NONE
 
     def configuration(self) -> dict[str, Any]:
+        """What the key hashes (a cell without a verdict hashes as it did before there were
+        verdicts)."""
+        verdict = {} if self.verdict == NONE else {"verdict": self.verdict}
         return {"schema": SCHEMA, **self.model.configuration(), "seed": self.model.seed,
                 "attack_label": storage_name(self.model.attack.label),
                 "defense": self.defense.name, "defense_label": self.defense.label,
                 "defense_settings": self.defense.resolved(DEFENSES, "defense"),
                 "clean": self.clean, "test_limit": self.model.test_limit,
-                "curve_limit": self.curve_limit, "threads": self.threads}
+                "curve_limit": self.curve_limit, "threads": self.threads, **verdict}
 
     @property
     def key(self) -> str:
@@ -364,6 +370,7 @@ class Grid:
     test_limit: int | None = None
     curve_limit: int = 2000
     threads: int = 1
+    verdict: str = NONE
     source: str = field(default="", compare=False)
 
     def models(self) -> list[ModelJob]:
@@ -380,8 +387,8 @@ class Grid:
         """Every defense on every backdoored model, then every scanner on every model, then
         every detector on every backdoored model."""
         backdoored = [m for m in self.models() if m.attack.name != CLEAN]
-        cells: list[AnyCell] = [Cell(m, d, self.clean, self.curve_limit, self.threads)
-                                for m in backdoored for d in self.defenses]
+        cells: list[AnyCell] = [Cell(m, d, self.clean, self.curve_limit, self.threads,
+                                     self.verdict) for m in backdoored for d in self.defenses]
         cells += [ScanCell(m, s, self.clean, self.threads)
                   for m in self.models() for s in self.scanners]
         return cells + [DetectCell(m, d, self.clean, self.calibration, self.false_alarms,
@@ -551,7 +558,17 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
         train=_frozen(train),
         train_limit=_limit(raw.get("train_limit"), "train_limit", source),
         test_limit=_limit(raw.get("test_limit"), "test_limit", source),
-        curve_limit=curve_limit, threads=threads, source=source)
+        curve_limit=curve_limit, threads=threads, verdict=_verdict(raw, source), source=source)
+
+
+def _verdict(raw: dict[str, Any], source: str) -> str:
+    """The grid's ``verdict``: the scanner that judges each repaired model ("none", the
+    default; "auto": the default scanner; or a scanner's name)."""
+    value = raw.get("verdict", NONE)
+    if value not in (NONE, AUTO) and value not in SCANNERS:
+        raise GoodnetError(f"{source}: verdict must be none, auto or a scanner "
+                           f"({', '.join(SCANNERS)}), got {_short(value)}")
+    return str(value)
 
 
 def _check_keys(raw: Any, source: str) -> None:

@@ -39,6 +39,7 @@ from goodnet.masking import get_layer
 from goodnet.metrics import metrics_table
 from goodnet.pipeline import RepairRun, calibration_count, repair, write_repair
 from goodnet.settings import check_settings, pairs_to_dict
+from goodnet.verdict import AUTO, MAX_AUTO_CLASSES, verdict_scanner
 
 # Options of ``goodnet repair`` that are defense settings of the same name.
 DEFENSE_OPTIONS = ("layer", "rank_layer", "semantics", "max_drop", "max_drops")
@@ -121,14 +122,16 @@ def cmd_repair(args: argparse.Namespace) -> int:
     poisoned = poisoned_from_args(args, spec)
     if poisoned is not None and test is None:
         raise GoodnetError("--poisoned needs clean test data too: give --test")
+    verdict = verdict_scanner(args.verdict, clean, spec.num_classes)
     run = repair(loaded.model, loaded.card, loaded.extras, defense, clean, test=test,
                  poisoned=poisoned, detectors=detectors, disagree=disagree,
                  false_alarm=args.false_alarm, confidence=args.confidence,
                  calibration=args.calibration, seed=args.clean_seed, clean_caveat=caveat,
-                 name=str(args.model), curve_limit=args.curve_limit, progress=args.progress)
+                 name=str(args.model), curve_limit=args.curve_limit, verdict=verdict,
+                 progress=args.progress)
     written = write_repair(Path(args.out), run, loaded.model, loaded.card,
                            run.outcome(started))
-    _print_run(args, run, defense, clean, test is not None)
+    _print_run(args, run, defense, clean, test is not None, spec.num_classes)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
 
@@ -146,7 +149,7 @@ def _check_layers(args: argparse.Namespace, model: nn.Module) -> None:
 
 
 def _print_run(args: argparse.Namespace, run: RepairRun, defense: Defense[Any],
-               clean: ImageData | None, measured: bool) -> None:
+               clean: ImageData | None, measured: bool, classes: int) -> None:
     """What ``goodnet repair`` prints of a run: the defense and its data, the GoodNet's checks,
     the defense's message and, with test data, the table."""
     report, screens = run.report, run.screens
@@ -161,6 +164,11 @@ def _print_run(args: argparse.Namespace, run: RepairRun, defense: Defense[Any],
               f"clean images, the rate held with {args.confidence:g} confidence")
     if report.result.message:
         print(report.result.message)
+    if run.verdict is not None:
+        print(run.verdict.line() + f", {run.verdict.seconds:.1f} s")
+    elif args.verdict == AUTO:
+        print(f"verdict: not scanned ({classes} classes, more than "
+              f"{MAX_AUTO_CLASSES}); name a scanner with --verdict to scan anyway")
     if measured:
         print(metrics_table(report.rows()))
 
@@ -192,6 +200,14 @@ def add_repair(sub: Commands) -> None:
     repair.add_argument("--poisoned", default=None,
                         help="already-poisoned test images labelled with their targets (the "
                              "CSAW-HackML bd_test.h5 layout), for the figures")
+    _add_checks(repair)
+    repair.add_argument("--out", required=True, help="output folder")
+    add_keras_options(repair)
+    repair.set_defaults(func=cmd_repair)
+
+
+def _add_checks(repair: argparse.ArgumentParser) -> None:
+    """The options of the GoodNet's checks and of the verdict on the repaired model."""
     repair.add_argument("--detect", default=None, metavar="NAMES", nargs="?", const="default",
                         help="the GoodNet's checks, comma-separated: input detectors ("
                              f"{', '.join(DETECTORS)}) calibrated on clean images "
@@ -212,7 +228,9 @@ def add_repair(sub: Commands) -> None:
                              "calibrate them (default: the fewest the rate and confidence need, "
                              "299 for one detector at 0.01 and 0.95; more give a threshold "
                              "closer to the rate asked)")
-    repair.add_argument("--out", required=True, help="output folder")
-    add_keras_options(repair)
-    repair.set_defaults(func=cmd_repair)
+    repair.add_argument("--verdict", default=AUTO, metavar="SCANNER",
+                        help="scan the repaired model afterwards and say whether a backdoor is "
+                             "still suspected: a scanner's name, 'none', or 'auto' (default: "
+                             "the default scanner for the data given, on models of at most "
+                             f"{MAX_AUTO_CLASSES} classes)")
 
