@@ -8,6 +8,7 @@ import torch
 from goodnet.attacks import ATTACKS, BadNetsConfig, PatchTrigger, PoisonedData, make_attack
 from goodnet.attacks.triggers import square_pattern
 from goodnet.errors import GoodnetError
+from goodnet.settings import key_names
 
 
 def badnets(data, **settings):
@@ -245,3 +246,16 @@ def test_every_attack_name_is_kebab_case_and_the_old_names_still_build(stripes_t
         assert attack.describe()["name"] == new
     with pytest.raises(GoodnetError, match="unknown attack"):
         attack_class("input aware")
+
+
+@pytest.mark.parametrize(("name", "old", "new", "value"), [
+    ("blend", "alpha", "blend_ratio", 0.3), ("blend", "test_alpha", "test_blend_ratio", 0.3),
+    ("adaptive-blend", "alpha", "blend_ratio", 0.3),
+    ("adaptive-blend", "test_alpha", "test_blend_ratio", 0.3),
+    ("label-consistent", "steps", "pgd_steps", 5), ("trojannn", "steps", "trigger_steps", 5)])
+def test_an_old_setting_name_still_works_with_a_warning_and_keeps_its_key(name, old, new, value):
+    """Renamed attack settings (docs/settings.md): a zoo model's path hashes the old name."""
+    with pytest.warns(FutureWarning, match=f"'{old}' is now called '{new}'"):
+        attack = make_attack(name, {old: value}, (1, 16, 16), 4)
+    assert getattr(attack.config, new) == value
+    assert key_names(type(attack.config), {new: value}) == {old: value}

@@ -19,7 +19,7 @@ from goodnet.errors import GoodnetError
 from goodnet.metrics import auroc, roc_points
 from tests.test_bench import tiny
 
-QUICK_MMBD = {"label": "mm-bd", "scanner": "mm-bd", "settings": {"starts": 4, "steps": 30}}
+QUICK_MMBD = {"label": "mm-bd", "scanner": "mm-bd", "settings": {"starts": 4, "max_steps": 30}}
 
 
 def test_a_grid_scans_clean_and_backdoored_models(data_folder, tmp_path):

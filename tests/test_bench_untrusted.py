@@ -41,7 +41,7 @@ from tests.bounded import assert_refused_cheaply, measure
 from tests.test_bench import chromium
 
 GRID = {"name": "valid", "zoo": "zoo", "data": ["mnist"], "archs": ["small_cnn"],
-        "attacks": ["badnets", {"blend": {"alpha": 0.2}}],
+        "attacks": ["badnets", {"blend": {"blend_ratio": 0.2}}],
         "defenses": ["prune", {"anp": {"iterations": 20}},
                      {"label": "clp-2", "defense": "clp", "settings": {"u": 2.0}}],
         "seeds": [0, 1], "clean": 0.01, "train": {"epochs": 1}, "train_limit": 100,

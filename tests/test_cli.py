@@ -187,7 +187,7 @@ def test_data_free_clp_repairs_a_repaired_model(pruned_repair, tmp_path, capsys)
 
 @pytest.mark.parametrize(("defense", "settings", "variant"), [
     ("clp", ["-p", "u=2.5"], "u=2.5"),
-    ("rnp", ["-p", "unlearning_epochs=2", "-p", "recovering_epochs=2", "-p", "clip_norm=5",
+    ("rnp", ["-p", "unlearn_epochs=2", "-p", "mask_epochs=2", "-p", "clip_norm=5",
              "-p", "select=threshold", "-p", "thresholds=0.1,0.2"], "t=0.20"),
     ("anp", ["-p", "iterations=10", "-p", "select=count", "-p", "count=3"], "count=3"),
 ])

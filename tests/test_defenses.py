@@ -30,6 +30,7 @@ from goodnet.defenses import (
 )
 from goodnet.errors import GoodnetError
 from goodnet.metrics import Metrics, evaluate
+from goodnet.settings import key_names
 from tests.conftest import Planted, PlantedMaps, corner_attack, halves
 
 CLEAN = halves(200, seed=0)
@@ -112,13 +113,13 @@ def test_single_class_clean_data_is_refused():
 # Settings under which every defense prunes on the planted network, fast. Its backdoor channel
 # is silent on clean data, so RNP's recovering and ANP's noise get no gradient on its mask: what
 # they learn is to drop clean channels (RNP channel 0, ANP channels 0 and 1, masks at exactly 0),
-# and a 60-point tolerance lets the clean rule prune them (held-out accuracy falls to 50 %).
+# and a 60-point max_drop lets the clean rule prune them (held-out accuracy falls to 50 %).
 # That is enough for a contract about what they choose from, not about how well they repair.
 # Every other defense (the repairs that prune nothing; the sequence prunes in its first step)
 # runs at its quick settings.
 PRUNING = {
-    "rnp": {"recovering_epochs": 2, "batch_size": 32, "tolerance": 0.6},
-    "anp": {"iterations": 100, "batch_size": 32, "tolerance": 0.6},
+    "rnp": {"mask_epochs": 2, "batch_size": 32, "max_drop": 0.6},
+    "anp": {"iterations": 100, "batch_size": 32, "max_drop": 0.6},
     "clp": {"u": 1.0},
 }
 
@@ -299,6 +300,33 @@ def test_a_renamed_setting_still_works_with_one_warning():
     assert defense.config.max_drop == 0.1 and 0.1 in defense.config.max_drops
     with pytest.warns(FutureWarning), pytest.raises(GoodnetError, match="not both"):
         make_defense("prune", {"select": 0.1, "max_drop": 0.1})
+
+
+# Every renamed defense setting (docs/settings.md): defense, old name, new name, a value.
+RENAMED = [
+    *[(name, old, new, value) for name in ("rnp", "anp")
+      for old, new, value in (("tolerance", "max_drop", 0.05), ("holdout", "select_share", 0.3))],
+    ("rnp", "unlearning_lr", "unlearn_lr", 0.02), ("rnp", "unlearning_epochs", "unlearn_epochs", 3),
+    ("rnp", "recovering_lr", "mask_lr", 0.1), ("rnp", "recovering_epochs", "mask_epochs", 3),
+    ("rnp", "alpha", "mask_loss_scale", 0.5),
+    ("anp", "alpha", "natural_weight", 0.5), ("anp", "lr", "mask_lr", 0.1),
+    ("anp", "eps", "noise_eps", 0.3), ("anp", "steps", "noise_steps", 2),
+    ("fst", "alpha", "head_penalty", 0.5),
+    ("i-bau", "portion", "unlearn_share", 0.5), ("i-bau", "n_rounds", "rounds", 2),
+    ("i-bau", "K", "fixed_point_iterations", 3), ("i-bau", "perturbation_lr", "trigger_lr", 5.0),
+    ("nc", "lr", "trigger_lr", 0.05),
+]
+
+
+@pytest.mark.parametrize(("name", "old", "new", "value"), RENAMED)
+def test_an_old_setting_name_still_works_with_a_warning_and_keeps_its_key(name, old, new, value):
+    with pytest.warns(FutureWarning, match=f"'{old}' is now called '{new}'") as caught:
+        defense = make_defense(name, {old: value})
+    assert len([w for w in caught if issubclass(w.category, FutureWarning)]) == 1
+    assert getattr(defense.config, new) == value
+    assert key_names(type(defense.config), {new: value}) == {old: value}
+    with pytest.warns(FutureWarning), pytest.raises(GoodnetError, match="not both"):
+        make_defense(name, {old: value, new: value})
 
 
 @pytest.mark.parametrize("name", sorted(DEFENSES))

@@ -31,16 +31,16 @@ def test_fst_removes_the_backdoor_and_keeps_the_task(backdoored):
 
 
 def test_without_the_penalty_the_backdoor_stays(backdoored):
-    """The same re-initialisation and fine-tuning with alpha 0 keeps the backdoor: the penalty
-    turning the head away from the old one is what removes it."""
+    """The same re-initialisation and fine-tuning with head_penalty 0 keeps the backdoor: the
+    penalty turning the head away from the old one is what removes it."""
     model, clean, test, attack = backdoored
-    plain = FST(FSTConfig(epochs=FAST.epochs, batch_size=FAST.batch_size, alpha=0.0))
+    plain = FST(FSTConfig(epochs=FAST.epochs, batch_size=FAST.batch_size, head_penalty=0.0))
     assert evaluate(plain.repair(model, clean).model, test, attack).attack_success_rate >= 0.9
 
 
 def test_the_head_keeps_its_norm(backdoored):
     model, clean, _, _ = backdoored
-    result = FST(FSTConfig(epochs=2, batch_size=32, alpha=5.0)).repair(model, clean)
+    result = FST(FSTConfig(epochs=2, batch_size=32, head_penalty=5.0)).repair(model, clean)
     old = model.get_submodule("fc2").weight.detach()
     new = result.model.get_submodule("fc2").weight
     assert torch.allclose(new.norm(), old.norm(), rtol=1e-4)
@@ -85,7 +85,7 @@ def test_distillation_and_recovery_keep_the_backdoor_out(backdoored):
     model, clean, test, attack = backdoored
     model.train()
     before = copy.deepcopy(model.state_dict())
-    config = FSTConfig(epochs=FAST.epochs, batch_size=32, alpha=1.0, distill=4.0,
+    config = FSTConfig(epochs=FAST.epochs, batch_size=32, head_penalty=1.0, distill=4.0,
                        recover_epochs=5)
     result = FST(config).repair(model, clean)
     assert result.chosen == "recovered" and set(result.variants) == {"tuned", "recovered"}
@@ -113,7 +113,7 @@ def test_the_distillation_term_is_used(backdoored):
 
 
 @pytest.mark.parametrize("settings", [
-    {"alpha": -1.0}, {"epochs": 0}, {"lr": 0.0}, {"distill": -1.0}, {"temperature": 0.0},
+    {"head_penalty": -1.0}, {"epochs": 0}, {"lr": 0.0}, {"distill": -1.0}, {"temperature": 0.0},
     {"recover_epochs": -1}, {"recover_lr": 0.0}, {"distill": float("nan")}])
 def test_bad_settings_are_refused(settings):
     with pytest.raises(GoodnetError, match="fst"):

@@ -66,7 +66,7 @@ def test_unlearning_removes_the_backdoor_and_keeps_the_task(backdoored):
     checked above."""
     model, clean, test, attack = backdoored
     before = copy.deepcopy(model.state_dict())
-    config = IBAUConfig(n_rounds=2, K=2)
+    config = IBAUConfig(rounds=2, fixed_point_iterations=2)
     result = IBAU(config).repair(model, clean)
     metrics = evaluate(result.model, test, attack)
     assert metrics.attack_success_rate <= 0.2
@@ -80,26 +80,28 @@ def test_unlearning_removes_the_backdoor_and_keeps_the_task(backdoored):
 
 
 def test_the_same_seed_gives_the_same_weights():
-    config = IBAUConfig(n_rounds=1, K=2, batch_size=16, portion=0.25)
+    config = IBAUConfig(rounds=1, fixed_point_iterations=2, batch_size=16, unlearn_share=0.25)
     model, clean = Planted(), halves(48)
     first, second = IBAU(config).repair(model, clean), IBAU(config).repair(model, clean)
     for (name, a), (_, b) in zip(first.model.state_dict().items(),
                                  second.model.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    other = IBAU(IBAUConfig(n_rounds=1, K=2, batch_size=16, portion=0.25, seed=1))
+    other = IBAU(IBAUConfig(rounds=1, fixed_point_iterations=2, batch_size=16,
+                           unlearn_share=0.25, seed=1))
     assert not torch.equal(other.repair(model, clean).model.fc.weight, first.model.fc.weight)
 
 
 def test_networks_without_batchnorm_and_keras_graphs_are_unlearned():
     planted = Planted()
     before = copy.deepcopy(planted.state_dict())
-    result = IBAU(IBAUConfig(n_rounds=1, K=1, batch_size=16)).repair(planted, halves(32))
+    quick = IBAUConfig(rounds=1, fixed_point_iterations=1, batch_size=16)
+    result = IBAU(quick).repair(planted, halves(32))
     assert not torch.equal(result.model.conv.weight, planted.conv.weight)
     assert all(torch.equal(before[k], v) for k, v in planted.state_dict().items())
     spec = ModelSpec("graph", 4, 1, 16, 16, (0.0,), (1.0,), graph=tiny_keras_graph(4, 1))
     keras = build_model(spec).eval()
     stats = {k: v.clone() for k, v in keras.state_dict().items() if "running" in k}
-    repaired = IBAU(IBAUConfig(n_rounds=1, K=1, batch_size=16)).repair(keras, stripes(32))
+    repaired = IBAU(quick).repair(keras, stripes(32))
     # eval mode throughout, as the reference: BatchNorm's running statistics are not updated.
     for name, value in stats.items():
         assert torch.equal(repaired.model.state_dict()[name], value), name
@@ -107,9 +109,9 @@ def test_networks_without_batchnorm_and_keras_graphs_are_unlearned():
 
 
 @pytest.mark.parametrize("settings", [
-    {"n_rounds": 0}, {"K": -1}, {"lr": 0.0}, {"optimizer": "rmsprop"}, {"portion": 0.0},
-    {"portion": 1.5}, {"norm_bound": -1.0}, {"ridge": float("nan")}, {"perturbation_steps": 0},
-    {"fixed_point_step": 0.0}])
+    {"rounds": 0}, {"fixed_point_iterations": -1}, {"lr": 0.0}, {"optimizer": "rmsprop"},
+    {"unlearn_share": 0.0}, {"unlearn_share": 1.5}, {"trigger_lr": 0.0}, {"norm_bound": -1.0},
+    {"ridge": float("nan")}, {"perturbation_steps": 0}, {"fixed_point_step": 0.0}])
 def test_bad_settings_are_refused(settings):
     with pytest.raises(GoodnetError, match="i-bau"):
         IBAUConfig(**settings)

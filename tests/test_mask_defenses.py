@@ -128,8 +128,8 @@ def test_the_clean_rule_takes_the_largest_threshold_before_accuracy_first_falls(
 def test_choice_settings_are_checked():
     with pytest.raises(GoodnetError, match="select"):
         Choice("best-test-asr", 0.2, 0.0, default_thresholds(), 0.02, 0.2)
-    with pytest.raises(GoodnetError, match="holdout"):
-        RNPConfig(holdout=1.0)
+    with pytest.raises(GoodnetError, match="select_share"):
+        RNPConfig(select_share=1.0)
     with pytest.raises(GoodnetError, match="cannot prune 50 channels"):
         ANP(ANPConfig(iterations=1, select="count", count=50)).repair(Planted(), CLEAN)
 
@@ -208,7 +208,7 @@ def trained():
 
 # The stripes classes flip whole, so accuracy moves in quarters: the window [0.495, 0.55] holds
 # 0.5, and a collapse to chance (0.25) is an overshoot.
-UNLEARN = {"clean_threshold": 0.55, "overshoot": 0.9, "unlearning_lr": 0.2, "batch_size": 32}
+UNLEARN = {"clean_threshold": 0.55, "overshoot": 0.9, "unlearn_lr": 0.2, "batch_size": 32}
 
 
 @pytest.mark.parametrize("lr", [0.2, 2.0])
@@ -216,7 +216,7 @@ def test_unlearning_stops_per_step_inside_the_window(trained, lr):
     """Checked after every step, with an overshooting step retried at a smaller lr, the ascent
     stops between overshoot × threshold and the threshold, even with a violent lr."""
     model, data = trained
-    cfg = RNPConfig(**{**UNLEARN, "unlearning_lr": lr})
+    cfg = RNPConfig(**{**UNLEARN, "unlearn_lr": lr})
     unlearned, log = unlearn(model, data, cfg)
     accuracy = _train_mode_accuracy(unlearned, data, cfg.batch_size)
     assert log["reached"]
@@ -226,7 +226,7 @@ def test_unlearning_stops_per_step_inside_the_window(trained, lr):
 
 def test_without_backtracking_a_violent_ascent_overshoots(trained):
     model, data = trained
-    cfg = RNPConfig(**{**UNLEARN, "unlearning_lr": 2.0, "backtracks": 0})
+    cfg = RNPConfig(**{**UNLEARN, "unlearn_lr": 2.0, "backtracks": 0})
     unlearned, log = unlearn(model, data, cfg)
     assert log["reached"] and log["backtracks"] == 0
     floor = cfg.overshoot * cfg.clean_threshold
@@ -244,14 +244,14 @@ def test_reference_unlearning_checks_once_per_epoch_and_does_not_clip(trained):
 
 def test_unlearning_that_never_reaches_the_threshold_says_so(trained):
     model, data = trained
-    _, log = unlearn(model, data, RNPConfig(unlearning_lr=1e-6, unlearning_epochs=1,
+    _, log = unlearn(model, data, RNPConfig(unlearn_lr=1e-6, unlearn_epochs=1,
                                             batch_size=32))
     assert not log["reached"] and log["steps"] == 4
 
 
 def test_rnp_holds_out_clean_data_and_reports_its_threshold_curve(trained):
     model, data = trained
-    cfg = RNPConfig(**UNLEARN, recovering_epochs=3)
+    cfg = RNPConfig(**UNLEARN, mask_epochs=3)
     result = RNP(cfg).repair(model, data)
     assert result.notes["held_out"] == round(0.2 * len(data))
     points = result.curve.points
@@ -283,7 +283,7 @@ def test_recovering_masks_the_channel_that_breaks_clean_accuracy():
         model.conv.bias[2] = 0.0
         model.fc.weight[:, 2] = torch.tensor([0.0, 40.0])
     assert evaluate(model, TEST).clean_accuracy == 0.5
-    values = recover(model, CLEAN, ["conv"], RNPConfig(recovering_epochs=10, batch_size=32))
+    values = recover(model, CLEAN, ["conv"], RNPConfig(mask_epochs=10, batch_size=32))
     assert values["conv"][2] == 0.0 and values["conv"][:2].min() > 0.9
     assert all(0 <= v <= 1 for v in values["conv"].tolist())
 
@@ -317,22 +317,22 @@ def test_anp_finds_and_removes_a_sensitive_planted_channel():
 
 
 def test_anp_without_noise_leaves_a_fitted_model_unpruned(trained):
-    """With eps = 0 the masks only minimise the clean loss of a model that already fits: they
+    """With noise_eps = 0 the masks only minimise the clean loss of a model that already fits: they
     stay high, and nothing is pruned at the paper's threshold."""
     model, data = trained
-    result = ANP(ANPConfig(eps=0.0, iterations=30, select="threshold")).repair(model, data)
+    result = ANP(ANPConfig(noise_eps=0.0, iterations=30, select="threshold")).repair(model, data)
     assert sum(len(v) for v in result.notes["pruned_channels"].values()) == 0
 
 
 def test_anp_noise_lowers_masks_and_projection_is_a_setting(trained):
     model, data = trained
     settings = {"iterations": 60, "batch_size": 32, "select": "threshold"}
-    noisy = ANP(ANPConfig(eps=0.4, **settings)).repair(model, data)
-    quiet = ANP(ANPConfig(eps=0.0, **settings)).repair(model, data)
+    noisy = ANP(ANPConfig(noise_eps=0.4, **settings)).repair(model, data)
+    quiet = ANP(ANPConfig(noise_eps=0.0, **settings)).repair(model, data)
     mean = {name: sum(sum(v) for v in r.notes["mask_values"].values())
             for name, r in (("noisy", noisy), ("quiet", quiet))}
     assert mean["noisy"] < mean["quiet"]
-    projected = ANP(ANPConfig(eps=0.4, project=True, **settings)).repair(model, data)
+    projected = ANP(ANPConfig(noise_eps=0.4, project=True, **settings)).repair(model, data)
     assert projected.notes["mask_values"] != noisy.notes["mask_values"]
 
 
@@ -366,7 +366,7 @@ def test_a_test_asr_that_points_elsewhere_does_not_move_the_threshold(trained, n
     would take the first, least pruning one; the clean rule takes the last. The repair with the
     evaluation must be the repair without it."""
     model, data = trained
-    defense = RNP(RNPConfig(**UNLEARN, recovering_epochs=3)) if name == "rnp" \
+    defense = RNP(RNPConfig(**UNLEARN, mask_epochs=3)) if name == "rnp" \
         else ANP(ANPConfig(iterations=60, batch_size=32))
     attack = make_attack("badnets", {"patch_size": 3, "margin": 0, "target": 0}, (1, 16, 16), 4)
     evaluation = Evaluation(stripes(100, num_classes=4, size=16, seed=4), attack)

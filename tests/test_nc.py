@@ -163,7 +163,7 @@ def test_the_unlearning_data_stamps_a_share_and_keeps_labels():
 
 
 @pytest.mark.parametrize("settings", [
-    {"epochs": 0}, {"lr": 0.0}, {"init_cost": -1.0}, {"cost_multiplier": 1.0},
+    {"epochs": 0}, {"trigger_lr": 0.0}, {"init_cost": -1.0}, {"cost_multiplier": 1.0},
     {"success_threshold": 1.5}, {"anomaly_threshold": float("nan")}, {"unlearn_share": 0.0},
     {"unlearn_epochs": 0}, {"patience": 0}])
 def test_bad_settings_are_refused(settings):

@@ -26,8 +26,8 @@ X, _ = TEST.get(torch.arange(40))
 
 # The planted network under tests/test_defenses.py's PRUNING settings: RNP prunes clean
 # channel 0 (held-out accuracy falls to 50 %), ANP channels 0 and 1, prune the backdoor channel.
-RNP_SETTINGS = {"recovering_epochs": 2, "batch_size": 32, "tolerance": 0.6}
-ANP_SETTINGS = {"iterations": 100, "batch_size": 32, "tolerance": 0.6}
+RNP_SETTINGS = {"mask_epochs": 2, "batch_size": 32, "max_drop": 0.6}
+ANP_SETTINGS = {"iterations": 100, "batch_size": 32, "max_drop": 0.6}
 # The planted network's logits are steep (weights of 10): a learning rate above about 0.002
 # kills the one clean channel left (ReLU), so the recovery here steps gently.
 RECOVER = {"recover_epochs": 5, "recover_lr": 0.001, "recover_batch_size": 32}

@@ -310,7 +310,7 @@ def test_without_clean_data_the_scan_is_data_free(files, tmp_path):
     network's target and pictures its maximum-margin input."""
     model_file, _ = files
     out = tmp_path / "free"
-    code, printed = _scan([str(model_file), "-p", "starts=8", "-p", "steps=100",
+    code, printed = _scan([str(model_file), "-p", "starts=8", "-p", "max_steps=100",
                            "--out", str(out)])
     assert code == 0
     lines = printed.splitlines()

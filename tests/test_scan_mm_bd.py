@@ -55,7 +55,7 @@ def test_the_planted_target_is_flagged(backdoored, planted_scan):
     assert list(verdict.scores) == report.notes["margins"]
     gamma = report.notes["gamma"]
     assert gamma["shape"] >= 1 and gamma["loc"] <= min(verdict.scores) and gamma["scale"] > 0
-    assert report.notes["steps_run"] == [FAST.steps] * 4 and report.clean_images == 0
+    assert report.notes["steps_run"] == [FAST.max_steps] * 4 and report.clean_images == 0
     images = torch.stack(report.images)
     assert images.shape == (4, 1, 16, 16) and images.device.type == "cpu"
     assert 0 <= images.min() <= images.max() <= 1
@@ -82,7 +82,7 @@ def test_the_same_seed_gives_the_same_scan_and_another_seed_other_starts(backdoo
 def test_chunking_does_not_change_the_margins(backdoored, planted_scan):
     model, _, _, _ = backdoored
     # 3 images per pass: each class's 5 starts in two passes, one class at a time
-    chunked = MMBD(MMBDConfig(starts=5, steps=30, images_per_pass=3)).scan(model)
+    chunked = MMBD(MMBDConfig(starts=5, max_steps=30, images_per_pass=3)).scan(model)
     assert chunked.notes["margins"] == pytest.approx(planted_scan.notes["margins"], rel=1e-4)
     assert chunked.targets == planted_scan.targets
 
@@ -91,7 +91,7 @@ def test_the_scan_leaves_the_model_alone(backdoored):
     model = copy.deepcopy(backdoored[0]).train()
     before = copy.deepcopy(model.state_dict())
     grads = [p.requires_grad for p in model.parameters()]
-    MMBD(MMBDConfig(starts=2, steps=3)).scan(model)
+    MMBD(MMBDConfig(starts=2, max_steps=3)).scan(model)
     assert model.training and [p.requires_grad for p in model.parameters()] == grads
     assert all(p.grad is None for p in model.parameters())
     after = model.state_dict()
@@ -102,7 +102,7 @@ def test_the_scan_leaves_the_model_alone(backdoored):
 def test_data_free_and_given_data_is_ignored(backdoored, planted_scan):
     model, _, _, _ = backdoored
     # clean data that does not even fit the model (8x8, 2 classes) is not looked at
-    with_data = make_scanner("mm-bd", {"starts": 5, "steps": 30}).scan(model, halves(20))
+    with_data = make_scanner("mm-bd", {"starts": 5, "max_steps": 30}).scan(model, halves(20))
     assert with_data.clean_images == 0 and with_data.notes == planted_scan.notes
 
 
@@ -123,16 +123,17 @@ def test_a_network_without_batchnorm_works():
 
 def test_early_stopping_follows_the_relative_loss_change(backdoored):
     model, _, _, _ = backdoored
-    never = MMBD(MMBDConfig(starts=2, steps=5, tolerance=0)).scan(model)
+    never = MMBD(MMBDConfig(starts=2, max_steps=5, tolerance=0)).scan(model)
     assert never.notes["steps_run"] == [5] * 4
     # the first loss is compared with 1000 (the reference's), so a tolerance of 1 stops each
     # class at its first or second step
-    at_once = MMBD(MMBDConfig(starts=2, steps=5, tolerance=1.0)).scan(model)
+    at_once = MMBD(MMBDConfig(starts=2, max_steps=5, tolerance=1.0)).scan(model)
     assert max(at_once.notes["steps_run"]) <= 2
 
 
 @pytest.mark.parametrize("settings", [
-    {"starts": 0}, {"steps": 0}, {"images_per_pass": 0}, {"lr": 0.0}, {"lr": math.nan},
+    {"starts": 0}, {"max_steps": 0}, {"images_per_pass": 0}, {"trigger_lr": 0.0},
+    {"trigger_lr": math.nan},
     {"tolerance": -1.0}, {"p_threshold": 0.0}, {"p_threshold": 1.0}, {"p_threshold": math.nan},
 ])
 def test_bad_settings_are_refused(settings):

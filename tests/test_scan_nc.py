@@ -147,7 +147,7 @@ def test_the_settings_are_the_defenses_detection_settings():
     ({"anomaly_threshold": -1.0}, "nc: anomaly_threshold must be"),
     ({"success_threshold": 1.5}, "nc: success_threshold must be in"),
     ({"unlearn_epochs": 3}, "nc has no setting 'unlearn_epochs'"),
-    ({"lr": math.inf}, "nc: setting lr must be"),
+    ({"trigger_lr": math.inf}, "nc: setting trigger_lr must be"),
 ])
 def test_bad_settings_are_refused(settings, message):
     with pytest.raises(GoodnetError, match=message.replace("(", r"\(")):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from goodnet.scans import SCANNERS, ScanReport, make_scanner
+from goodnet.settings import key_names
 
 
 def quick_scan(name: str, model: torch.nn.Module, clean) -> ScanReport:
@@ -54,3 +55,14 @@ def test_a_clean_network_is_not_flagged(clean_cnn, backdoored, name):
     _, clean, _, _ = backdoored
     report = quick_scan(name, clean_cnn, clean)
     assert not report.backdoored and report.targets == ()
+
+
+@pytest.mark.parametrize(("name", "old", "new", "value"), [
+    ("nc", "lr", "trigger_lr", 0.05), ("mm-bd", "lr", "trigger_lr", 0.02),
+    ("mm-bd", "steps", "max_steps", 30)])
+def test_an_old_setting_name_still_works_with_a_warning_and_keeps_its_key(name, old, new, value):
+    """Renamed scanner settings (docs/settings.md)."""
+    with pytest.warns(FutureWarning, match=f"'{old}' is now called '{new}'"):
+        scanner = make_scanner(name, {old: value})
+    assert getattr(scanner.config, new) == value
+    assert key_names(type(scanner.config), {new: value}) == {old: value}

@@ -95,7 +95,7 @@ def test_a_changed_step_default_is_a_new_sequence_cell(monkeypatch):
 
     @dataclass(frozen=True)
     class Changed(FSTConfig):
-        alpha: float = 0.3
+        head_penalty: float = 0.3
 
     monkeypatch.setattr(DEFENSES["fst"], "Config", Changed)
     after = entry.resolved(DEFENSES, "defense")

@@ -8,9 +8,10 @@ carries only a random ``1 − mask_rate`` share of the tiles, blended with a low
 time the whole pattern is blended with a higher ratio.
 
 Defaults from the official code (Unispac/Circumventing-Backdoor-Defenses, ``adaptive_blend``):
-16 pieces, mask rate 0.5, α = 0.15 for poisoning and 0.2 at test time, poison rate 0.003 and
-cover rate 0.003 of the training set. The trigger image ("hellokitty") is not shipped with
-goodnet: the default pattern is uniform noise; pass an image file with ``pattern=<path>``.
+16 pieces, mask rate 0.5, blend ratio 0.15 for poisoning (``blend_ratio``) and 0.2 at test time
+(``test_blend_ratio``), poison rate 0.003 and cover rate 0.003 of the training set. The trigger
+image ("hellokitty") is not shipped with goodnet: the default pattern is uniform noise; pass an
+image file with ``pattern=<path>``.
 
 Departure: poison and cover rates default to 0.01. The paper's 0.003 (150 CIFAR-10 images,
 trained for many epochs) gives a 2-epoch MNIST CNN an ASR of 1.0 %; 0.01 gives 100 % and 0.03
@@ -44,11 +45,13 @@ class AdaptiveBlendConfig:
         cover_rate: fraction of the training set given a partial trigger, label kept.
         pieces: number of tiles the pattern is cut into (a square number).
         mask_rate: share of the tiles left out of each poisoned training image.
-        alpha: blend ratio of training images.
-        test_alpha: blend ratio at test time.
+        blend_ratio: blend ratio of training images.
+        test_blend_ratio: blend ratio at test time.
         pattern: "noise" (uniform noise from ``pattern_seed``) or an image file.
         pattern_seed: seed of the noise pattern.
     """
+
+    renamed: ClassVar[dict[str, str]] = {"alpha": "blend_ratio", "test_alpha": "test_blend_ratio"}
 
     target: int = 0
     mode: str = "all-to-one"
@@ -56,8 +59,8 @@ class AdaptiveBlendConfig:
     cover_rate: float = 0.01
     pieces: int = 16
     mask_rate: float = 0.5
-    alpha: float = 0.15
-    test_alpha: float = 0.2
+    blend_ratio: float = 0.15
+    test_blend_ratio: float = 0.2
     pattern: str = "noise"
     pattern_seed: int = 0
 
@@ -109,7 +112,7 @@ class AdaptiveBlend(SingleTargetAttack[AdaptiveBlendConfig]):
     def build_trigger(self) -> Callable[[torch.Tensor], torch.Tensor]:
         cfg = self.config
         return BlendTrigger(blend_key(cfg.pattern, self.image_shape, cfg.pattern_seed),
-                            cfg.test_alpha)
+                            cfg.test_blend_ratio)
 
     def poison_groups(self, train: ImageData, generator: torch.Generator) -> list[PoisonGroup]:
         cfg = self.config
@@ -126,7 +129,7 @@ class AdaptiveBlend(SingleTargetAttack[AdaptiveBlendConfig]):
         row_of = torch.zeros(len(train), dtype=torch.long)
         row_of[items] = torch.arange(len(items))
         assert isinstance(self.trigger, BlendTrigger)
-        blend = PartialBlend(self.trigger.pattern, cfg.alpha,
+        blend = PartialBlend(self.trigger.pattern, cfg.blend_ratio,
                              tile_masks(*self.image_shape[1:], cfg.pieces), chosen, row_of)
         return [PoisonGroup("poison", poisoned, blend, self.target),
                 PoisonGroup("cover", cover, blend, None)]

@@ -32,17 +32,19 @@ class BlendConfig:
         target: target class (all-to-one).
         mode: "all-to-one" or "all-to-all".
         poison_rate: fraction of the training set poisoned.
-        alpha: blend ratio of poisoned training images.
-        test_alpha: blend ratio at test time.
+        blend_ratio: blend ratio of poisoned training images.
+        test_blend_ratio: blend ratio at test time.
         pattern: "noise" (uniform noise drawn with ``pattern_seed``) or an image file.
         pattern_seed: seed of the noise pattern.
     """
 
+    renamed: ClassVar[dict[str, str]] = {"alpha": "blend_ratio", "test_alpha": "test_blend_ratio"}
+
     target: int = 0
     mode: str = "all-to-one"
     poison_rate: float = 0.1
-    alpha: float = 0.2
-    test_alpha: float = 0.2
+    blend_ratio: float = 0.2
+    test_blend_ratio: float = 0.2
     pattern: str = "noise"
     pattern_seed: int = 0
 
@@ -58,8 +60,8 @@ class Blend(SingleTargetAttack[BlendConfig]):
     def build_trigger(self) -> Callable[[torch.Tensor], torch.Tensor]:
         cfg = self.config
         return BlendTrigger(blend_key(cfg.pattern, self.image_shape, cfg.pattern_seed),
-                            cfg.test_alpha)
+                            cfg.test_blend_ratio)
 
     def training_transform(self) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         assert isinstance(self.trigger, BlendTrigger)
-        return fixed(BlendTrigger(self.trigger.pattern, self.config.alpha))
+        return fixed(BlendTrigger(self.trigger.pattern, self.config.blend_ratio))

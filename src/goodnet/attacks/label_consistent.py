@@ -14,8 +14,8 @@ the whole set is the same on CIFAR-10); goodnet poisons 90 % (below). PGD: Backd
 ε = 8/255 with 100 steps of 1.5/255 on an adversarially trained ResNet-18, for CIFAR-10; no
 reference has MNIST settings.
 goodnet's departures: ε = 0.2 (ℓ∞ budgets on MNIST are larger than on CIFAR-10; 8/255 barely
-moves a digit), 20 steps of 2.5·ε/20, a standard (not adversarially trained) surrogate
-(``surrogate.py``; the paper reports that perturbations from a non-robust model are less
+moves a digit), 20 steps (``pgd_steps``) of 2.5·ε/20, a standard (not adversarially trained)
+surrogate (``surrogate.py``; the paper reports that perturbations from a non-robust model are less
 effective), and 90 % of the target class poisoned rather than all of it. Measured on MNIST,
 small CNN, 2 epochs, seed 0: poisoning every zero gives ASR 57 % but costs 9.5 points of clean
 accuracy (the network learns that a zero carries the corner pattern, and misses clean zeros),
@@ -55,15 +55,17 @@ class LabelConsistentConfig:
         poison_rate: fraction of the target class's training images poisoned.
         amplitude: trigger amplitude (1 is full: pixels set to white or black).
         epsilon: ℓ∞ radius of the PGD perturbation (pixels in [0, 1]).
-        steps: PGD steps.
+        pgd_steps: PGD steps.
     """
+
+    renamed: ClassVar[dict[str, str]] = {"steps": "pgd_steps"}
 
     target: int = 0
     mode: str = "all-to-one"
     poison_rate: float = 0.9
     amplitude: float = 1.0
     epsilon: float = 0.2
-    steps: int = 20
+    pgd_steps: int = 20
 
 
 def corner_pattern(shape: tuple[int, int, int]) -> torch.Tensor:
@@ -116,9 +118,9 @@ class LabelConsistent(SingleTargetAttack[LabelConsistentConfig]):
     def validate(self) -> None:
         super().validate()
         cfg = self.config
-        if not 0 < cfg.amplitude <= 1 or not 0 <= cfg.epsilon <= 1 or cfg.steps < 0:
+        if not 0 < cfg.amplitude <= 1 or not 0 <= cfg.epsilon <= 1 or cfg.pgd_steps < 0:
             raise GoodnetError("label_consistent: amplitude in (0, 1], epsilon in [0, 1], "
-                               "steps >= 0")
+                               "pgd_steps >= 0")
         if min(self.image_shape[1:]) < 6:
             raise GoodnetError("label_consistent: images must be at least 6×6 for the corners")
 
@@ -134,7 +136,7 @@ class LabelConsistent(SingleTargetAttack[LabelConsistentConfig]):
         hardened = []
         for start in range(0, len(chosen), 256):
             x, y = train.get(chosen[start:start + 256])
-            hard = pgd(model, x, y, cfg.epsilon, cfg.steps)
+            hard = pgd(model, x, y, cfg.epsilon, cfg.pgd_steps)
             hardened.append(hard.mul(255).round().to(torch.uint8))  # 1 byte per pixel
         adversarial = torch.cat(hardened) if hardened else torch.empty(0, *self.image_shape)
         row_of = torch.zeros(len(train), dtype=torch.long)

@@ -9,13 +9,14 @@ implement, instead of the paper's retraining on reverse-engineered inputs).
 
 Defaults from BackdoorBench (``attack/trojannn.py``, ``config/attack/trojannn/*.yaml``): the two
 most-connected neurons of the input of the last linear layer, target activation 100, 1000
-signed-gradient steps of 0.1 within ±0.3 of the initial mask image, additive trigger, 10 % of
-the training set poisoned, target 0. The mask is a 5×5 square one pixel from the bottom-right
-corner (BackdoorBench's ``square.png`` mask, scaled to 28×28 images). Departures, both fixes of
-reported bugs: neurons are selected on the trained surrogate's weights (BackdoorBench selects
-them before loading the trained weights, so from a random layer), and the trigger is clipped
-before it is quantised (BackdoorBench casts to uint8 first, so bright pixels wrap around). The
-model whose neurons are used is a surrogate (see ``surrogate.py``), not the victim.
+signed-gradient steps (``trigger_steps``) of 0.1 within ±0.3 of the initial mask image, additive
+trigger, 10 % of the training set poisoned, target 0. The mask is a 5×5 square one pixel from
+the bottom-right corner (BackdoorBench's ``square.png`` mask, scaled to 28×28 images).
+Departures, both fixes of reported bugs: neurons are selected on the trained surrogate's weights
+(BackdoorBench selects them before loading the trained weights, so from a random layer), and the
+trigger is clipped before it is quantised (BackdoorBench casts to uint8 first, so bright pixels
+wrap around). The model whose neurons are used is a surrogate (see ``surrogate.py``), not the
+victim.
 """
 
 from __future__ import annotations
@@ -46,10 +47,12 @@ class TrojanNNConfig:
         margin: pixels between the mask and the bottom-right corner.
         neurons: how many most-connected neurons to excite.
         target_value: activation the selected neurons are driven towards.
-        steps: signed-gradient steps.
+        trigger_steps: signed-gradient steps of the trigger optimisation.
         step_size: size of each step.
         epsilon: how far pixels may move from the initial (white) mask image.
     """
+
+    renamed: ClassVar[dict[str, str]] = {"steps": "trigger_steps"}
 
     target: int = 0
     mode: str = "all-to-one"
@@ -58,7 +61,7 @@ class TrojanNNConfig:
     margin: int = 1
     neurons: int = 2
     target_value: float = 100.0
-    steps: int = 1000
+    trigger_steps: int = 1000
     step_size: float = 0.1
     epsilon: float = 0.3
 
@@ -102,7 +105,7 @@ class TrojanNN(SingleTargetAttack[TrojanNNConfig]):
         start = keep.clone()  # the mask image: white inside, black outside
         x = start.clone()
         try:
-            for _ in range(cfg.steps):
+            for _ in range(cfg.trigger_steps):
                 x.requires_grad_(True)
                 features.clear()
                 model(x[None])

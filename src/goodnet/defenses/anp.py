@@ -5,12 +5,13 @@ Deep Models", NeurIPS 2021, arXiv:2110.14430; reference code csdongxian/ANP_back
 Backdoor neurons are the ones whose small perturbation most easily breaks the network. ANP
 learns a mask per channel that keeps the network accurate *under* adversarial neuron
 perturbation: each iteration draws multiplicative noise on every channel's weight part (δ) and
-shift (ξ) uniformly in [-eps, eps], takes one signed ascent step of size eps on the clean loss,
-then updates the masks (SGD lr 0.2, momentum 0.9, clipped to [0, 1]) on
-``alpha · loss(clean) + (1 - alpha) · loss(perturbed)``. After 2000 iterations of batch 128
-(sampled with replacement from the clean data) the original model's channels with low masks are
-pruned. Defaults are the reference code's: eps 0.4, one step, alpha 0.2, lr 0.2, 2000
-iterations, batch 128; BatchNorm in training mode while masks are learned (on a copy).
+shift (ξ) uniformly in [-ε, ε] (ε: ``noise_eps``), takes one signed ascent step of size ε on the
+clean loss, then updates the masks (SGD, ``mask_lr`` 0.2, momentum 0.9, clipped to [0, 1]) on
+``natural_weight · loss(clean) + (1 - natural_weight) · loss(perturbed)``. After 2000 iterations
+of batch 128 (sampled with replacement from the clean data) the original model's channels with
+low masks are pruned. Defaults are the reference code's: noise_eps 0.4, one noise step,
+natural_weight 0.2, mask_lr 0.2, 2000 iterations, batch 128; BatchNorm in training mode while
+masks are learned (on a copy).
 
 Masks and noise sit on the mask point of every convolution (:mod:`goodnet.defenses.channel_masks`):
 BatchNorm's γ (masked and perturbed) and β (perturbed), as the reference's
@@ -26,12 +27,12 @@ Departures, each a setting:
   logs test metrics for the user to read; BackdoorBench keeps the threshold with the lowest
   *test* ASR (BackdoorBench issue #35), which a defender cannot know. goodnet holds out 20 % of
   the clean data from mask learning and takes the largest threshold that keeps the held-out
-  accuracy within ``tolerance``. ``select="threshold"`` (0.2, the paper's) and
+  accuracy within ``max_drop``. ``select="threshold"`` (0.2, the paper's) and
   ``select="count"`` (prune by number, as the reference's ``--pruning-by number``) are there,
-  and ``select="proxy"``: the threshold within ``tolerance`` with the lowest ASR of Neural
+  and ``select="proxy"``: the threshold within ``max_drop`` with the lowest ASR of Neural
   Cleanse's reversed trigger (:mod:`goodnet.defenses.proxy`).
 - **Noise projection** (``project=False``, the reference's). The reference never projects the
-  noise back into [-eps, eps] after its ascent step, so it can reach ±2·eps; the paper's
+  noise back into [-ε, ε] after its ascent step, so it can reach ±2·ε; the paper's
   algorithm projects. ``project=True`` does.
 - **Recovery** (``recover_epochs=0``, off). With ``recover_epochs > 0`` the chosen pruning is
   fine-tuned on the mask-learning part of the clean data with its masks held, to win back the
@@ -66,17 +67,18 @@ class ANPConfig(MaskSettings):
     """Settings of ANP (defaults: the reference code's).
 
     Attributes:
-        eps: noise budget (relative perturbation of each channel).
-        steps: signed ascent steps on the noise per iteration (step size eps / steps).
-        alpha: weight of the unperturbed loss.
-        lr: mask learning rate (SGD, momentum 0.9).
+        noise_eps: noise budget (relative perturbation of each channel).
+        noise_steps: signed ascent steps on the noise per iteration (step size
+            noise_eps / noise_steps).
+        natural_weight: weight of the unperturbed loss.
+        mask_lr: mask learning rate (SGD, momentum 0.9).
         iterations: mask updates.
         batch_size: clean images per update, drawn with replacement.
-        project: clip the noise to [-eps, eps] after each ascent step (the paper; the code
-            does not).
+        project: clip the noise to [-noise_eps, noise_eps] after each ascent step (the paper;
+            the code does not).
         semantics: "keep-bias" (mask γ, keep β: the reference) or "channel".
         hidden_linear: also mask the neurons of fully connected layers before the output.
-        select, threshold, count, thresholds, tolerance, holdout: how much to prune (see
+        select, threshold, count, thresholds, max_drop, select_share: how much to prune (see
             :class:`goodnet.defenses.channel_masks.Choice`).
         seed: fixes the sampling, the noise and the held-out split.
         recover_epochs, recover_lr, recover_batch_size: fine-tune the chosen pruning with its
@@ -84,19 +86,24 @@ class ANPConfig(MaskSettings):
             :class:`goodnet.defenses.channel_masks.MaskSettings`).
     """
 
-    eps: float = 0.4
-    steps: int = 1
-    alpha: float = 0.2
-    lr: float = 0.2
+    renamed: ClassVar[dict[str, str]] = {"alpha": "natural_weight", "lr": "mask_lr",
+                                         "eps": "noise_eps", "steps": "noise_steps"}
+
+    noise_eps: float = 0.4
+    noise_steps: int = 1
+    natural_weight: float = 0.2
+    mask_lr: float = 0.2
     iterations: int = 2000
     batch_size: int = 128
     project: bool = False
 
     def __post_init__(self) -> None:
-        if self.eps < 0 or self.steps < 1 or self.iterations < 0 or self.batch_size < 1:
-            raise GoodnetError("anp: eps >= 0, steps >= 1, iterations >= 0, batch size >= 1")
-        if not 0 <= self.alpha <= 1:
-            raise GoodnetError("anp: alpha must lie in [0, 1]")
+        if (self.noise_eps < 0 or self.noise_steps < 1 or self.iterations < 0
+                or self.batch_size < 1):
+            raise GoodnetError("anp: noise_eps >= 0, noise_steps >= 1, iterations >= 0, "
+                               "batch size >= 1")
+        if not 0 <= self.natural_weight <= 1:
+            raise GoodnetError("anp: natural_weight must lie in [0, 1]")
         super().__post_init__()
 
 
@@ -108,16 +115,17 @@ def learn_masks(model: nn.Module, data: ImageData, layers: list[str], cfg: ANPCo
     generator = torch.Generator().manual_seed(cfg.seed)
     with frozen(work), channels_last(work), \
             LearnableMasks(work, layers, cfg.semantics, noise=True) as masks:
-        mask_optimizer = torch.optim.SGD(masks.mask_parameters(), lr=cfg.lr, momentum=0.9)
-        noise_optimizer = torch.optim.SGD(masks.noise_parameters(), lr=cfg.eps / cfg.steps)
+        mask_optimizer = torch.optim.SGD(masks.mask_parameters(), lr=cfg.mask_lr, momentum=0.9)
+        noise_optimizer = torch.optim.SGD(masks.noise_parameters(),
+                                          lr=cfg.noise_eps / cfg.noise_steps)
         for _ in tqdm(range(cfg.iterations), disable=not progress, desc="anp", leave=False):
             index = torch.randint(len(data), (cfg.batch_size,), generator=generator)
             x, y = data.get(index)
             x, y = x.to(device), y.to(device)
-            if cfg.eps > 0:
-                masks.reset_noise(cfg.eps, generator)
+            if cfg.noise_eps > 0:
+                masks.reset_noise(cfg.noise_eps, generator)
                 masks.perturb = True
-                for _step in range(cfg.steps):
+                for _step in range(cfg.noise_steps):
                     noise_optimizer.zero_grad(set_to_none=True)
                     (-F.cross_entropy(work(x), y)).backward()
                     for parameter in masks.noise_parameters():
@@ -127,15 +135,15 @@ def learn_masks(model: nn.Module, data: ImageData, layers: list[str], cfg: ANPCo
                     if cfg.project:
                         with torch.no_grad():
                             for parameter in masks.noise_parameters():
-                                parameter.clamp_(-cfg.eps, cfg.eps)
+                                parameter.clamp_(-cfg.noise_eps, cfg.noise_eps)
             mask_optimizer.zero_grad(set_to_none=True)
             robust: torch.Tensor | float = 0.0
-            if cfg.eps > 0:
+            if cfg.noise_eps > 0:
                 masks.perturb = True
                 robust = F.cross_entropy(work(x), y)
             masks.perturb = False
             natural = F.cross_entropy(work(x), y)
-            (cfg.alpha * natural + (1 - cfg.alpha) * robust).backward()
+            (cfg.natural_weight * natural + (1 - cfg.natural_weight) * robust).backward()
             mask_optimizer.step()
             masks.clip()
         return masks.values()

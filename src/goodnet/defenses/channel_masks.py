@@ -14,9 +14,9 @@ author gave, csdongxian/ANP_backdoor#2). ANP's noise perturbs both parts multipl
 Choosing how much to prune, honestly: :func:`threshold_curve` prunes the *original* model at each
 threshold (every channel whose mask is at or below it) and measures the accuracy on held-out
 clean data the masks were not learned on; :func:`choose_threshold` takes the largest threshold
-such that every threshold up to it keeps that accuracy within ``tolerance`` of the unpruned
+such that every threshold up to it keeps that accuracy within ``max_drop`` of the unpruned
 model's, or prunes nothing if even the smallest threshold costs more than that. With
-``select="proxy"`` the thresholds within that tolerance compete on the held-out ASR of Neural
+``select="proxy"`` the thresholds within that drop compete on the held-out ASR of Neural
 Cleanse's reversed trigger instead (:mod:`goodnet.defenses.proxy`). Test data, when given, only
 adds CA and ASR to the curve for reporting.
 
@@ -25,7 +25,7 @@ after the choice, the pruned model is fine-tuned on the clean data the masks wer
 with the masks installed and the pruned channels' own parameters put back after every step, so
 a pruned channel stays pruned. Neither paper does this; the defaults (SGD lr 0.01, momentum 0.9,
 weight decay 5e-4, cosine, batch 64) are goodnet's fine-pruning's (BackdoorBench's ``fp``). The
-choice itself is unchanged: it is made before recovery, so a larger ``tolerance`` is how a user
+choice itself is unchanged: it is made before recovery, so a larger ``max_drop`` is how a user
 trades pruning for accuracy that recovery wins back. The curve gains a point labelled
 "recovered" (held-out clean accuracy), and the chosen variant's mark moves to it.
 """
@@ -39,7 +39,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
@@ -186,16 +186,16 @@ class Choice:
 
     Attributes:
         select: "clean" (the largest threshold keeping held-out clean accuracy within
-            ``tolerance``; goodnet's default), "threshold" (a fixed ``threshold``, the papers'),
+            ``max_drop``; goodnet's default), "threshold" (a fixed ``threshold``, the papers'),
             "count" (the ``count`` lowest masks; ANP's "prune by number"), or "proxy" (of the
-            thresholds keeping held-out clean accuracy within ``tolerance``, the one with the
+            thresholds keeping held-out clean accuracy within ``max_drop``, the one with the
             lowest ASR of a reversed trigger; see :mod:`goodnet.defenses.proxy`).
         threshold: the fixed threshold for ``select="threshold"``.
         count: channels pruned for ``select="count"``: an int, or a fraction of all channels.
         thresholds: the thresholds swept for the curve (and for ``select="clean"`` and
             ``"proxy"``).
-        tolerance: the held-out clean-accuracy loss allowed, absolute (0.02 = two points).
-        holdout: share of the clean data kept out of mask learning to choose on (only for
+        max_drop: the held-out clean-accuracy loss allowed, absolute (0.02 = two points).
+        select_share: share of the clean data kept out of mask learning to select on (only for
             ``select="clean"`` and ``"proxy"``).
     """
 
@@ -203,16 +203,16 @@ class Choice:
     threshold: float
     count: float
     thresholds: tuple[float, ...]
-    tolerance: float
-    holdout: float
+    max_drop: float
+    select_share: float
 
     def __post_init__(self) -> None:
         if self.select not in SELECTIONS:
             raise GoodnetError(f"select must be one of {SELECTIONS}, got {self.select!r}")
-        if not 0 <= self.threshold <= 1 or not 0 <= self.tolerance <= 1:
-            raise GoodnetError("threshold and tolerance must lie in [0, 1]")
-        if self.select in HELD_OUT and not 0 < self.holdout < 1:
-            raise GoodnetError("holdout must lie in (0, 1)")
+        if not 0 <= self.threshold <= 1 or not 0 <= self.max_drop <= 1:
+            raise GoodnetError("threshold and max_drop must lie in [0, 1]")
+        if self.select in HELD_OUT and not 0 < self.select_share < 1:
+            raise GoodnetError("select_share must lie in (0, 1)")
         if self.count < 0:
             raise GoodnetError("count must not be negative")
 
@@ -303,7 +303,7 @@ class MaskSettings:
     Attributes:
         semantics: "keep-bias" (mask γ, keep β: the references) or "channel".
         hidden_linear: also mask the neurons of fully connected layers before the output.
-        select, threshold, count, thresholds, tolerance, holdout: how much to prune (see
+        select, threshold, count, thresholds, max_drop, select_share: how much to prune (see
             :class:`Choice`).
         seed: fixes the defense's randomness, the held-out split and the recovery's batches.
         recover_epochs: after choosing, fine-tune the pruned model this many epochs on the clean
@@ -312,14 +312,18 @@ class MaskSettings:
         recover_lr, recover_batch_size: the recovery's SGD learning rate and batch size.
     """
 
+    # Old names of the pruning-choice settings, declared here (where RNP and ANP get these
+    # fields from) so that both inherit them; :class:`Choice` is built from these fields.
+    renamed: ClassVar[dict[str, str]] = {"tolerance": "max_drop", "holdout": "select_share"}
+
     semantics: str = "keep-bias"
     hidden_linear: bool = True
     select: str = "clean"
     threshold: float = 0.2
     count: float = 0.05
     thresholds: tuple[float, ...] = default_thresholds()
-    tolerance: float = 0.02
-    holdout: float = 0.2
+    max_drop: float = 0.02
+    select_share: float = 0.2
     seed: int = 0
     recover_epochs: int = 0
     recover_lr: float = 0.01
@@ -331,8 +335,8 @@ class MaskSettings:
         self.recovery()
 
     def choice(self) -> Choice:
-        return Choice(self.select, self.threshold, self.count, self.thresholds, self.tolerance,
-                      self.holdout)
+        return Choice(self.select, self.threshold, self.count, self.thresholds, self.max_drop,
+                      self.select_share)
 
     def recovery(self) -> Recovery:
         return Recovery(self.recover_epochs, self.recover_lr, self.recover_batch_size, self.seed)
@@ -345,9 +349,10 @@ def split_for_choice(clean: ImageData, choice: Choice, seed: int) -> tuple[Image
         return clean, clean
     from goodnet.data.dataset import split_clean
 
-    held, learn = split_clean(clean, choice.holdout, seed=seed)
+    held, learn = split_clean(clean, choice.select_share, seed=seed)
     if len(learn) == 0 or len(held) == 0:
-        raise GoodnetError(f"{clean.name}: too little clean data to hold {choice.holdout:g} out")
+        raise GoodnetError(f"{clean.name}: too little clean data to hold "
+                           f"{choice.select_share:g} out")
     return learn, held
 
 
@@ -424,9 +429,9 @@ def choose_masks(model: nn.Module, values: dict[str, torch.Tensor], choice: Choi
         notes: dict[str, Any] = {"count": count}
     else:
         if choice.select == "clean":
-            threshold = choose_threshold(points, choice.tolerance)
+            threshold = choose_threshold(points, choice.max_drop)
         elif choice.select == "proxy":
-            threshold = points[choose_by_proxy(points, choice.tolerance)].x
+            threshold = points[choose_by_proxy(points, choice.max_drop)].x
         else:
             threshold = choice.threshold
         if threshold is None:  # every threshold costs too much clean accuracy: prune nothing
@@ -480,13 +485,13 @@ class MaskDefense(Defense[C]):
             notes["recovery_loss"] = dict(losses)
         message = ""
         if name == "none" and proxy is not None:
-            message = (f"{self.name} pruned nothing: no threshold within {100 * cfg.tolerance:g} "
+            message = (f"{self.name} pruned nothing: no threshold within {100 * cfg.max_drop:g} "
                        "points of held-out clean accuracy lowered the reversed trigger's ASR "
                        f"(class {proxy.trigger.target}; see curve.png)")
         elif name == "none":
             message = (f"{self.name} pruned nothing: even its smallest threshold cost more than "
-                       f"{100 * cfg.tolerance:g} points of held-out clean accuracy (see "
-                       "curve.png; -p tolerance= to allow more)")
+                       f"{100 * cfg.max_drop:g} points of held-out clean accuracy (see "
+                       "curve.png; -p max_drop= to allow more)")
         return Repaired(
             model=repaired, curve=curve, masks=masks, variants={name: repaired},
             variant_masks={name: masks}, chosen=name, message=message,

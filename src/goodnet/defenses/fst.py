@@ -5,12 +5,12 @@ AISafety-HKUST/stable_backdoor_purification ``fine_tune/ft.py``, ``--ft_mode fst
 Plain fine-tuning on a little clean data leaves most backdoors in place: the features the
 trigger excites keep the same meaning for the old classifier head. FST re-initialises the head
 and fine-tunes the whole network with a penalty that pushes the new head away from the old one,
-``loss = CE + alpha · <W, W_orig>`` (the raw inner product of the head's weight matrices), and
-after every step scales ``W`` back to the Frobenius norm the original head had, so the penalty
+``loss = CE + head_penalty · <W, W_orig>`` (the raw inner product of the head's weight matrices),
+and after every step scales ``W`` back to the Frobenius norm the original head had, so the penalty
 can only turn the head, not shrink it. The features shift with the head, and the backdoor
 features lose their hold.
 
-Defaults, from the reference code and the paper's CIFAR-10 setting (§5.1): ``alpha`` 0.2 (the
+Defaults, from the reference code and the paper's CIFAR-10 setting (§5.1): ``head_penalty`` 0.2 (the
 code's default; the paper uses 0.2 for CIFAR-10, 0.1 for GTSRB, 0.001 for the 100- and
 200-class sets), SGD with momentum 0.9 and no weight decay, lr 0.01, 10 epochs, batch 128; the
 head's weight and bias are drawn uniformly in ±1/sqrt(fan_in) (PyTorch's ``nn.Linear`` bound, as
@@ -74,7 +74,8 @@ class FSTConfig:
     """Settings of FST (defaults: the reference code's and the paper's CIFAR-10 setting).
 
     Attributes:
-        alpha: weight of the penalty ``<W, W_orig>`` that turns the new head away from the old.
+        head_penalty: weight of the penalty ``<W, W_orig>`` that turns the new head away from
+            the old.
         epochs: fine-tuning epochs over the clean data.
         lr: SGD learning rate (momentum 0.9, no weight decay, cosine to zero).
         batch_size: fine-tuning batch size.
@@ -89,7 +90,9 @@ class FSTConfig:
         recover_lr: SGD learning rate of the recovery phase (cosine to zero).
     """
 
-    alpha: float = 0.2
+    renamed: ClassVar[dict[str, str]] = {"alpha": "head_penalty"}
+
+    head_penalty: float = 0.2
     epochs: int = 10
     lr: float = 0.01
     batch_size: int = 128
@@ -101,8 +104,8 @@ class FSTConfig:
     recover_lr: float = 0.01
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.alpha) or self.alpha < 0:
-            raise GoodnetError("fst: alpha must be a finite number >= 0")
+        if not math.isfinite(self.head_penalty) or self.head_penalty < 0:
+            raise GoodnetError("fst: head_penalty must be a finite number >= 0")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise GoodnetError("fst: epochs and batch size must be positive, lr > 0")
         if not math.isfinite(self.distill) or self.distill < 0:
@@ -180,7 +183,7 @@ class FST(Defense[FSTConfig]):
         distiller = Distiller(work, model, cfg.distill, cfg.temperature) if cfg.distill else None
 
         def penalty(x: torch.Tensor) -> torch.Tensor:
-            turn = cfg.alpha * (head.weight * original).sum()
+            turn = cfg.head_penalty * (head.weight * original).sum()
             return turn + distiller(x) if distiller else turn
 
         def project() -> None:  # back to the original head's norm

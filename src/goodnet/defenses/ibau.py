@@ -11,15 +11,17 @@ implicit hypergradient through the inner solution: with the fixed-point map
 
     dL_outer/dθ = ∂_θ L_outer + (∂_θ Φ)ᵀ v,   v = Σ_{k<K} (∂_δ Φ)ᵀᵏ ∂_δ L_outer,
 
-the truncated Neumann series of ``(I − ∂_δ Φ)⁻ᵀ ∂_δ L_outer`` (``hypergrad.fixed_point``, K
-fixed-point iterations). Each round: δ starts at zero and takes one SGD step (lr 10) per batch on
+the truncated Neumann series of ``(I − ∂_δ Φ)⁻ᵀ ∂_δ L_outer`` (``hypergrad.fixed_point``;
+K is ``fixed_point_iterations``). Each round: δ starts at zero and takes one SGD step
+(``trigger_lr`` 10) per batch on
 ``−CE(f(x + δ), f(x)) + 0.001 ‖δ‖²`` over one pass of the clean data; then, for every batch, one
 outer step with the hypergradient of ``L_outer = CE(f(x + δ·m), y)``, where m marks a random 1 %
 of the batch, and ``L_inner = −CE(f(x₀ + δ), y₀) + 0.001 ‖δ‖²`` on the first batch (x₀, y₀).
 
 Defaults, from the authors' code where it and BackdoorBench agree or BackdoorBench does not say:
-5 rounds, K = 5, fixed-point step α = 0.1, ridge 0.001, perturbation SGD lr 10 with one step per
-batch over one pass, 1 % of each batch perturbed in the outer loss, no clamping of ``x + δ``, the
+5 rounds, K = 5, fixed-point step α = 0.1, ridge 0.001, perturbation SGD lr (``trigger_lr``) 10
+with one step per batch over one pass, 1 % of each batch perturbed in the outer loss
+(``unlearn_share``), no clamping of ``x + δ``, the
 model in eval mode throughout (BatchNorm uses and keeps its running statistics; both codes call
 ``model.eval()`` before unlearning). Where they differ, the authors' values: Adam with lr 1e-3
 (BackdoorBench 1e-4) and batch 100 (BackdoorBench 256); batches in a fixed order (the authors'
@@ -74,16 +76,17 @@ class IBAUConfig:
     """Settings of I-BAU (defaults: the authors' code; see the module's docstring).
 
     Attributes:
-        n_rounds: unlearning rounds (a new δ, then one outer step per batch).
-        K: fixed-point iterations of the hypergradient; 0 leaves out the implicit term (plain
-            adversarial fine-tuning on δ).
+        rounds: unlearning rounds (a new δ, then one outer step per batch).
+        fixed_point_iterations: fixed-point iterations of the hypergradient (K); 0 leaves out
+            the implicit term (plain adversarial fine-tuning on δ).
         lr: learning rate of the outer optimiser.
         optimizer: the outer optimiser, "adam" or "sgd" (plain, as the reference's).
         batch_size: images per batch.
-        perturbation_lr: SGD step of the universal perturbation, one per batch.
+        trigger_lr: SGD step of the universal perturbation δ, one per batch.
         fixed_point_step: α of the fixed-point map ``δ − α ∇_δ L_inner``.
         ridge: weight of ``‖δ‖²`` in the inner loss.
-        portion: share of each batch that carries δ in the outer loss (at least one image).
+        unlearn_share: share of each batch that carries δ in the outer loss (at least one
+            image).
         norm_bound: after each of its steps, δ is projected onto the L2 ball of this radius
             (in [0, 1] pixel units); None: no bound (the reference code's, where δ diverges).
         perturbation_steps: SGD steps of δ per round, cycling over the batches; None: one pass
@@ -91,29 +94,33 @@ class IBAUConfig:
         seed: fixes which images carry δ.
     """
 
-    n_rounds: int = 5
-    K: int = 5
+    renamed: ClassVar[dict[str, str]] = {
+        "portion": "unlearn_share", "n_rounds": "rounds", "K": "fixed_point_iterations",
+        "perturbation_lr": "trigger_lr"}
+
+    rounds: int = 5
+    fixed_point_iterations: int = 5
     lr: float = 1e-3
     optimizer: str = "adam"
     batch_size: int = 100
-    perturbation_lr: float = 10.0
+    trigger_lr: float = 10.0
     fixed_point_step: float = 0.1
     ridge: float = 1e-3
-    portion: float = 0.01
+    unlearn_share: float = 0.01
     norm_bound: float | None = 10.0
     perturbation_steps: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         checks = [
-            (self.n_rounds >= 1 and self.batch_size >= 1, "n_rounds and batch size must be >= 1"),
-            (self.K >= 0, "K must be >= 0"),
+            (self.rounds >= 1 and self.batch_size >= 1, "rounds and batch size must be >= 1"),
+            (self.fixed_point_iterations >= 0, "fixed_point_iterations must be >= 0"),
             (self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}"),
             (all(math.isfinite(v) and v > 0 for v in
-                 (self.lr, self.perturbation_lr, self.fixed_point_step)),
-             "lr, perturbation lr and fixed-point step must be finite and > 0"),
+                 (self.lr, self.trigger_lr, self.fixed_point_step)),
+             "lr, trigger_lr and fixed_point_step must be finite and > 0"),
             (math.isfinite(self.ridge) and self.ridge >= 0, "ridge must be finite and >= 0"),
-            (0 < self.portion <= 1, "portion must be in (0, 1]"),
+            (0 < self.unlearn_share <= 1, "unlearn_share must be in (0, 1]"),
             (self.norm_bound is None or (math.isfinite(self.norm_bound) and self.norm_bound > 0),
              "norm bound must be None or finite and > 0"),
             (self.perturbation_steps is None or self.perturbation_steps >= 1,
@@ -162,7 +169,7 @@ class IBAU(Defense[IBAUConfig]):
     name = "i-bau"
     paper = "Zeng et al., ICLR 2022, arXiv:2110.03735"
     Config = IBAUConfig
-    quick: ClassVar[Mapping[str, Any]] = {"n_rounds": 1, "batch_size": 50}
+    quick: ClassVar[Mapping[str, Any]] = {"rounds": 1, "batch_size": 50}
 
     def run(self, model: nn.Module, clean: ImageData | None, steps: Steps,
             progress: bool) -> Repaired:
@@ -186,12 +193,12 @@ class IBAU(Defense[IBAUConfig]):
             loss = -F.cross_entropy(work(first_x + delta), first_y)
             return loss + cfg.ridge * delta.pow(2).sum()
 
-        for round_ in range(1, cfg.n_rounds + 1):
+        for round_ in range(1, cfg.rounds + 1):
             delta = self._perturbation(work, data, first_x.shape[1:])
             norms.append(float(delta.norm()))
             for x, y in data:
                 chosen = torch.randperm(len(x), generator=generator)
-                chosen = chosen[:max(1, int(len(x) * cfg.portion))].to(device)
+                chosen = chosen[:max(1, int(len(x) * cfg.unlearn_share))].to(device)
                 carries = torch.zeros(len(x), 1, 1, 1, device=device)
                 carries[chosen] = 1.0
 
@@ -200,7 +207,7 @@ class IBAU(Defense[IBAUConfig]):
                     return F.cross_entropy(work(x + carries * d), y)
 
                 grads = hypergradient(delta, params, inner_loss, outer_loss,
-                                      cfg.fixed_point_step, cfg.K)
+                                      cfg.fixed_point_step, cfg.fixed_point_iterations)
                 optimizer.zero_grad(set_to_none=True)
                 for p, g in zip(params, grads, strict=True):
                     p.grad = g.detach()
@@ -226,7 +233,7 @@ class IBAU(Defense[IBAUConfig]):
             loss = loss + cfg.ridge * delta.pow(2).sum()
             (grad,) = torch.autograd.grad(loss, delta)
             with torch.no_grad():
-                delta -= cfg.perturbation_lr * grad
+                delta -= cfg.trigger_lr * grad
                 if cfg.norm_bound is not None:
                     delta *= min(1.0, cfg.norm_bound / max(float(delta.norm()), 1e-12))
         return delta.detach()

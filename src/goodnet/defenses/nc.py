@@ -11,7 +11,7 @@ bolunwang/backdoor ``visualizer.py`` and ``mad_outlier_detection.py``, and Backd
    a class is flagged when its mask's anomaly index exceeds ``anomaly_threshold`` 2.
 3. **Unlearning.** If a class is flagged, a copy of the model is fine-tuned on the clean data in
    which ``unlearn_share`` 20 % of the images (a fixed random subset) carry a flagged class's
-   reversed trigger and keep their true label. SGD, lr 0.01, cosine schedule, batch 256,
+   reversed trigger and keep their true label. SGD, ``unlearn_lr`` 0.01, cosine schedule, batch 256,
    momentum 0.9, weight decay 5e-4, as BackdoorBench's ``config.yaml`` (``lr``,
    ``lr_scheduler``, ``batch_size``) and its SGD defaults. If no class is flagged, an unchanged
    copy is returned with a message (BackdoorBench's behaviour).
@@ -55,7 +55,7 @@ class NCConfig:
     Attributes:
         epochs: reverse-engineering passes over the clean data per class (the budget).
         batch_size: images per reverse-engineering step.
-        lr: Adam learning rate of the masks and patterns (betas 0.5, 0.9).
+        trigger_lr: Adam learning rate of the masks and patterns (betas 0.5, 0.9).
         init_cost: starting weight of the mask's L1 norm in the loss.
         cost_multiplier: the cost is multiplied by this after ``patience`` successful passes and
             divided by its 1.5th power after ``patience`` unsuccessful ones.
@@ -70,10 +70,13 @@ class NCConfig:
         seed: fixes the starting masks and patterns, batch orders and the stamped images.
     """
 
-    # The detection settings are the scanner's, with its defaults (one place for them).
+    # The detection settings are the scanner's, with its defaults and old names (one place for
+    # them).
+    renamed: ClassVar[dict[str, str]] = dict(NCScanConfig.renamed)
+
     epochs: int = NCScanConfig.epochs
     batch_size: int = NCScanConfig.batch_size
-    lr: float = NCScanConfig.lr
+    trigger_lr: float = NCScanConfig.trigger_lr
     init_cost: float = NCScanConfig.init_cost
     cost_multiplier: float = NCScanConfig.cost_multiplier
     patience: int = NCScanConfig.patience

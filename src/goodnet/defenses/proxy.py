@@ -4,7 +4,7 @@ A mask defense that chooses from clean accuracy alone is blind to the backdoor: 
 clean accuracy starts to fall, whether the backdoor is gone by then or not. A trigger
 reverse-engineered by Neural Cleanse (:func:`goodnet.scans.nc.detect`) stands in for the
 attack without any poisoned data: among the prunings that keep clean accuracy within the
-defense's tolerance, ``select="proxy"`` takes the one whose *proxy ASR* (the share of clean
+defense's ``max_drop``, ``select="proxy"`` takes the one whose *proxy ASR* (the share of clean
 images of other classes that the reversed trigger sends to its class) is lowest; ties go to the
 smaller pruning, and the unpruned model is a candidate, so a pruning that does not lower the
 proxy ASR is not made.

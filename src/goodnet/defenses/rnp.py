@@ -6,10 +6,10 @@ bboylyg/RNP ``main.py``).
    (SGD lr 0.01, momentum 0.9, weight decay 5e-4, multi-step schedule at epochs 10 and 20) until
    its clean accuracy falls to ``clean_threshold`` (0.2, the code's default; the paper says
    0.1), at most 20 epochs. Clean features are erased first; backdoor features survive.
-2. **Recovering.** On the unlearned copy, only per-channel masks in [0, 1] are learned (SGD lr
-   0.2, momentum 0.9, loss scaled by alpha 0.2, 20 epochs, masks clipped after each step) to
-   bring clean accuracy back. Channels that carry the backdoor are not needed for that and
-   their masks fall.
+2. **Recovering.** On the unlearned copy, only per-channel masks in [0, 1] are learned (SGD,
+   ``mask_lr`` 0.2, momentum 0.9, loss scaled by ``mask_loss_scale`` 0.2, ``mask_epochs`` 20,
+   masks clipped after each step) to bring clean accuracy back. Channels that carry the
+   backdoor are not needed for that and their masks fall.
 3. **Pruning.** The *original* model's channels whose mask is low are pruned.
 
 Masks sit on the mask point of every convolution (its BatchNorm when there is one, else the
@@ -36,10 +36,10 @@ Departures, each a setting (``reference=True`` restores the reference code's beh
 - **Choosing what to prune** (``select="clean"``, default). The reference sweeps thresholds and
   prints test metrics for the user to pick from; the paper reports a fixed threshold of 0.2.
   goodnet holds out 20 % of the clean data from unlearning and recovering and takes the largest
-  threshold that keeps the held-out accuracy within ``tolerance`` (see
+  threshold that keeps the held-out accuracy within ``max_drop`` (see
   :mod:`goodnet.defenses.channel_masks`); ``select="threshold"`` uses a fixed one,
   ``select="count"`` a number of channels, and ``select="proxy"`` the threshold within
-  ``tolerance`` with the lowest ASR of Neural Cleanse's reversed trigger
+  ``max_drop`` with the lowest ASR of Neural Cleanse's reversed trigger
   (:mod:`goodnet.defenses.proxy`).
 - **Fully connected neurons** (``hidden_linear=True``). The reference networks (ResNet-18,
   VGG) end in global pooling and one linear layer, so masking BatchNorm channels reaches every
@@ -54,7 +54,7 @@ Departures, each a setting (``reference=True`` restores the reference code's beh
 - **Recovery** (``recover_epochs=0``, off). With ``recover_epochs > 0`` the chosen pruning is
   fine-tuned on the mask-learning part of the clean data with its masks held, to win back the
   clean accuracy pruning cost (not in the paper; see :mod:`goodnet.defenses.channel_masks`).
-  It trains the weights; ``recovering_epochs`` above is the mask learning of step 2.
+  It trains the weights; ``mask_epochs`` is the mask learning of step 2.
 """
 
 from __future__ import annotations
@@ -87,18 +87,19 @@ class RNPConfig(MaskSettings):
 
     Attributes:
         clean_threshold: unlearning stops when clean accuracy is at or below this.
-        unlearning_lr, momentum, weight_decay: SGD for the ascent.
-        unlearning_epochs: at most this many epochs of ascent.
+        unlearn_lr, momentum, weight_decay: SGD for the ascent.
+        unlearn_epochs: at most this many epochs of ascent.
         milestones: epochs at which the ascent's lr is divided by 10.
         batch_size: for unlearning and recovering.
         stop: "step" (check after every step, with backtracking) or "epoch" (the reference).
         overshoot: a step ending below ``overshoot × clean_threshold`` is retried at half the lr.
         backtracks: at most this many halvings per step.
         clip_norm: gradient-norm clipping during the ascent (None: none, as the reference).
-        recovering_lr, recovering_epochs, alpha: mask learning (SGD, momentum 0.9).
+        mask_lr, mask_epochs: mask learning (SGD, momentum 0.9) of step 2.
+        mask_loss_scale: the mask-learning loss is scaled by this.
         semantics: "keep-bias" (mask γ, keep β: the reference) or "channel".
         hidden_linear: also mask the neurons of fully connected layers before the output.
-        select, threshold, count, thresholds, tolerance, holdout: how much to prune (see
+        select, threshold, count, thresholds, max_drop, select_share: how much to prune (see
             :class:`goodnet.defenses.channel_masks.Choice`).
         seed: fixes batch order and the held-out split.
         recover_epochs, recover_lr, recover_batch_size: fine-tune the chosen pruning with its
@@ -107,20 +108,25 @@ class RNPConfig(MaskSettings):
         reference: use the reference code's unlearning (per-epoch stop, no clipping).
     """
 
+    renamed: ClassVar[dict[str, str]] = {
+        "unlearning_lr": "unlearn_lr", "unlearning_epochs": "unlearn_epochs",
+        "recovering_lr": "mask_lr", "recovering_epochs": "mask_epochs",
+        "alpha": "mask_loss_scale"}
+
     clean_threshold: float = 0.2
-    unlearning_lr: float = 0.01
+    unlearn_lr: float = 0.01
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    unlearning_epochs: int = 20
+    unlearn_epochs: int = 20
     milestones: tuple[int, ...] = (10, 20)
     batch_size: int = 128
     stop: str = "step"
     overshoot: float = 0.75
     backtracks: int = 8
     clip_norm: float | None = 20.0
-    recovering_lr: float = 0.2
-    recovering_epochs: int = 20
-    alpha: float = 0.2
+    mask_lr: float = 0.2
+    mask_epochs: int = 20
+    mask_loss_scale: float = 0.2
     reference: bool = False
 
     def __post_init__(self) -> None:
@@ -131,7 +137,7 @@ class RNPConfig(MaskSettings):
             raise GoodnetError(f"rnp: stop must be one of {STOPS}, got {self.stop!r}")
         if not 0 < self.clean_threshold < 1 or not 0 < self.overshoot <= 1:
             raise GoodnetError("rnp: clean_threshold in (0, 1), overshoot in (0, 1]")
-        if self.unlearning_epochs < 1 or self.recovering_epochs < 0 or self.batch_size < 1:
+        if self.unlearn_epochs < 1 or self.mask_epochs < 0 or self.batch_size < 1:
             raise GoodnetError("rnp: epochs and batch size must be positive")
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
         super().__post_init__()
@@ -166,12 +172,12 @@ def unlearn(model: nn.Module, data: ImageData, cfg: RNPConfig) -> tuple[nn.Modul
     or below ``cfg.clean_threshold``; returns it and a log of the ascent."""
     work = copy.deepcopy(model).train().to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     device = model_device(work)
-    optimizer = torch.optim.SGD(work.parameters(), lr=cfg.unlearning_lr, momentum=cfg.momentum,
+    optimizer = torch.optim.SGD(work.parameters(), lr=cfg.unlearn_lr, momentum=cfg.momentum,
                                 weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(cfg.milestones), gamma=0.1)
     generator = torch.Generator().manual_seed(cfg.seed)
     log: dict[str, Any] = {"steps": 0, "backtracks": 0, "accuracy": [], "reached": False}
-    for _epoch in range(cfg.unlearning_epochs + (1 if cfg.stop == "epoch" else 0)):
+    for _epoch in range(cfg.unlearn_epochs + (1 if cfg.stop == "epoch" else 0)):
         hits = seen = 0
         for x, y in batches(data, cfg.batch_size, shuffle=True, generator=generator,
                             device=device):
@@ -240,12 +246,12 @@ def recover(unlearned: nn.Module, data: ImageData, layers: list[str], cfg: RNPCo
     device = model_device(work)
     generator = torch.Generator().manual_seed(cfg.seed + 1)
     with frozen(work), channels_last(work), LearnableMasks(work, layers, cfg.semantics) as masks:
-        optimizer = torch.optim.SGD(masks.mask_parameters(), lr=cfg.recovering_lr, momentum=0.9)
-        for _epoch in range(cfg.recovering_epochs):
+        optimizer = torch.optim.SGD(masks.mask_parameters(), lr=cfg.mask_lr, momentum=0.9)
+        for _epoch in range(cfg.mask_epochs):
             for x, y in batches(data, cfg.batch_size, shuffle=True, generator=generator,
                                 device=device):
                 optimizer.zero_grad(set_to_none=True)
-                (cfg.alpha * F.cross_entropy(work(x), y)).backward()
+                (cfg.mask_loss_scale * F.cross_entropy(work(x), y)).backward()
                 optimizer.step()
                 masks.clip()
         return masks.values()
@@ -257,7 +263,7 @@ class RNP(MaskDefense[RNPConfig]):
     name = "rnp"
     paper = "Li et al., ICML 2023, arXiv:2305.14876"
     Config = RNPConfig
-    quick: ClassVar[Mapping[str, Any]] = {"unlearning_epochs": 2, "recovering_epochs": 2,
+    quick: ClassVar[Mapping[str, Any]] = {"unlearn_epochs": 2, "mask_epochs": 2,
                                             "batch_size": 64}
 
     def learn(self, model: nn.Module, data: ImageData, layers: list[str], progress: bool

@@ -6,8 +6,8 @@ commit 903338d: L58-89 the statistic, L91-111 the test). Data-free: no image is 
 1. **Statistic.** For every class ``c``, the margin ``logit_c(x) - max_{k != c} logit_k(x)`` is
    maximised over inputs ``x`` from ``starts`` 30 uniform random starts in [0, 1], with the
    input clamped to [0, 1] in the forward pass only (as the reference: a pixel pushed out of the
-   box gets no gradient and stays there, read as 0 or 1), by gradient steps of ``lr`` 0.01 on
-   the summed margin, for at most ``steps`` 300 steps; a class stops when its summed loss
+   box gets no gradient and stays there, read as 0 or 1), by gradient steps of ``trigger_lr`` 0.01
+   on the summed margin, for at most ``max_steps`` 300 steps; a class stops when its summed loss
    changes by less than ``tolerance`` 1e-5 relatively between steps (its first step is compared
    with 1000, the reference's ``last_loss``). The class's statistic is the largest margin over
    its starts at its last forward pass (L87-88). goodnet models return logits (the importers
@@ -30,7 +30,7 @@ Departures, documented:
   stop, so this is the per-class objective exactly.
 - **Plain gradient steps.** The reference re-creates ``SGD(lr=0.01, momentum=0.2)`` at every
   step (L75), so the momentum buffer is new each time and never acts: its effective optimiser is
-  ``x += lr · grad(margin)``, which goodnet runs directly.
+  ``x += trigger_lr · grad(margin)``, which goodnet runs directly.
 - **Seeded.** The starts are drawn from one ``torch.Generator`` seeded with ``seed``, class by
   class (the reference calls ``random.seed()`` and leaves torch unseeded).
 - **The Gamma fit without scipy.** The reference calls ``scipy.stats.gamma.fit`` (Nelder-Mead
@@ -84,17 +84,19 @@ class MMBDConfig:
 
     Attributes:
         starts: random starts per class.
-        steps: most gradient steps per class.
-        lr: gradient step size on the margin (logits per unit of pixel).
+        max_steps: most gradient steps per class.
+        trigger_lr: gradient step size on the margin (logits per unit of pixel).
         tolerance: a class stops when its summed loss changes by less than this, relatively.
         p_threshold: the model is flagged when the p-value is at most this.
         images_per_pass: most images per forward pass (bounds the memory, not the result).
         seed: fixes the random starts.
     """
 
+    renamed: ClassVar[dict[str, str]] = {"lr": "trigger_lr", "steps": "max_steps"}
+
     starts: int = 30
-    steps: int = 300
-    lr: float = 0.01
+    max_steps: int = 300
+    trigger_lr: float = 0.01
     tolerance: float = 1e-5
     p_threshold: float = 0.05
     images_per_pass: int = 512
@@ -102,9 +104,10 @@ class MMBDConfig:
 
     def __post_init__(self) -> None:
         checks = [
-            (min(self.starts, self.steps, self.images_per_pass) >= 1,
-             "starts, steps and images_per_pass must be positive"),
-            (math.isfinite(self.lr) and self.lr > 0, "lr must be a positive number"),
+            (min(self.starts, self.max_steps, self.images_per_pass) >= 1,
+             "starts, max_steps and images_per_pass must be positive"),
+            (math.isfinite(self.trigger_lr) and self.trigger_lr > 0,
+             "trigger_lr must be a positive number"),
             (math.isfinite(self.tolerance) and self.tolerance >= 0,
              "tolerance must be a number >= 0"),
             (0 < self.p_threshold < 1, "p_threshold must be in (0, 1)"),
@@ -268,7 +271,7 @@ def _climb(model: nn.Module, x: torch.Tensor, members: torch.Tensor,
     passes = torch.zeros(len(members), dtype=torch.long)
     last_loss = torch.full((len(members),), FIRST_LOSS, dtype=torch.float64)
     active = torch.arange(len(members))  # classes still climbing
-    for step in range(1, config.steps + 1):
+    for step in range(1, config.max_steps + 1):
         rows = (active[:, None] * starts + torch.arange(starts)).flatten().to(x.device)
         margin_parts, grad_parts = [], []
         for chunk in rows.split(config.images_per_pass):
@@ -284,7 +287,7 @@ def _climb(model: nn.Module, x: torch.Tensor, members: torch.Tensor,
         best_input[active] = x[rows.view(len(active), starts)[
             torch.arange(len(active), device=x.device), top]].clamp(0, 1).cpu()
         passes[active] = step
-        x[rows] += config.lr * torch.cat(grad_parts)
+        x[rows] += config.trigger_lr * torch.cat(grad_parts)
         loss = -margin.double().sum(1).cpu()
         done = (last_loss[active] - loss).abs() < config.tolerance * last_loss[active].abs()
         last_loss[active] = loss
@@ -301,7 +304,7 @@ class MMBD(Scanner[MMBDConfig]):
     name = "mm-bd"
     paper = "Wang, Xiang, Miller & Kesidis, IEEE S&P 2024"
     Config = MMBDConfig
-    quick: ClassVar[Mapping[str, Any]] = {"starts": 5, "steps": 30}
+    quick: ClassVar[Mapping[str, Any]] = {"starts": 5, "max_steps": 30}
     needs_clean = False
 
     def run(self, model: nn.Module, clean: ImageData | None, classes: int,

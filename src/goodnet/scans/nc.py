@@ -6,8 +6,8 @@ bolunwang/backdoor ``visualizer.py`` and ``mad_outlier_detection.py``, and Backd
 1. **Reverse engineering.** For every class ``k`` a mask ``m`` (1, H, W) and a pattern ``p``
    (C, H, W), both in [0, 1] and in image space, minimise
    ``CE(model((1 - m)·x + m·p), k) + cost·|m|_1`` on the clean data. Both live in tanh space
-   (``v = tanh(w) / (2 - eps) + 0.5``) and are optimised with Adam (lr 0.1, betas (0.5, 0.9)),
-   batch 32, from a random start. The cost starts at ``init_cost`` 1e-3 and follows the
+   (``v = tanh(w) / (2 - eps) + 0.5``) and are optimised with Adam (``trigger_lr`` 0.1, betas
+   (0.5, 0.9)), batch 32, from a random start. The cost starts at ``init_cost`` 1e-3 and follows the
    reference schedule, decided once per pass over the data: after ``patience`` 5 passes whose
    attack success reaches ``success_threshold`` 0.99 it is multiplied by ``cost_multiplier``
    1.5, after 5 passes below it divided by 1.5**1.5. The smallest-norm mask of a pass that
@@ -82,7 +82,7 @@ class NCScanConfig:
     Attributes:
         epochs: reverse-engineering passes over the clean data (the budget).
         batch_size: images per reverse-engineering step.
-        lr: Adam learning rate of the masks and patterns (betas 0.5, 0.9).
+        trigger_lr: Adam learning rate of the masks and patterns (betas 0.5, 0.9).
         init_cost: starting weight of the mask's L1 norm in the loss.
         cost_multiplier: the cost is multiplied by this after ``patience`` successful passes and
             divided by its 1.5th power after ``patience`` unsuccessful ones.
@@ -93,9 +93,11 @@ class NCScanConfig:
         seed: fixes the starting masks and patterns and the batch orders.
     """
 
+    renamed: ClassVar[dict[str, str]] = {"lr": "trigger_lr"}
+
     epochs: int = 6
     batch_size: int = 32
-    lr: float = 0.1
+    trigger_lr: float = 0.1
     init_cost: float = 1e-3
     cost_multiplier: float = 1.5
     patience: int = 5
@@ -125,8 +127,8 @@ def check_nc_settings(cfg: Any, counts: Sequence[int] = (), rates: Sequence[floa
          "epochs, batch sizes and patiences must be positive"),
         # One wording for the scanner and the defense (a scan's errors were always the
         # defense's).
-        (all(math.isfinite(v) and v > 0 for v in (cfg.lr, cfg.init_cost, *rates)),
-         "lr, init_cost and unlearn_lr must be positive"),
+        (all(math.isfinite(v) and v > 0 for v in (cfg.trigger_lr, cfg.init_cost, *rates)),
+         "trigger_lr, init_cost and unlearn_lr must be positive"),
         (math.isfinite(cfg.cost_multiplier) and cfg.cost_multiplier > 1,
          "cost_multiplier must be > 1"),
         (0 < cfg.success_threshold <= 1, "success_threshold must be in (0, 1]"),
@@ -195,7 +197,7 @@ def reverse_engineer(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
     classes = clean.num_classes
     generator = torch.Generator().manual_seed(cfg.seed)
     mask_w, pattern_w = _random_start(classes, clean.image_shape, generator, device)
-    optimizer = torch.optim.Adam([mask_w, pattern_w], lr=cfg.lr, betas=(0.5, 0.9))
+    optimizer = torch.optim.Adam([mask_w, pattern_w], lr=cfg.trigger_lr, betas=(0.5, 0.9))
     schedules = [_Schedule(cfg.init_cost) for _ in range(classes)]
     best_mask, best_pattern = _squash(mask_w).detach(), _squash(pattern_w).detach()
     reached = [False] * classes
