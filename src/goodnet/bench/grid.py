@@ -6,7 +6,7 @@ A grid file names what to cross and how to measure it::
     zoo: runs/zoo                 # where backdoored models are cached (shared with `zoo build`)
     data: [mnist]
     archs: [small_cnn]
-    attacks: [badnets, {blend: {alpha: 0.2}}]
+    attacks: [badnets, {blend: {blend_ratio: 0.2}}]
     defenses: [prune, {anp: {iterations: 200}}, {label: anp-t0.2, defense: anp,
                                                  settings: {select: threshold}}]
     seeds: [0, 1, 2]
