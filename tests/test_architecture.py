@@ -246,3 +246,28 @@ def test_every_registry_spells_its_names_in_kebab_case():
         for name, cls in registry.items():
             assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", name), name
             assert cls.name == name
+
+
+# Names the glossary (docs/settings.md) retired: each meant different things in different
+# methods, or one idea had two names. A method may accept them only as old names (``renamed``).
+RETIRED = {"alpha", "test_alpha", "holdout", "portion", "unlearning_lr", "unlearning_epochs",
+           "recovering_lr", "recovering_epochs", "K", "n_rounds", "perturbation_lr"}
+
+
+def test_every_setting_name_follows_the_glossary():
+    """No method's settings use a retired name, and every old name a settings class still
+    accepts maps to one of its settings."""
+    import dataclasses
+
+    from goodnet.attacks import ATTACKS
+    from goodnet.defenses import DEFENSES
+    from goodnet.detectors import DETECTORS
+    from goodnet.scans import SCANNERS
+    from goodnet.settings import renamed
+
+    for registry in (ATTACKS, DEFENSES, SCANNERS, DETECTORS):
+        for name, cls in registry.items():
+            fields = {f.name for f in dataclasses.fields(cls.Config)}
+            assert not fields & RETIRED, (name, fields & RETIRED)
+            old = renamed(cls.Config)
+            assert set(old.values()) <= fields and not set(old) & fields, (name, old)
