@@ -4,6 +4,8 @@ and the report (tables, CSV, plots, HTML rendered by a real browser)."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import shutil
@@ -325,7 +327,7 @@ def fixed_results(path: Path) -> Path:
     """Two attacks × two defenses × two seeds, with known figures."""
     rows = []
     for attack, defense, seed, ca, asr in [
-            ("badnets", "prune", 0, 0.97, 0.10), ("badnets", "prune", 1, 0.95, 0.30),
+            ("badnets", "prune", 0, 0.975, 0.01), ("badnets", "prune", 1, 0.955, 0.02),
             ("badnets", "anp", 0, 0.90, 0.00), ("badnets", "anp", 1, 0.92, 0.00),
             ("blend", "prune", 0, 0.98, 0.50), ("blend", "prune", 1, 0.98, 0.70),
             ("blend", "anp", 0, 0.985, 0.20), ("blend", "anp", 1, 0.975, 0.40)]:
@@ -360,21 +362,30 @@ def test_the_report_tabulates_means_spreads_and_marks_the_best(tmp_path):
     text = (tmp_path / "report" / "report.md").read_text()
     badnets = next(line for line in text.splitlines() if "| badnets |" in line)
     blend = next(line for line in text.splitlines() if "| blend |" in line)
-    # badnets: prune keeps CA (96.0 vs 97.0) with ASR 20; anp loses 6 points: prune is best.
+    # badnets: prune keeps CA within a point (96.5 vs 97.0) at ASR 1.5: repaired, and the
+    # best; anp removes the backdoor but loses 6 points: not repaired.
     assert "97.0 ± 1.4 / 100.0 ± 0.0" in badnets
-    assert "**96.0 ± 1.4 / 20.0 ± 14.1** ★" in badnets and "91.0 ± 1.4 / 0.0 ± 0.0" in badnets
-    # blend: both keep CA; anp has the lower ASR.
-    assert "**98.0 ± 0.7 / 30.0 ± 14.1** ★" in blend
+    assert "**96.5 ± 1.4 / 1.5 ± 0.7** ✓ ★" in badnets
+    assert "| 91.0 ± 1.4 / 0.0 ± 0.0 |" in badnets
+    # blend: both keep CA but leave ASR at 60 and 30 %: neither repaired, nothing marked (the
+    # old rule starred anp's 30 %).
+    assert "**" not in blend and "★" not in blend and "✓" not in blend
+    assert "| repaired ✓ | | | | 1 of 2 | 0 of 2 |" in text
+    assert "✓ repaired: mean ASR at most 2 % at most 1 point(s) below" in text
     assert "blend seed 0, clp: it broke" in text
     assert "Wall time: 3.0 min in 2 run(s) of `goodnet bench` (1 interrupted), first started " \
         "2026-01-01T00:00:00+00:00; executor local, 2 workers, 1 thread(s) per task; machine " \
         "box (2 × AMD EPYC, 23.4 GiB, no GPU)." in text
     summary = (tmp_path / "report" / "summary.csv").read_text().splitlines()
     assert summary[0].startswith("data,arch,attack,defense,seeds,CA_mean,CA_std")
-    assert any(line.startswith("mnist,small_cnn,badnets,prune,2,0.96,") and
-               line.endswith(",True") for line in summary)
-    cells = (tmp_path / "report" / "cells.csv").read_text().splitlines()
-    assert len(cells) == 1 + 9
+    assert summary[0].endswith(",best,repaired")
+    assert any(line.startswith("mnist,small_cnn,badnets,prune,2,0.965,") and
+               line.endswith(",True,True") for line in summary)
+    assert sum(line.endswith(",True") for line in summary) == 1
+    cells = list(csv.DictReader(io.StringIO((tmp_path / "report" / "cells.csv").read_text())))
+    assert len(cells) == 9
+    repaired = {(c["attack"], c["defense"], c["seed"]) for c in cells if c["repaired"] == "True"}
+    assert repaired == {("badnets", "prune", "0"), ("badnets", "prune", "1")}
 
 
 def test_report_command_refuses_what_is_not_a_results_file(tmp_path, capsys):
@@ -420,7 +431,7 @@ window.addEventListener('load', () => {
          "--virtual-time-budget=5000", "--dump-dom", target.as_uri()],
         capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-500:]
-    assert 'data-probe="images=3 ok=true rows=3 best=2"' in result.stdout, result.stderr[-500:]
+    assert 'data-probe="images=3 ok=true rows=4 best=1"' in result.stdout, result.stderr[-500:]
     assert len([p for p in written if p.suffix == ".png"]) == 3
 
 

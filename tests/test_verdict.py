@@ -45,3 +45,17 @@ def test_which_scanner_a_verdict_runs(backdoored):
     assert verdict_scanner("mm-bd", clean, 2000) == "mm-bd"
     with pytest.raises(GoodnetError, match="unknown scanner"):
         verdict_scanner("nope", clean, 10)
+
+
+def test_the_report_sets_the_verdicts_against_the_measured_asr():
+    from goodnet.bench.report import verdict_markdown
+
+    def record(suspected, asr):
+        return {"verdict": {"suspected": suspected}, "after": {"attack_success_rate": asr}}
+
+    records = [record(True, 0.5), record(False, 0.001), record(False, 0.5), record(True, 0.05),
+               record(True, 0.01), {"after": {"attack_success_rate": 0.9}}]  # the last: none
+    text = verdict_markdown(records)
+    assert "| suspected | 1 | 1 | 1 |" in text and "| not found | 1 | 0 | 1 |" in text
+    assert "Right on 3 of 5 cells" in text and "above 10 %: 1." in text
+    assert verdict_markdown([{"after": {"attack_success_rate": 0.9}}]) == ""

@@ -4,11 +4,16 @@ From a results file (the last record of each cell; failed cells listed apart), :
 writes into a folder:
 
 - ``report.md``: per data set, architecture and attack, the backdoored model's CA / ASR and each
-  defense's, mean ± std over seeds (n seeds in brackets when they differ). The best defense per
-  attack is marked ★: the lowest mean ASR among the defenses that keep mean CA within
-  ``tolerance`` (2 points by default) of the backdoored model's; none is marked when none does.
+  defense's, mean ± std over seeds (n seeds in brackets when they differ). A defense that
+  *repaired* the row is marked ✓ (bold): mean ASR at most ``max_asr`` (2 %) with mean CA at most
+  ``tolerance`` (1 point) below the backdoored model's, the target of issues 16 and 29; a
+  defense that did not is not marked, whatever else it did. Among those that repaired, the
+  lowest mean ASR is marked ★; none when no defense repaired. The last line counts the rows
+  each defense repaired. With verdicts in the records (a grid's ``verdict`` key), a second table
+  sets the verdict on each repaired model against its measured ASR.
 - ``summary.csv`` (one row per data set, architecture, attack and defense: means, standard
-  deviations and counts) and ``cells.csv`` (one row per cell).
+  deviations, counts, ``best`` and ``repaired``) and ``cells.csv`` (one row per cell, with
+  whether that cell repaired its model and its verdict).
 - ``scatter.png``: CA against ASR, one panel per defense, one point per cell.
 - ``curves-<defense>.png``: test CA and ASR along each defense's pruning curve (first seed).
 - ``report.html``: all of the above in one file, images inlined, nothing fetched.
@@ -52,6 +57,8 @@ from goodnet.errors import GoodnetError
 
 METRICS = (("clean_accuracy", "CA"), ("attack_success_rate", "ASR"),
            ("robust_accuracy", "RA"))
+MAX_ASR = 0.02  # a repaired model's ASR at most (issues 16 and 29)
+MAX_DROP = 0.01  # and its CA at most this far below the backdoored model's
 MAX_PLOTTED = 9  # defenses plotted (3 × 3 panels, and a curve figure each)
 MAX_LINES = 20  # attacks named in the scatter's legend, lines per curve figure (tab20's colours)
 _MAX_X = 1e15
@@ -85,8 +92,8 @@ def _fmt(values: list[float], n: int | None = None) -> str:
 class Report:
     """The successful records of a results file, grouped for tabulation."""
 
-    def __init__(self, records: list[dict[str, Any]], tolerance: float = 0.02,
-                 keys: set[str] | None = None) -> None:
+    def __init__(self, records: list[dict[str, Any]], tolerance: float = MAX_DROP,
+                 keys: set[str] | None = None, max_asr: float = MAX_ASR) -> None:
         kept = list(latest(records).values())
         if keys is not None:  # only the cells of the current grid
             kept = [r for r in kept if r["key"] in keys]
@@ -99,7 +106,7 @@ class Report:
                       r.get("seed")): r for r in kept}.values())
         self.ok = [r for r in kept if r.get("status") == "ok"]
         self.failed = [r for r in kept if r.get("status") != "ok"]
-        self.tolerance = tolerance
+        self.tolerance, self.max_asr = tolerance, max_asr
         self.defenses = list(dict.fromkeys(r["defense"] for r in self.ok))
         self.seeds = sorted({r["seed"] for r in self.ok})
         groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -116,16 +123,25 @@ class Report:
                 per_seed.setdefault(r["seed"], r)
         return list(per_seed.values())
 
-    def best(self, row: tuple) -> str | None:
+    def repaired(self, row: tuple, defense: str) -> bool:
+        """Whether ``defense`` repaired the row: mean ASR at most ``max_asr`` and mean CA at most
+        ``tolerance`` below the backdoored model's."""
         base = _mean_std(_values(self.backdoored(row), "before", "clean_accuracy"))[0]
+        rows = self.groups.get((*row, defense), [])
+        ca = _mean_std(_values(rows, "after", "clean_accuracy"))[0]
+        asr = _mean_std(_values(rows, "after", "attack_success_rate"))[0]
+        return is_repaired(base, ca, asr, self.tolerance, self.max_asr)
+
+    def best(self, row: tuple) -> str | None:
+        """The defense with the lowest mean ASR among those that repaired the row (ties: the
+        higher CA); None when none did."""
         candidates = []
         for defense in self.defenses:
-            rows = self.groups.get((*row, defense), [])
-            ca = _mean_std(_values(rows, "after", "clean_accuracy"))[0]
-            asr = _mean_std(_values(rows, "after", "attack_success_rate"))[0]
-            if rows and not math.isnan(ca) and not math.isnan(asr) and \
-                    ca >= base - self.tolerance - 1e-12:
-                candidates.append((asr, -ca, defense))
+            if self.repaired(row, defense):
+                rows = self.groups.get((*row, defense), [])
+                candidates.append((_mean_std(_values(rows, "after", "attack_success_rate"))[0],
+                                   -_mean_std(_values(rows, "after", "clean_accuracy"))[0],
+                                   defense))
         return min(candidates)[2] if candidates else None
 
     def markdown(self) -> str:
@@ -144,8 +160,14 @@ class Report:
                     continue
                 text = (f"{_fmt(_values(rows, 'after', 'clean_accuracy'), n)} / "
                         f"{_fmt(_values(rows, 'after', 'attack_success_rate'), n)}")
-                cells.append(f"**{text}** ★" if defense == best else text)
+                if self.repaired(row, defense):
+                    text = f"**{text}** ✓" + (" ★" if defense == best else "")
+                cells.append(text)
             lines.append("| " + " | ".join([*row, *cells]) + " |")
+        counts = [f"{sum(self.repaired(row, d) for row in self.rows)} of "
+                  f"{sum(bool(self.groups.get((*row, d))) for row in self.rows)}"
+                  for d in self.defenses]
+        lines.append("| repaired ✓ | | | | " + " | ".join(counts) + " |")
         return "\n".join(lines)
 
     def summary_rows(self) -> list[dict[str, Any]]:
@@ -170,6 +192,7 @@ class Report:
                 entry["peak_memory_mib_max"] = max(memory) if memory and part == "after" \
                     else math.nan
                 entry["best"] = defense == best
+                entry["repaired"] = defense != "(backdoored)" and self.repaired(row, defense)
                 out.append(entry)
         return out
 
@@ -181,6 +204,13 @@ class Report:
                                            "status", "chosen", "pruned", "repair_seconds",
                                            "peak_memory_mib", "error", "key")}
             entry["pruned"] = pruned_count(r)
+            before, after = r.get("before") or {}, r.get("after") or {}
+            entry["repaired"] = is_repaired(
+                before.get("clean_accuracy"), after.get("clean_accuracy"),
+                after.get("attack_success_rate"), self.tolerance, self.max_asr)
+            verdict = r.get("verdict") or {}
+            entry["verdict_suspected"] = verdict.get("suspected")
+            entry["verdict_proxy_asr"] = verdict.get("proxy_asr")
             for part in ("before", "after", "goodnet"):
                 for key, label in (*METRICS, ("detection_rate", "detected"),
                                    ("false_alarm_rate", "false_alarm")):
@@ -189,6 +219,47 @@ class Report:
                     entry[f"{part}_{label}"] = (r.get(part) or {}).get(key)
             out.append(entry)
         return out
+
+
+BANDS = ("ASR ≤ 2 %", "2-10 %", "> 10 %")  # the verdict table's columns
+
+
+def verdict_markdown(records: list[dict[str, Any]], max_asr: float = MAX_ASR) -> str:
+    """The verdicts on the repaired models against their measured ASR: a table of counts, how
+    often the verdict was right (suspected where ASR > ``max_asr``, not where it is at most),
+    and how often it found nothing where ASR stayed above 10 %. Empty without verdicts."""
+    judged: list[tuple[bool, float]] = []
+    for r in records:
+        asr = (r.get("after") or {}).get("attack_success_rate")
+        if isinstance(r.get("verdict"), dict) and isinstance(asr, int | float):
+            judged.append((bool(r["verdict"].get("suspected")), float(asr)))
+    if not judged:
+        return ""
+
+    def band(asr: float) -> int:
+        return 0 if asr <= max_asr + 1e-12 else 1 if asr <= 0.10 else 2
+
+    lines = ["Verdict on each repaired model (goodnet.verdict) against its measured ASR, cells:",
+             "", "| verdict | " + " | ".join(BANDS) + " |",
+             "|---|---|---|---|"]
+    for suspected, name in ((True, "suspected"), (False, "not found")):
+        counts = [sum(s == suspected and band(a) == i for s, a in judged) for i in range(3)]
+        lines.append(f"| {name} | " + " | ".join(map(str, counts)) + " |")
+    right = sum(s == (band(a) > 0) for s, a in judged)
+    missed = sum(not s and band(a) == 2 for s, a in judged)
+    lines += ["", f"Right on {right} of {len(judged)} cells; \"not found\" where ASR stayed "
+                  f"above 10 %: {missed}."]
+    return "\n".join(lines)
+
+
+def is_repaired(before_ca: Any, ca: Any, asr: Any, tolerance: float = MAX_DROP,
+                max_asr: float = MAX_ASR) -> bool:
+    """Whether a repair reached the target: ASR at most ``max_asr`` with CA at most
+    ``tolerance`` below ``before_ca`` (False where a figure is missing)."""
+    values = (before_ca, ca, asr)
+    if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+        return False
+    return bool(asr <= max_asr + 1e-12 and ca >= before_ca - tolerance - 1e-12)
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -385,7 +456,7 @@ def _html_table(markdown: str) -> str:
     return "\n".join(out)
 
 
-def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.02,
+def write_report(results: str | Path, out: str | Path, *, tolerance: float = MAX_DROP,
                  title: str | None = None, note: str = "", keys: set[str] | None = None
                  ) -> list[Path]:
     """Write the report of ``results`` into ``out`` (only the cells in ``keys``, if given: a
@@ -405,7 +476,9 @@ def write_report(results: str | Path, out: str | Path, *, tolerance: float = 0.0
     scans, detects = _scans_section(report), _detects_section(report)
     if not report.ok:
         markdown = ""
-    text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown, scans, detects,
+    verdicts = verdict_markdown(report.ok, report.max_asr)
+    text = "\n\n".join(filter(None, [f"# {title}", note, facts, markdown, verdicts, scans,
+                                     detects,
                                      "Failed cells:\n" + "\n".join(failures)
                                      if failures else ""])) + "\n"
     try:
@@ -431,8 +504,9 @@ def _facts(report: Report, results: Path, tolerance: float) -> str:
     facts = (f"{len(report.ok)} cells ({len(report.failed)} failed), seeds "
              f"{', '.join(map(str, report.seeds))}; cell time {seconds / 60:.1f} min (repair "
              f"and measurement, summed); host {', '.join(hosts)}; goodnet {', '.join(version)}. "
-             f"CA / ASR in %, mean ± std over seeds; ★ the lowest ASR within "
-             f"{100 * tolerance:g} points of the backdoored model's CA.")
+             f"CA / ASR in %, mean ± std over seeds; ✓ repaired: mean ASR at most "
+             f"{100 * report.max_asr:g} % at most {100 * tolerance:g} point(s) below the "
+             f"backdoored model's CA; ★ the lowest ASR among them.")
     if not report.ok and not report.failed:  # a grid of scans or detectors only
         facts = ""
     facts = " ".join(filter(None, [describe_runs(read_runs(results.parent / RUNS)),

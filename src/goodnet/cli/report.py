@@ -22,8 +22,9 @@ def add_report(sub: Commands) -> None:
     rep = sub.add_parser("report", help="tables, CSV, plots and an HTML page from bench results")
     rep.add_argument("results", type=Path, help="results.jsonl, or the folder holding it")
     rep.add_argument("--out", type=Path, default=None, help="default: report/ beside results")
-    rep.add_argument("--tolerance", type=float, default=2.0,
-                     help="CA points a defense may lose and still be marked best (default 2)")
+    rep.add_argument("--tolerance", type=float, default=1.0,
+                     help="CA points a defense may lose and still count as a repair (default "
+                          "1; its ASR must also be at most 2 %%)")
     rep.add_argument("--title", default=None)
     rep.set_defaults(func=cmd_report)
 
