@@ -152,13 +152,13 @@ def test_the_unlearning_data_stamps_a_share_and_keeps_labels():
     triggers = [Trigger(k, torch.zeros(1, 8, 8), torch.zeros(1, 8, 8), 0.0, 1.0)
                 for k in (0, 1)]
     triggers[0].mask[:, 0, 0] = 1.0  # trigger 0 blacks out pixel (0, 0), trigger 1 nothing
-    data = unlearning_data(clean, triggers, NCConfig(unlearn_share=0.2))
+    data = unlearning_data(clean, triggers, 0.2, 0)
     assert [len(g.indices) for g in data.groups] == [5, 5]
     x, y = data.get(torch.arange(50))
     assert torch.equal(y, clean.labels)
     changed = torch.nonzero(x[:, 0, 0, 0] == 0).flatten()
     assert torch.equal(changed, data.groups[0].indices)
-    again = unlearning_data(clean, triggers, NCConfig(unlearn_share=0.2))
+    again = unlearning_data(clean, triggers, 0.2, 0)
     assert torch.equal(again.groups[1].indices, data.groups[1].indices)
 
 

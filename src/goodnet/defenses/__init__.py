@@ -41,6 +41,7 @@ from goodnet.defenses.rnp import RNP, RNPConfig
 from goodnet.defenses.sau import SAU, SAUConfig
 from goodnet.defenses.sequence import Sequence, SequenceConfig
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
+from goodnet.defenses.unlearn import Unlearn, UnlearnConfig
 
 # The dict lives in goodnet.defenses.registry, below the defenses, so that a sequence looks its
 # steps up there without importing this package, which imports it.
@@ -53,6 +54,7 @@ DEFENSES.update({
     "clp": CLP,
     "fst": FST,
     "nc": NeuralCleanse,
+    "unlearn": Unlearn,
     "i-bau": IBAU,
     "sau": SAU,
     "ft-sam": FTSAM,
@@ -113,6 +115,8 @@ __all__ = [
     "SparseFinePruningConfig",
     "Steps",
     "Timings",
+    "Unlearn",
+    "UnlearnConfig",
     "defense_class",
     "make_defense",
     "recommended",

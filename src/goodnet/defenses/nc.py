@@ -43,7 +43,7 @@ from torch import nn
 from goodnet.attacks.poison import PoisonedData, PoisonGroup, fixed
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps
-from goodnet.methods import ReversedTrigger
+from goodnet.methods import ReversedTrigger, ScanVerdict
 from goodnet.scans.nc import NCScanConfig, check_nc_settings, detect, trigger_success
 from goodnet.train import Hooks, TrainConfig, train
 
@@ -113,14 +113,7 @@ class NeuralCleanse(Defense[NCConfig]):
         assert clean is not None
         cfg = self.config
         work = copy.deepcopy(model).eval()
-        trainable = [p for p in work.parameters() if p.requires_grad]
-        for p in trainable:
-            p.requires_grad_(False)
-        try:
-            scan = detect(work, clean, cfg.detection(), progress)
-        finally:
-            for p in trainable:
-                p.requires_grad_(True)
+        scan = frozen_detect(work, clean, cfg.detection(), progress)
         triggers, flagged = list(scan.triggers), scan.targets
         notes = {"norms": [t.norm for t in triggers], "anomaly_index": list(scan.scores),
                  "success": [t.success for t in triggers], "flagged": list(flagged)}
@@ -132,7 +125,8 @@ class NeuralCleanse(Defense[NCConfig]):
                                 f"nc: no class is flagged (largest anomaly index "
                                 f"{scan.score:.2f} <= {cfg.anomaly_threshold}); the model is "
                                 "returned unchanged"))
-        data = unlearning_data(clean, [triggers[k] for k in flagged], cfg)
+        data = unlearning_data(clean, [triggers[k] for k in flagged], cfg.unlearn_share,
+                               cfg.seed)
         notes["unlearning_images"] = sum(len(g.indices) for g in data.groups)
         mask = torch.stack([t.mask for t in triggers])
         pattern = torch.stack([t.pattern for t in triggers])
@@ -153,12 +147,26 @@ class NeuralCleanse(Defense[NCConfig]):
                         chosen="unlearned", scan=scan, notes=notes)
 
 
-def unlearning_data(clean: ImageData, flagged: list[ReversedTrigger], cfg: NCConfig
+def frozen_detect(work: nn.Module, clean: ImageData, cfg: NCScanConfig,
+                  progress: bool = False) -> ScanVerdict:
+    """Neural Cleanse's reverse engineering and detection on ``work`` (in eval mode), its
+    parameters frozen meanwhile and trainable again after."""
+    trainable = [p for p in work.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        return detect(work, clean, cfg, progress)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
+def unlearning_data(clean: ImageData, flagged: list[ReversedTrigger], share: float, seed: int
                     ) -> PoisonedData:
-    """``clean`` with ``unlearn_share`` of its images (chosen with ``seed``) stamped with the
-    flagged triggers, split evenly among them, labels kept."""
-    count = max(1, round(cfg.unlearn_share * len(clean)))
-    chosen = torch.randperm(len(clean), generator=torch.Generator().manual_seed(cfg.seed))
+    """``clean`` with ``share`` of its images (chosen with ``seed``) stamped with the
+    ``flagged`` triggers, split evenly among them, labels kept."""
+    count = max(1, round(share * len(clean)))
+    chosen = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))
     chosen = chosen[:count]
     groups = [PoisonGroup(f"trigger {t.target}", chosen[i::len(flagged)].sort().values,
                           fixed(t.apply)) for i, t in enumerate(flagged)]
