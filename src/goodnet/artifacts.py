@@ -316,7 +316,8 @@ def save_model(
     """Write ``model``'s weights, ``card`` and ``extras`` to one safetensors file, atomically.
 
     A masked model (``goodnet.masking.Masked``) is saved as its unmasked weights plus its masks
-    (``extra/mask/<layer>``) and their semantics in the card; a model of several parts (a
+    (``extra/mask/<layer>``, and any upper bounds, ``extra/bound/<layer>``) and their semantics
+    in the card; a model of several parts (a
     :class:`Composite`: a GoodNet, :meth:`goodnet.detector.GoodNet.file_parts`) as each of its
     models under its prefix, with its kind and notes in the card and its extra tensors.
     """
@@ -376,7 +377,7 @@ def load_parts(path: str | os.PathLike[str]) -> LoadedParts:
     memory a file costs is bounded by its size. Masks saved beside the weights are installed
     again on the last part (a ``Masked`` model comes back).
     """
-    from goodnet.masking import MaskSet, masked
+    from goodnet.masking import MaskSet, is_mask_tensor, masked
 
     path = Path(path)
     card = read_card(path)
@@ -395,10 +396,10 @@ def load_parts(path: str | os.PathLike[str]) -> LoadedParts:
         extras = {name[len(EXTRA_PREFIX):]: _read(handle, name, path) for name in sorted(names)
                   if name.startswith(EXTRA_PREFIX)}
         models = {p: _load_weights(handle, path, card, p) for p in prefixes}
-    mask_tensors = {k: v for k, v in extras.items() if k.startswith("mask/")}
+    mask_tensors = {k: v for k, v in extras.items() if is_mask_tensor(k)}
     for name, mask in mask_tensors.items():
         if mask.ndim != 1 or not mask.numel():
-            raise GoodnetError(f"{path}: mask {name!r} must be a non-empty vector, got shape "
+            raise GoodnetError(f"{path}: {name!r} must be a non-empty vector, got shape "
                                f"{tuple(mask.shape)}")
     if mask_tensors:
         semantics = card.notes.get("mask_semantics", "channel")

@@ -13,6 +13,12 @@ A mask is a vector of per-channel factors in [0, 1] for one layer (a ``Conv2d``,
   BatchNorm it is RNP's and ANP's (zero the scale γ, keep the shift β: the channel outputs
   ReLU(β_c) for every input). A "pruned" channel then still carries a constant.
 
+A mask set may also hold per-channel **upper bounds** for some layers (MM-BM's activation
+bounds, :mod:`goodnet.defenses.mm_bm`): the hook then clamps the layer's output, after its mask,
+to ``min(y_c, z_c)``. On a layer a ReLU follows, with ``z_c ≥ 0``, that is the same as bounding
+the activation after the ReLU. Bounds are saved beside the masks (``bound/<layer>``); a file
+without them loads as before. A clamp is not linear: :func:`bake` refuses a set with bounds.
+
 Masks never modify the caller's model: :func:`masked` returns a copy with hooks installed,
 :func:`bake` folds masks into a copy's weights (exactly, for either semantics) for export.
 """
@@ -22,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import torch
@@ -31,6 +37,8 @@ from torch import nn
 from goodnet.errors import GoodnetError
 
 SEMANTICS = ("channel", "keep-bias")
+# The keys under which a mask set's tensors are saved beside the weights (``extra/<prefix>…``).
+MASK_PREFIX, BOUND_PREFIX = "mask/", "bound/"
 MASKABLE = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
 
 
@@ -86,15 +94,20 @@ def _broadcast(vector: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class MaskSet:
-    """Masks for several layers, and how they apply.
+    """Masks for several layers, and how they apply; optionally upper bounds on some layers'
+    outputs.
 
     Attributes:
         masks: layer name → per-channel factors in [0, 1].
         semantics: "channel" or "keep-bias" (see the module docstring).
+        bounds: layer name → per-channel upper bounds, applied after the layer's mask (if any)
+            as ``min(y_c, z_c)``; empty for a plain mask set. A bounded layer may be any named
+            module (a ReLU run once, a residual block), not only a maskable one.
     """
 
     masks: Mapping[str, torch.Tensor]
     semantics: str = "channel"
+    bounds: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.semantics not in SEMANTICS:
@@ -106,45 +119,93 @@ class MaskSet:
                 raise GoodnetError(f"mask of {name!r} must hold values in [0, 1]")
             clean[name] = mask
         object.__setattr__(self, "masks", clean)
+        bounds = {}
+        for name, bound in self.bounds.items():
+            bound = torch.as_tensor(bound, dtype=torch.float32).detach().flatten()
+            if not torch.isfinite(bound).all():
+                raise GoodnetError(f"upper bounds of {name!r} must be finite")
+            bounds[name] = bound
+        object.__setattr__(self, "bounds", bounds)
 
     def pruned(self) -> dict[str, list[int]]:
         """Channels whose factor is 0, per layer."""
         return {name: torch.nonzero(m == 0).flatten().tolist() for name, m in self.masks.items()}
 
     def to_tensors(self) -> dict[str, torch.Tensor]:
-        """For saving beside the weights (``mask/<layer>``)."""
-        return {f"mask/{name}": mask for name, mask in self.masks.items()}
+        """For saving beside the weights (``mask/<layer>``, ``bound/<layer>``)."""
+        return {**{MASK_PREFIX + name: mask for name, mask in self.masks.items()},
+                **{BOUND_PREFIX + name: bound for name, bound in self.bounds.items()}}
 
     @classmethod
     def from_tensors(cls, tensors: Mapping[str, torch.Tensor], semantics: str) -> MaskSet:
-        return cls({k.removeprefix("mask/"): v for k, v in tensors.items()
-                    if k.startswith("mask/")}, semantics)
+        def under(prefix: str) -> dict[str, torch.Tensor]:
+            return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+        return cls(under(MASK_PREFIX), semantics, under(BOUND_PREFIX))
 
 
-def _hook(mask: torch.Tensor, semantics: str, layer: nn.Module):
+def is_mask_tensor(key: str) -> bool:
+    """Whether an extra tensor's key is a mask set's (a mask or an upper bound)."""
+    return key.startswith((MASK_PREFIX, BOUND_PREFIX))
+
+
+def _hook(mask: torch.Tensor | None, semantics: str, layer: nn.Module,
+          bound: torch.Tensor | None = None, name: str = ""):
     def apply(_module: nn.Module, _inputs: tuple, output: torch.Tensor) -> torch.Tensor:
-        factor = _broadcast(mask.to(output.device, output.dtype), output)
-        if semantics == "keep-bias":
-            # conv/linear bias or BN shift β: what "keep-bias" keeps
-            shift = cast("torch.Tensor | None", layer.bias)
-            if shift is not None:
-                shift = _broadcast(shift, output)
-                return (output - shift) * factor + shift
-        return output * factor
+        if mask is not None:
+            output = _masked_output(output, mask, semantics, layer)
+        if bound is not None:
+            if output.ndim < 2 or output.shape[1] != len(bound):
+                raise GoodnetError(f"upper bounds of {name!r} have {len(bound)} entries, the "
+                                   f"layer outputs shape {tuple(output.shape)}")
+            output = torch.minimum(output, _broadcast(bound.to(output.device, output.dtype),
+                                                      output))
+        return output
     return apply
+
+
+def _masked_output(output: torch.Tensor, mask: torch.Tensor, semantics: str,
+                   layer: nn.Module) -> torch.Tensor:
+    factor = _broadcast(mask.to(output.device, output.dtype), output)
+    if semantics == "keep-bias":
+        # conv/linear bias or BN shift β: what "keep-bias" keeps
+        shift = cast("torch.Tensor | None", layer.bias)
+        if shift is not None:
+            shift = _broadcast(shift, output)
+            return (output - shift) * factor + shift
+    return output * factor
+
+
+def _bounded_layer(model: nn.Module, name: str) -> nn.Module:
+    """A layer that takes upper bounds: any named module (a ReLU run once, a block), its output's
+    width checked when it runs."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return get_layer(model, name)  # raises the clear error listing the layers
+
+
+def _checked_layer(model: nn.Module, name: str, vector: torch.Tensor, what: str) -> nn.Module:
+    layer = get_layer(model, name)
+    if channel_count(layer) != len(vector):
+        raise GoodnetError(f"{what} of {name!r} has {len(vector)} entries, the layer has "
+                           f"{channel_count(layer)} channels")
+    return layer
 
 
 @contextlib.contextmanager
 def applied(model: nn.Module, masks: MaskSet) -> Iterator[nn.Module]:
-    """Install ``masks`` on ``model`` for the duration of a ``with`` block, then remove them."""
+    """Install ``masks`` (and their bounds) on ``model`` for the duration of a ``with`` block,
+    then remove them."""
     handles = []
     try:
-        for name, mask in masks.masks.items():
-            layer = get_layer(model, name)
-            if channel_count(layer) != len(mask):
-                raise GoodnetError(f"mask of {name!r} has {len(mask)} entries, the layer has "
-                                   f"{channel_count(layer)} channels")
-            handles.append(layer.register_forward_hook(_hook(mask, masks.semantics, layer)))
+        for name in [*masks.masks, *(n for n in masks.bounds if n not in masks.masks)]:
+            mask, bound = masks.masks.get(name), masks.bounds.get(name)
+            layer = _bounded_layer(model, name) if mask is None else get_layer(model, name)
+            for vector, what in ((mask, "mask"), (bound, "upper bounds")):
+                if vector is not None and isinstance(layer, MASKABLE):
+                    _checked_layer(model, name, vector, what)
+            handles.append(layer.register_forward_hook(
+                _hook(mask, masks.semantics, layer, bound, name)))
         yield model
     finally:
         for handle in handles:
@@ -203,6 +264,9 @@ def bake(model: nn.Module, masks: MaskSet) -> nn.Module:
     ``masked.model`` inside ``masked.unmasked()``); a model with forward hooks is refused."""
     if any(m._forward_hooks for m in model.modules()):
         raise GoodnetError("bake a plain model: this one has hooks (masks?) installed")
+    if masks.bounds:
+        raise GoodnetError("upper bounds (a clamp) cannot be folded into the weights; save the "
+                           "model with its bounds instead")
     baked = copy.deepcopy(model)
     for name, mask in masks.masks.items():
         layer = get_layer(baked, name)

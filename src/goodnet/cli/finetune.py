@@ -20,6 +20,7 @@ from goodnet.cli.options import (
 )
 from goodnet.data.holdout import forget_held_out
 from goodnet.errors import GoodnetError
+from goodnet.masking import is_mask_tensor
 from goodnet.metrics import evaluate, metrics_table
 from goodnet.train import TrainConfig, train
 from goodnet.version import __version__
@@ -55,7 +56,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         card, notes=notes, goodnet_version=__version__, training=forget_held_out(card.training),
         metrics=dataclasses.asdict(after) if after is not None else {})
     # Masks are saved from the model itself; the rest (an attack's learned trigger) is kept.
-    extras = {k: v for k, v in loaded.extras.items() if not k.startswith("mask/")}
+    extras = {k: v for k, v in loaded.extras.items() if not is_mask_tensor(k)}
     save_model(out, model, new_card, extras=extras)
     print(f"fine-tuned {args.model} on {len(clean)} clean images ({clean.name}), "
           f"{config.epochs} epochs, {history.seconds:.1f} s")

@@ -33,6 +33,7 @@ from goodnet.defenses.fine_pruning import FinePruning, FinePruningConfig
 from goodnet.defenses.fst import FST, FSTConfig
 from goodnet.defenses.ft_sam import FTSAM, FTSAMConfig
 from goodnet.defenses.ibau import IBAU, IBAUConfig
+from goodnet.defenses.mm_bm import MMBM, MMBMConfig
 from goodnet.defenses.nad import NAD, NADConfig
 from goodnet.defenses.nc import NCConfig, NeuralCleanse
 from goodnet.defenses.prune import Prune, PruneConfig
@@ -59,6 +60,7 @@ DEFENSES.update({
     "sau": SAU,
     "ft-sam": FTSAM,
     "nad": NAD,
+    "mm-bm": MMBM,
     "sequence": Sequence,
 })
 
@@ -84,6 +86,7 @@ __all__ = [
     "FST",
     "FTSAM",
     "IBAU",
+    "MMBM",
     "NAD",
     "RECOMMENDED",
     "RNP",
@@ -98,6 +101,7 @@ __all__ = [
     "FinePruning",
     "FinePruningConfig",
     "IBAUConfig",
+    "MMBMConfig",
     "NADConfig",
     "NCConfig",
     "NeuralCleanse",
