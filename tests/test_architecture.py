@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -271,3 +272,27 @@ def test_every_setting_name_follows_the_glossary():
             assert not fields & RETIRED, (name, fields & RETIRED)
             old = renamed(cls.Config)
             assert set(old.values()) <= fields and not set(old) & fields, (name, old)
+
+
+def test_a_setting_added_later_changes_no_key_at_its_old_behaviour():
+    """A setting a method gains later (``added``: name → the value that behaves as before) is
+    left out of stored keys while it holds that value, and hashed once it differs."""
+    import dataclasses
+
+    from goodnet.settings import key_names
+
+    @dataclasses.dataclass(frozen=True)
+    class Before:
+        lr: float = 0.1
+
+    @dataclasses.dataclass(frozen=True)
+    class After:
+        added: ClassVar[dict[str, object]] = {"optimizer": "sgd"}
+        lr: float = 0.1
+        optimizer: str = "sgd"
+
+    def key(config):
+        return key_names(type(config), dataclasses.asdict(config))
+
+    assert key(After()) == key(Before()) == {"lr": 0.1}
+    assert key(After(optimizer="pam")) == {"lr": 0.1, "optimizer": "pam"}

@@ -16,11 +16,12 @@ On the command line such a value is written as YAML flow text (``-p 'steps=[fst,
 therefore touches its own module only.
 
 A settings class lists its old names in a ``renamed`` class attribute, old name → new name (a
-subclass inherits its bases' renames). A setting's first name stays its name in every stored key
-(:func:`key_names`): a benchmark cell's cache key and a model's zoo path hash the settings under
-the names they had when the key was first written, so renaming a setting never invalidates a
-result or a cached model. Stored settings (a model card's, a result's) are read with
-``warn=False``: old names there are expected, not the user's to fix.
+subclass inherits its bases' renames), and the settings it gained after keys were first stored
+in an ``added`` class attribute, name → the value under which the method behaves as before.
+Stored keys (:func:`key_names`: a benchmark cell's cache key, a model's zoo path) hash each
+setting under its first name and leave out an added setting at that value, so neither renaming
+nor adding a setting invalidates a result or a cached model. Stored settings (a model card's, a
+result's) are read with ``warn=False``: old names there are expected, not the user's to fix.
 """
 
 from __future__ import annotations
@@ -49,13 +50,25 @@ def renamed(cls: type) -> dict[str, str]:
     return out
 
 
+def added(cls: type) -> dict[str, Any]:
+    """Settings of ``cls`` (and of its bases) added after keys were first stored, each with the
+    value that behaves as the method did before it existed: name → that value."""
+    out: dict[str, Any] = {}
+    for base in reversed(cls.__mro__):
+        out.update(vars(base).get("added", {}))
+    return out
+
+
 def key_names(cls: type, settings: Mapping[str, Any]) -> dict[str, Any]:
-    """``settings`` (current names) with each renamed setting under its first name: what a
-    stored key hashes, so that a rename keeps every key."""
+    """``settings`` as a stored key hashes them: each renamed setting under its first name, and
+    a setting added later (a class's ``added``, name → the value that behaves as before) left
+    out while it holds that value; so neither a rename nor a new setting changes a key."""
     first: dict[str, str] = {}
     for old, new in renamed(cls).items():
         first.setdefault(new, old)
-    return {first.get(key, key): value for key, value in settings.items()}
+    before = added(cls)
+    return {first.get(key, key): value for key, value in settings.items()
+            if not (key in before and value == before[key])}
 
 
 def pairs_to_dict(pairs: Sequence[str], what: str) -> dict[str, str]:
