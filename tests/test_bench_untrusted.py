@@ -105,7 +105,8 @@ def test_grid_anchors_within_bounds_still_work(tmp_path):
     ({"defenses": [{"label": "x" * 101, "defense": "prune"}]}, "label must be"),
     ({"defenses": [{"label": ["l"], "defense": "prune"}]}, "label must be"),
     ({"defenses": [{"defense": ["prune"]}]}, "unknown defense"),
-    ({"defenses": [{"prune": {"layer": [["a"]]}}]}, "must be a number, string"),
+    ({"defenses": [{"prune": {"layer": [["a"]]}}]}, "setting layer must be a string or null"),
+    ({"defenses": [{"prune": {"layer": [[[[["a"]]]]]}}]}, "nested at most 4 deep"),
     ({"seeds": [2**70]}, "seeds must be"),
 ])
 def test_grid_values_are_bounded_and_typed(change, message):
@@ -363,7 +364,7 @@ def test_a_mutated_results_record_is_reported_or_one_goodnet_error(tmp_path_fact
     except GoodnetError as error:
         assert "\n" not in str(error) and "results.jsonl, line 3: " in str(error)
         return
-    assert report.markdown().count("\n") == 1 + len(report.rows)
+    assert report.markdown().count("\n") == 2 + len(report.rows)  # and the repaired count
     assert report.summary_rows() and report.cell_rows()
     plotted = [v for panel in scatter_panels(report) for _, *point in panel.after + panel.before
                for v in point]
