@@ -40,6 +40,7 @@ from goodnet.defenses.prune import Prune, PruneConfig
 from goodnet.defenses.registry import DEFENSES, defense_class, make_defense
 from goodnet.defenses.rnp import RNP, RNPConfig
 from goodnet.defenses.sau import SAU, SAUConfig
+from goodnet.defenses.seam import SEAM, SEAMConfig
 from goodnet.defenses.sequence import Sequence, SequenceConfig
 from goodnet.defenses.sparse_fine_pruning import SparseFinePruning, SparseFinePruningConfig
 from goodnet.defenses.unlearn import Unlearn, UnlearnConfig
@@ -60,6 +61,7 @@ DEFENSES.update({
     "sau": SAU,
     "ft-sam": FTSAM,
     "nad": NAD,
+    "seam": SEAM,
     "mm-bm": MMBM,
     "sequence": Sequence,
 })
@@ -91,6 +93,7 @@ __all__ = [
     "RECOMMENDED",
     "RNP",
     "SAU",
+    "SEAM",
     "ANPConfig",
     "CLPConfig",
     "Curve",
@@ -112,6 +115,7 @@ __all__ = [
     "RepairResult",
     "Repaired",
     "SAUConfig",
+    "SEAMConfig",
     "ScanVerdict",
     "Sequence",
     "SequenceConfig",
