@@ -80,6 +80,29 @@ def test_standard_models_share_the_zoo_layout(tmp_path):
     assert tuned.models()[0].path().name.startswith("seed0-")
 
 
+def test_a_quick_grid_runs_every_method_at_its_own_quick_settings(tmp_path):
+    """``quick: true``: each defense (and scanner) starts from its class's quick settings, and
+    an entry's own settings go over them; a new method needs no grid edit."""
+    from goodnet.defenses import DEFENSES, make_defense
+    from goodnet.scans import SCANNERS
+
+    grid = parse_grid({"zoo": str(tmp_path), "attacks": "badnets", "defenses": "all",
+                       "scanners": ["nc"], "quick": True})
+    assert [e.name for e in grid.defenses] == list(DEFENSES)
+    for entry in grid.defenses:
+        assert entry.config(DEFENSES, "defense") == make_defense(
+            entry.name, DEFENSES[entry.name].quick).config, entry.name
+    assert grid.scanners[0].config(SCANNERS, "scanner").epochs == SCANNERS["nc"].quick["epochs"]
+    over = parse_grid({"zoo": str(tmp_path), "attacks": "badnets", "quick": True,
+                       "defenses": [{"nc": {"epochs": 3}}]})
+    nc = over.defenses[0].config(DEFENSES, "defense")
+    assert nc.epochs == 3 and nc.unlearn_epochs == DEFENSES["nc"].quick["unlearn_epochs"]
+    plain = parse_grid({"zoo": str(tmp_path), "attacks": "badnets", "defenses": "nc"})
+    assert plain.defenses[0].settings == () and over.cells()[0].key != plain.cells()[0].key
+    with pytest.raises(GoodnetError, match="quick must be true or false"):
+        parse_grid({"zoo": str(tmp_path), "attacks": "badnets", "quick": "yes"})
+
+
 def test_an_old_attack_name_is_the_same_cell_and_keeps_its_zoo_folder(tmp_path):
     """The five attacks renamed to kebab-case read under their old names too, and keys and zoo
     folders keep the first name: a grid written either way finds the same cached models and

@@ -18,6 +18,7 @@ A grid file names what to cross and how to measure it::
     curve_limit: 2000             # test images behind each defense's curve (0: none)
     threads: 1                    # PyTorch threads per cell
     verdict: none                 # scan each repaired model: none, auto or a scanner's name
+    quick: false                  # true: every method at its own quick settings (a smoke test)
 
 Every list may be a single value; ``attacks: all`` and ``defenses: all`` take every registered
 one. Unknown keys, attacks, defenses and settings are refused with the file and the key named.
@@ -94,7 +95,7 @@ MAX_LIST = 1000
 
 _KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "scanners", "detectors",
          "false_alarms", "calibration", "seeds", "clean_seeds", "clean", "hold_out", "train",
-         "train_limit", "test_limit", "curve_limit", "threads", "verdict"}
+         "train_limit", "test_limit", "curve_limit", "threads", "verdict", "quick"}
 
 FALSE_ALARMS = (0.01, 0.05)  # the requested false-alarm rates a detector cell measures at
 CALIBRATION = 300  # clean images that calibrate a detector cell (the rest it fits on)
@@ -410,12 +411,36 @@ def _text(value: Any, what: str, source: str, limit: int = MAX_LABEL) -> str:
     return value
 
 
+def _entry_parts(item: Any, what: str, source: str) -> tuple[Any, Any, Any]:
+    """One grid entry's label, name and settings, as written (a name, ``{name: {settings}}`` or
+    ``{label:, <what>:, settings:}``)."""
+    if isinstance(item, str):
+        return item, item, {}
+    if isinstance(item, dict) and what in item:
+        extra = set(item) - {"label", what, "settings"}
+        if extra:
+            raise GoodnetError(f"{source}: unknown key {_short(sorted(extra, key=str)[0])} "
+                               f"in {what} {_short(item.get(what))}")
+        name = item[what]
+        return item.get("label", name), name, item.get("settings") or {}
+    if isinstance(item, dict) and len(item) == 1:
+        (name, settings), = item.items()
+        return name, name, settings or {}
+    raise GoodnetError(f"{source}: cannot read {what} entry {_short(item)} (a name, "
+                       f"{{name: {{settings}}}} or {{label:, {what}:, settings:}})")
+
+
 def _entries(value: Any, registry: dict[str, Any], what: str, source: str,
-             aliases: Mapping[str, str] | None = None) -> tuple[Entry, ...]:
+             aliases: Mapping[str, str] | None = None, quick: bool = False
+             ) -> tuple[Entry, ...]:
     """The grid's entries of one family (``all``, or a list of names and entries); a name in
-    ``aliases`` (an old name) reads as the name it stands for, its label as written."""
+    ``aliases`` (an old name) reads as the name it stands for, its label as written. With
+    ``quick``, each method's own quick settings (its class's ``quick``) come first, and the
+    entry's settings over them."""
     aliases = aliases or {}
-    if value == "all":
+    if value == "all" and quick:
+        value = list(registry)
+    elif value == "all":
         return tuple(Entry(name, name) for name in registry)
     if isinstance(value, str | dict):
         value = [value]
@@ -423,28 +448,14 @@ def _entries(value: Any, registry: dict[str, Any], what: str, source: str,
         raise GoodnetError(f"{source}: {what}s must be a non-empty list or 'all'")
     entries = []
     for item in value:
-        settings: Any
-        label: Any
-        if isinstance(item, str):
-            label, name, settings = item, item, {}
-        elif isinstance(item, dict) and what in item:
-            extra = set(item) - {"label", what, "settings"}
-            if extra:
-                raise GoodnetError(f"{source}: unknown key {_short(sorted(extra, key=str)[0])} "
-                                   f"in {what} {_short(item.get(what))}")
-            name = item[what]
-            label, settings = item.get("label", name), item.get("settings") or {}
-        elif isinstance(item, dict) and len(item) == 1:
-            (name, settings), = item.items()
-            label, settings = name, settings or {}
-        else:
-            raise GoodnetError(f"{source}: cannot read {what} entry {_short(item)} (a name, "
-                               f"{{name: {{settings}}}} or {{label:, {what}:, settings:}})")
+        label, name, settings = _entry_parts(item, what, source)
         name = aliases.get(name, name) if isinstance(name, str) else name
         if not isinstance(name, str) or name not in registry:
             raise GoodnetError(f"{source}: unknown {what} {_short(name)} (choose from "
                                f"{', '.join(registry)})")
         label = _text(label, f"{what} {name}: label", source)
+        if quick and isinstance(settings, dict):  # plain values: the quick ones' tuples as lists
+            settings = {**json.loads(json.dumps(registry[name].quick)), **settings}
         entry = Entry(label, name, _frozen(
             _coerce(registry[name].Config, settings, f"{source}: {what} {label}")))
         entry.config(registry, f"{source}: {what}")  # settings checked now, not mid-grid
@@ -543,15 +554,16 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
     train = _train(raw.get("train") or {}, source)
     curve_limit, threads = _curve_limit_and_threads(raw, source)
     false_alarms, calibration = _calibration(raw, source)
+    quick = _flag(raw, "quick", source)
     return Grid(
         name=name, zoo=local(_text(raw.get("zoo", "zoo"), "zoo", source, MAX_PATH)),
         data=data, archs=archs,
         attacks=_attacks(raw.get("attacks", "all"), source),
-        defenses=(_entries(defenses_raw, DEFENSES, "defense", source)
+        defenses=(_entries(defenses_raw, DEFENSES, "defense", source, quick=quick)
                   if defenses_raw != [] or not others else ()),
-        scanners=(_entries(raw["scanners"], SCANNERS, "scanner", source)
+        scanners=(_entries(raw["scanners"], SCANNERS, "scanner", source, quick=quick)
                   if "scanners" in raw else ()),
-        detectors=(_entries(raw["detectors"], DETECTORS, "detector", source)
+        detectors=(_entries(raw["detectors"], DETECTORS, "detector", source, quick=quick)
                    if "detectors" in raw else ()),
         false_alarms=false_alarms, calibration=calibration,
         seeds=seeds, clean_seeds=clean_seeds, clean=clean, hold_out=hold_out,
@@ -559,6 +571,14 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
         train_limit=_limit(raw.get("train_limit"), "train_limit", source),
         test_limit=_limit(raw.get("test_limit"), "test_limit", source),
         curve_limit=curve_limit, threads=threads, verdict=_verdict(raw, source), source=source)
+
+
+def _flag(raw: dict[str, Any], key: str, source: str) -> bool:
+    """A grid's true-or-false key (default false)."""
+    value = raw.get(key, False)
+    if not isinstance(value, bool):
+        raise GoodnetError(f"{source}: {key} must be true or false, got {_short(value)}")
+    return value
 
 
 def _verdict(raw: dict[str, Any], source: str) -> str:
