@@ -79,6 +79,7 @@ from goodnet.train import Hooks, TrainConfig, train
 
 RECOVER_OPTIMIZERS = ("sgd", "pam")
 
+
 @dataclass(frozen=True)
 class FSTConfig:
     """Settings of FST (defaults: the reference code's and the paper's CIFAR-10 setting).
