@@ -9,10 +9,12 @@ what it wants held fixed; channel masks (forward hooks) are not parameters and s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import torch
@@ -157,11 +159,15 @@ class Hooks:
             may read the model's parameters or what forward hooks recorded.
         after_step: run after each optimiser step, without gradients (a projection, say).
         after_epoch: run after each epoch with its number (1-based), model in training mode.
+        gradient_at: a context each step's forward and backward passes run in, left before
+            the optimiser steps (PAM's shift of the weights towards the backdoored model's,
+            :mod:`goodnet.defenses.pam`).
     """
 
     penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
     after_step: Callable[[], None] | None = None
     after_epoch: Callable[[int], None] | None = None
+    gradient_at: Callable[[], AbstractContextManager[None]] | None = None
 
 
 def train(
@@ -219,6 +225,22 @@ def _train(model: nn.Module, data: BatchSource, config: TrainConfig, progress: b
     return history
 
 
+def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig,
+              hooks: Hooks, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's forward and backward passes: the logits and the (penalised) loss."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    if hooks.penalty is not None:
+        loss = loss + hooks.penalty(x)
+    if not torch.isfinite(loss):
+        raise GoodnetError(
+            f"training diverged at epoch {epoch + 1} (loss {loss.item()}); "
+            "lower the learning rate"
+        )
+    loss.backward()
+    return logits, loss
+
+
 def _run_epoch(
     model: nn.Module,
     data: BatchSource,
@@ -240,17 +262,9 @@ def _run_epoch(
         for x, y in batches(data, config.batch_size, shuffle=True, generator=generator,
                             device=device):
             x = augment_batch(x, config.augment, generator)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
-            if hooks.penalty is not None:
-                loss = loss + hooks.penalty(x)
-            if not torch.isfinite(loss):
-                raise GoodnetError(
-                    f"training diverged at epoch {epoch + 1} (loss {loss.item()}); "
-                    "lower the learning rate"
-                )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with hooks.gradient_at() if hooks.gradient_at else contextlib.nullcontext():
+                logits, loss = _backward(model, x, y, config, hooks, epoch)
             optimizer.step()
             if hooks.after_step is not None:
                 with torch.no_grad():
