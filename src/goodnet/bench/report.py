@@ -107,6 +107,8 @@ class Report:
         self.ok = [r for r in kept if r.get("status") == "ok"]
         self.failed = [r for r in kept if r.get("status") != "ok"]
         self.tolerance, self.max_asr = tolerance, max_asr
+        self._backdoored: dict[tuple, list[dict]] = {}  # computed once per row
+        self._repaired: dict[tuple, bool] = {}
         self.defenses = list(dict.fromkeys(r["defense"] for r in self.ok))
         self.seeds = sorted({r["seed"] for r in self.ok})
         groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -117,6 +119,11 @@ class Report:
 
     def backdoored(self, row: tuple) -> list[dict]:
         """One record per seed of the model before repair (any defense's copy of it)."""
+        if row not in self._backdoored:
+            self._backdoored[row] = self._find_backdoored(row)
+        return self._backdoored[row]
+
+    def _find_backdoored(self, row: tuple) -> list[dict]:
         per_seed: dict[Any, dict] = {}
         for defense in self.defenses:
             for r in self.groups.get((*row, defense), []):
@@ -126,11 +133,14 @@ class Report:
     def repaired(self, row: tuple, defense: str) -> bool:
         """Whether ``defense`` repaired the row: mean ASR at most ``max_asr`` and mean CA at most
         ``tolerance`` below the backdoored model's."""
-        base = _mean_std(_values(self.backdoored(row), "before", "clean_accuracy"))[0]
-        rows = self.groups.get((*row, defense), [])
-        ca = _mean_std(_values(rows, "after", "clean_accuracy"))[0]
-        asr = _mean_std(_values(rows, "after", "attack_success_rate"))[0]
-        return is_repaired(base, ca, asr, self.tolerance, self.max_asr)
+        key = (*row, defense)
+        if key not in self._repaired:
+            base = _mean_std(_values(self.backdoored(row), "before", "clean_accuracy"))[0]
+            rows = self.groups.get(key, [])
+            ca = _mean_std(_values(rows, "after", "clean_accuracy"))[0]
+            asr = _mean_std(_values(rows, "after", "attack_success_rate"))[0]
+            self._repaired[key] = is_repaired(base, ca, asr, self.tolerance, self.max_asr)
+        return self._repaired[key]
 
     def best(self, row: tuple) -> str | None:
         """The defense with the lowest mean ASR among those that repaired the row (ties: the
