@@ -23,8 +23,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("architectures: " + ", ".join(MODELS))
     print("attacks:")
     for name, attack in ATTACKS.items():
-        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(attack.Config))
-        print(f"  {name:<12} {attack.paper}\n  {'':<12} {defaults}")
+        print(f"  {name:<12} {attack.paper}\n  {'':<12} {defaults(attack.Config)}")
     _list_methods("defenses:", DEFENSES, data_note=False)
     print(f"recommended repair (goodnet repair without --defense): "
           f"{describe_defense(recommended())}")
@@ -41,9 +40,22 @@ def _list_methods(title: str, registry: Mapping[str, Any], data_note: bool = Tru
     settings' defaults."""
     print(title)
     for name, method in registry.items():
-        defaults = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(method.Config))
         data = (" (clean data)" if method.needs_clean else " (data-free)") if data_note else ""
-        print(f"  {name:<20} {method.paper}{data}\n  {'':<20} {defaults}")
+        print(f"  {name:<20} {method.paper}{data}\n  {'':<20} {defaults(method.Config)}")
+
+
+def defaults(config: type) -> str:
+    """A settings class's defaults as ``name=value`` pairs; nested settings as ``{name:
+    value, ...}``, the way ``-p`` takes them."""
+    return ", ".join(f"{f.name}={_shown(f.default)}" for f in dataclasses.fields(config))
+
+
+def _shown(value: Any) -> str:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        inner = ", ".join(f"{f.name}: {_shown(getattr(value, f.name))}"
+                          for f in dataclasses.fields(value))
+        return "{" + inner + "}"
+    return str(value)
 
 
 def add_list(sub: Commands) -> None:
