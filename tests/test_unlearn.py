@@ -62,3 +62,23 @@ def test_the_scan_settings_nest_and_are_checked():
         make_defense("unlearn", {"scan": {"epoch": 2}})
     with pytest.raises(GoodnetError, match="unlearn_share must be in"):
         make_defense("unlearn", {"unlearn_share": 0})
+
+
+def test_the_flagged_classes_can_keep_ncs_share(backdoored):
+    """``flagged_share``: where NC flags the target, its share of stamped images goes to the
+    flagged trigger (as ``nc`` unlearns it) and ``unlearn_share`` more to every class's."""
+    from goodnet.defenses.nc import unlearning_data
+
+    model, clean, test, attack = backdoored
+    both = make_defense("unlearn", {"scan": {"epochs": 6}, "flagged_share": 0.2,
+                                    "unlearn_epochs": 10, "unlearn_batch_size": 32})
+    result = both.repair(model, clean)
+    assert result.notes["flagged"] == [1] and result.notes["unlearning_images"] == 80
+    assert evaluate(result.model, test, attack).attack_success_rate <= 0.1
+    triggers = list(result.scan.triggers)
+    data = unlearning_data(clean, [triggers[1]], 0.2, 0, more=(triggers, 0.2))
+    flagged = [g for g in data.groups if g.name == "trigger 1"]
+    assert len(flagged) == 1 and len(flagged[0].indices) == 40
+    assert sum(len(g.indices) for g in data.groups) == 80  # disjoint: PoisonedData checks
+    with pytest.raises(GoodnetError, match="flagged_share"):
+        make_defense("unlearn", {"flagged_share": 1.0})

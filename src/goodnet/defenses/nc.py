@@ -43,6 +43,7 @@ from torch import nn
 from goodnet.attacks.poison import PoisonedData, PoisonGroup, fixed
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps
+from goodnet.errors import GoodnetError
 from goodnet.methods import ReversedTrigger, ScanVerdict
 from goodnet.scans.nc import NCScanConfig, check_nc_settings, detect, trigger_success
 from goodnet.train import Hooks, TrainConfig, train
@@ -161,13 +162,24 @@ def frozen_detect(work: nn.Module, clean: ImageData, cfg: NCScanConfig,
             p.requires_grad_(True)
 
 
-def unlearning_data(clean: ImageData, flagged: list[ReversedTrigger], share: float, seed: int
-                    ) -> PoisonedData:
+def unlearning_data(clean: ImageData, flagged: list[ReversedTrigger], share: float, seed: int,
+                    more: tuple[list[ReversedTrigger], float] = ([], 0.0)) -> PoisonedData:
     """``clean`` with ``share`` of its images (chosen with ``seed``) stamped with the
-    ``flagged`` triggers, split evenly among them, labels kept."""
-    count = max(1, round(share * len(clean)))
-    chosen = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))
-    chosen = chosen[:count]
-    groups = [PoisonGroup(f"trigger {t.target}", chosen[i::len(flagged)].sort().values,
-                          fixed(t.apply)) for i, t in enumerate(flagged)]
+    ``flagged`` triggers, split evenly among them, labels kept; ``more``: other triggers and
+    the share of further images (disjoint from those) they are split over."""
+    others, other_share = more
+    order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))
+    count = max(1, round(share * len(clean))) if flagged else 0
+    extra = max(1, round(other_share * len(clean))) if others and other_share > 0 else 0
+    if count + extra > len(clean):
+        raise GoodnetError(f"unlearning: {count + extra} stamped images asked of "
+                           f"{len(clean)} clean ones")
+    groups = _groups(flagged, order[:count], "trigger")
+    groups += _groups(others, order[count:count + extra], "every-class trigger")
     return PoisonedData(clean, groups)
+
+
+def _groups(triggers: list[ReversedTrigger], chosen: torch.Tensor, name: str
+            ) -> list[PoisonGroup]:
+    return [PoisonGroup(f"{name} {t.target}", chosen[i::len(triggers)].sort().values,
+                        fixed(t.apply)) for i, t in enumerate(triggers)]

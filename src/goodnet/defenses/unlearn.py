@@ -55,7 +55,12 @@ class UnlearnConfig:
         unlearn_lr: fine-tuning learning rate (SGD, momentum 0.9, weight decay 5e-4, cosine).
         unlearn_batch_size: fine-tuning batch size.
         seed: fixes the stamped images and the batch order (the scan has its own seed).
+        flagged_share: where Neural Cleanse flags classes, this share of the clean data is
+            stamped with the flagged triggers (as ``nc`` unlearns them; its 0.2), and
+            ``unlearn_share`` more with every class's; 0 (the default): every class's alone.
     """
+
+    added: ClassVar[dict[str, Any]] = {"flagged_share": 0.0}
 
     scan: NCScanConfig = NCScanConfig()  # noqa: RUF009 (frozen: one shared instance is safe)
     unlearn_share: float = 0.2
@@ -63,10 +68,12 @@ class UnlearnConfig:
     unlearn_lr: float = 0.01
     unlearn_batch_size: int = 256
     seed: int = 0
+    flagged_share: float = 0.0
 
     def __post_init__(self) -> None:
-        if not 0 < self.unlearn_share <= 1:
-            raise GoodnetError("unlearn: unlearn_share must be in (0, 1]")
+        if not 0 < self.unlearn_share <= 1 or not 0 <= self.flagged_share < 1:
+            raise GoodnetError("unlearn: unlearn_share must be in (0, 1] and flagged_share in "
+                               "[0, 1)")
         if min(self.unlearn_epochs, self.unlearn_batch_size) < 1 or not self.unlearn_lr > 0:
             raise GoodnetError("unlearn: unlearn_epochs, unlearn_batch_size and unlearn_lr "
                                "must be positive")
@@ -89,7 +96,12 @@ class Unlearn(Defense[UnlearnConfig]):
         triggers = list(scan.triggers)
         notes = {"norms": [t.norm for t in triggers], "anomaly_index": list(scan.scores),
                  "success": [t.success for t in triggers], "flagged": list(scan.targets)}
-        data = unlearning_data(clean, triggers, cfg.unlearn_share, cfg.seed)
+        flagged = [triggers[k] for k in scan.targets]
+        if cfg.flagged_share > 0 and flagged:  # NC's unlearning, and every class besides
+            data = unlearning_data(clean, flagged, cfg.flagged_share, cfg.seed,
+                                   more=(triggers, cfg.unlearn_share))
+        else:
+            data = unlearning_data(clean, triggers, cfg.unlearn_share, cfg.seed)
         notes["unlearning_images"] = sum(len(g.indices) for g in data.groups)
         mask = torch.stack([t.mask for t in triggers])
         pattern = torch.stack([t.pattern for t in triggers])
