@@ -331,6 +331,23 @@ def test_a_process_pool_gives_the_same_results(finished, data_folder, tmp_path):
         metrics_by_key(reference / "results.jsonl")
 
 
+def test_nested_settings_reach_a_worker_process(data_folder, tmp_path):
+    """A cell whose settings nest (a sequence's step with its own settings) pickles to a worker
+    and back unchanged, and runs there (a worker once died unpickling its read-only mapping)."""
+    import pickle
+
+    steps = ["prune", {"fst": {"epochs": 1}}]
+    grid = parse_grid(tiny(data_folder, tmp_path / "zoo", seeds=[0],
+                           defenses=[{"sequence": {"steps": steps}}]))
+    (cell,) = grid.cells()
+    again = pickle.loads(pickle.dumps(cell))
+    assert again == cell and again.key == cell.key
+    summary = run_grid(grid, tmp_path / "out", LocalExecutor(workers=2), progress=False)
+    assert summary.done == 1 and summary.failed == 0
+    (record,) = read_records(tmp_path / "out" / "results.jsonl")
+    assert record["status"] == "ok" and record["settings"]["steps"] == steps
+
+
 def test_ray_gives_the_same_results(finished, data_folder, tmp_path):
     pytest.importorskip("ray", reason="the ray extra is not installed")
     from goodnet.bench import RayExecutor

@@ -122,6 +122,10 @@ class FrozenDict(dict[str, Any]):
     def __hash__(self) -> int:  # type: ignore[override]
         return hash(tuple(sorted(self.items(), key=lambda item: item[0])))
 
+    def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
+        """Pickled (a grid's cell sent to a worker process) and copied as a plain dict."""
+        return FrozenDict, (dict(self),)
+
     def _refuse(self, *args: Any, **kwargs: Any) -> None:
         raise TypeError("settings are read-only")
 
