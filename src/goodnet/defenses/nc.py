@@ -129,23 +129,37 @@ class NeuralCleanse(Defense[NCConfig]):
         data = unlearning_data(clean, [triggers[k] for k in flagged], cfg.unlearn_share,
                                cfg.seed)
         notes["unlearning_images"] = sum(len(g.indices) for g in data.groups)
-        mask = torch.stack([t.mask for t in triggers])
-        pattern = torch.stack([t.pattern for t in triggers])
+        return unlearned(work, clean, data, scan, list(flagged), points, steps,
+                         unlearning_config(cfg), notes, progress)
 
-        def measure(epoch: int) -> None:
-            work.eval()
-            still = trigger_success(work, clean, mask, pattern, list(flagged))
-            points.append(steps.measure(work, clean, epoch, None,
-                                        extra=(("trigger_success", max(still)),)))
 
-        train(work, data, TrainConfig(
-            epochs=cfg.unlearn_epochs, batch_size=cfg.unlearn_batch_size, lr=cfg.unlearn_lr,
-            momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=cfg.seed),
-            progress=progress, hooks=Hooks(after_epoch=measure))
+def unlearning_config(cfg: Any) -> TrainConfig:
+    """The unlearning's training (NC's, BackdoorBench's SGD) from ``unlearn_*`` settings."""
+    return TrainConfig(epochs=cfg.unlearn_epochs, batch_size=cfg.unlearn_batch_size,
+                       lr=cfg.unlearn_lr, momentum=0.9, weight_decay=5e-4, schedule="cosine",
+                       seed=cfg.seed)
+
+
+def unlearned(work: nn.Module, clean: ImageData, data: PoisonedData, scan: ScanVerdict,
+              watched: list[int] | None, points: list[Point], steps: Steps,
+              config: TrainConfig, notes: dict[str, Any], progress: bool) -> Repaired:
+    """Fine-tune ``work`` (in place) on ``data``, the stamped clean images; after each epoch
+    the curve gets a point with the largest success of the ``watched`` classes' reversed
+    triggers (None: every class's). The repair's result: the unlearned model."""
+    mask = torch.stack([t.mask for t in scan.triggers])
+    pattern = torch.stack([t.pattern for t in scan.triggers])
+
+    def measure(epoch: int) -> None:
         work.eval()
-        curve = Curve("epoch", tuple(points), (("unlearned", len(points) - 1),))
-        return Repaired(model=work, curve=curve, variants={"unlearned": work},
-                        chosen="unlearned", scan=scan, notes=notes)
+        still = trigger_success(work, clean, mask, pattern, watched)
+        points.append(steps.measure(work, clean, epoch, None,
+                                    extra=(("trigger_success", max(still)),)))
+
+    train(work, data, config, progress=progress, hooks=Hooks(after_epoch=measure))
+    work.eval()
+    curve = Curve("epoch", tuple(points), (("unlearned", len(points) - 1),))
+    return Repaired(model=work, curve=curve, variants={"unlearned": work},
+                    chosen="unlearned", scan=scan, notes=notes)
 
 
 def frozen_detect(work: nn.Module, clean: ImageData, cfg: NCScanConfig,

@@ -33,15 +33,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 from torch import nn
 
 from goodnet.data.dataset import ImageData
-from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps
-from goodnet.defenses.nc import frozen_detect, unlearning_data
+from goodnet.defenses.base import Defense, Point, Repaired, Steps
+from goodnet.defenses.nc import frozen_detect, unlearned, unlearning_config, unlearning_data
 from goodnet.errors import GoodnetError
-from goodnet.scans.nc import NCScanConfig, trigger_success
-from goodnet.train import Hooks, TrainConfig, train
+from goodnet.scans.nc import NCScanConfig
 
 
 @dataclass(frozen=True)
@@ -103,22 +101,7 @@ class Unlearn(Defense[UnlearnConfig]):
         else:
             data = unlearning_data(clean, triggers, cfg.unlearn_share, cfg.seed)
         notes["unlearning_images"] = sum(len(g.indices) for g in data.groups)
-        mask = torch.stack([t.mask for t in triggers])
-        pattern = torch.stack([t.pattern for t in triggers])
         points: list[Point] = [steps.measure(model, clean, 0, None)]
-
-        def measure(epoch: int) -> None:
-            work.eval()
-            still = trigger_success(work, clean, mask, pattern)
-            points.append(steps.measure(work, clean, epoch, None,
-                                        extra=(("trigger_success", max(still)),)))
-
-        train(work, data, TrainConfig(
-            epochs=cfg.unlearn_epochs, batch_size=cfg.unlearn_batch_size, lr=cfg.unlearn_lr,
-            momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=cfg.seed),
-            progress=progress, hooks=Hooks(after_epoch=measure))
-        work.eval()
-        curve = Curve("epoch", tuple(points), (("unlearned", len(points) - 1),))
-        return Repaired(model=work, curve=curve, variants={"unlearned": work},
-                        chosen="unlearned", scan=scan, notes=notes)
+        return unlearned(work, clean, data, scan, None, points, steps, unlearning_config(cfg),
+                         notes, progress)
 
