@@ -4,15 +4,20 @@ backdoor; the head is found on any network; settings are checked."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
 
+from goodnet.data.dataset import batches
 from goodnet.defenses import FST, FSTConfig, make_defense
-from goodnet.defenses.fst import find_head
+from goodnet.defenses.fst import Distiller, Stamps, find_head
 from goodnet.errors import GoodnetError
+from goodnet.methods import ReversedTrigger
 from goodnet.metrics import evaluate
 from goodnet.models import ModelSpec, build_model
+from goodnet.scans.nc import NCScanConfig
+from goodnet.settings import key_names
 from tests.conftest import Planted, halves, tiny_keras_graph
 
 FAST = FSTConfig(epochs=20, batch_size=32)
@@ -117,4 +122,65 @@ def test_the_distillation_term_is_used(backdoored):
     {"recover_epochs": -1}, {"recover_lr": 0.0}, {"distill": float("nan")}])
 def test_bad_settings_are_refused(settings):
     with pytest.raises(GoodnetError, match="fst"):
+        make_defense("fst", settings)
+
+
+STAMPED = FSTConfig(epochs=FAST.epochs, batch_size=32, head_penalty=0.0, distill=4.0,
+                    trigger_share=0.3, scan=NCScanConfig(epochs=2))
+
+
+def _true_trigger(attack, shape) -> ReversedTrigger:
+    """The attack's own patch as a ``ReversedTrigger`` (mask and pattern read off its stamp)."""
+    trigger = attack.build_trigger()
+    low, high = trigger(torch.zeros(1, *shape)), trigger(torch.ones(1, *shape))
+    mask = (1 - (high - low)).amax(1)  # (1, H, W)
+    pattern = low[0] / mask.clamp_min(1e-6)
+    return ReversedTrigger(attack.target(torch.zeros(1, dtype=torch.long)).item(), mask,
+                           pattern, float(mask.sum()), 1.0)
+
+
+def test_the_stamped_term_pulls_stamped_outputs_to_the_clean_ones(backdoored):
+    """On the backdoored model as its own student the clean term is zero; the stamped term is
+    the divergence between its outputs on triggered and on clean images, large for the true
+    trigger. Stamps land on the first share of the batch, reproducibly."""
+    model, clean, _, attack = backdoored
+    x, _ = next(iter(batches(clean, 32)))
+    stamps = Stamps([_true_trigger(attack, clean.image_shape)], 0.25, seed=0)
+    assert stamps.count(32) == 8 and torch.equal(stamps(x), Stamps(
+        [_true_trigger(attack, clean.image_shape)], 0.25, seed=0)(x))
+    student = copy.deepcopy(model).eval()
+    losses = []
+    for with_stamps in (None, stamps):
+        distiller = Distiller(student, model, 1.0, 2.0, with_stamps)
+        student(x)
+        losses.append(float(distiller(x)))
+        distiller.close()
+    assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[1] > 0.5
+
+
+def test_fst_with_stamped_triggers_scans_once_and_repeats_itself(backdoored):
+    model, clean, test, attack = backdoored
+    before = copy.deepcopy(model.state_dict())
+    result = FST(STAMPED).repair(model, clean)
+    metrics = evaluate(result.model, test, attack)
+    assert metrics.attack_success_rate <= 0.1 and metrics.clean_accuracy >= 0.95
+    assert result.scan is not None and len(result.scan.triggers) == clean.num_classes
+    assert result.notes["flagged"] == list(result.scan.targets)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    again = FST(STAMPED).repair(model, clean)
+    assert torch.equal(again.model.get_submodule("fc2").weight,
+                       result.model.get_submodule("fc2").weight)
+
+
+def test_trigger_settings_stay_out_of_keys_at_their_defaults():
+    defaults = dataclasses.asdict(FSTConfig())
+    assert {"trigger_share", "scan"}.isdisjoint(key_names(FSTConfig, defaults))
+    stamped = key_names(FSTConfig, dataclasses.asdict(STAMPED))
+    assert stamped["trigger_share"] == 0.3 and stamped["scan"]["epochs"] == 2
+
+
+@pytest.mark.parametrize("settings", [{"trigger_share": 0.2}, {"trigger_share": 1.5,
+                                                                "distill": 1.0}])
+def test_bad_trigger_settings_are_refused(settings):
+    with pytest.raises(GoodnetError, match="fst: trigger_share"):
         make_defense("fst", settings)

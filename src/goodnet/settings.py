@@ -66,9 +66,16 @@ def key_names(cls: type, settings: Mapping[str, Any]) -> dict[str, Any]:
     first: dict[str, str] = {}
     for old, new in renamed(cls).items():
         first.setdefault(new, old)
-    before = added(cls)
+    before = {key: _plain(value) for key, value in added(cls).items()}
     return {first.get(key, key): value for key, value in settings.items()
-            if not (key in before and value == before[key])}
+            if not (key in before and _plain(value) == before[key])}
+
+
+def _plain(value: Any) -> Any:
+    """A nested settings dataclass as the dict a stored key holds it as."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return value
 
 
 def pairs_to_dict(pairs: Sequence[str], what: str) -> dict[str, str]:

@@ -72,9 +72,12 @@ from torch.nn import functional as F
 
 from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps, clean_or_blank
+from goodnet.defenses.nc import frozen_detect
 from goodnet.defenses.pam import PathAware
 from goodnet.errors import GoodnetError
 from goodnet.masking import classifier_layer, get_linear
+from goodnet.methods import ReversedTrigger, ScanVerdict
+from goodnet.scans.nc import NCScanConfig
 from goodnet.train import Hooks, TrainConfig, train
 
 RECOVER_OPTIMIZERS = ("sgd", "pam")
@@ -104,10 +107,17 @@ class FSTConfig:
             addition).
         pam_rho: length of PAM's shift towards the backdoored weights (L2 over all the
             trained parameters; used by "pam" only).
+        trigger_share: share of each batch also stamped with a reversed trigger (Neural
+            Cleanse's, one per class, drawn at random) and distilled, in both phases, towards
+            the original model's outputs on the same image unstamped (goodnet's addition;
+            needs ``distill`` > 0; 0: none, no scan).
+        scan: the reverse-engineering settings (the ``nc`` scanner's), used when
+            ``trigger_share`` > 0.
     """
 
     renamed: ClassVar[dict[str, str]] = {"alpha": "head_penalty"}
-    added: ClassVar[dict[str, Any]] = {"recover_optimizer": "sgd", "pam_rho": 0.5}
+    added: ClassVar[dict[str, Any]] = {"recover_optimizer": "sgd", "pam_rho": 0.5,
+                                       "trigger_share": 0.0, "scan": NCScanConfig()}
 
     head_penalty: float = 0.2
     epochs: int = 10
@@ -121,6 +131,8 @@ class FSTConfig:
     recover_lr: float = 0.01
     recover_optimizer: str = "sgd"
     pam_rho: float = 0.5
+    trigger_share: float = 0.0
+    scan: NCScanConfig = NCScanConfig()  # noqa: RUF009 (frozen: one shared instance is safe)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.head_penalty) or self.head_penalty < 0:
@@ -138,6 +150,9 @@ class FSTConfig:
             raise GoodnetError(f"fst: recover_optimizer must be one of {RECOVER_OPTIMIZERS}")
         if not (math.isfinite(self.pam_rho) and self.pam_rho >= 0):
             raise GoodnetError("fst: pam_rho must be a finite number >= 0")
+        if not 0 <= self.trigger_share <= 1 or (self.trigger_share > 0 and not self.distill):
+            raise GoodnetError("fst: trigger_share must be in [0, 1], and > 0 only with "
+                               "distill > 0 (the stamped images are distilled)")
 
 
 def find_head(model: nn.Module, example: torch.Tensor) -> str:
@@ -155,12 +170,38 @@ def reinitialise(layer: nn.Linear, generator: torch.Generator) -> None:
                 parameter.copy_(values.to(parameter.device, parameter.dtype))
 
 
+class Stamps:
+    """Reversed triggers stamped on the first ``share`` of each batch (batches are shuffled),
+    each image getting one class's trigger drawn with ``seed``."""
+
+    def __init__(self, triggers: list[ReversedTrigger], share: float, seed: int) -> None:
+        self.mask = torch.stack([t.mask for t in triggers])
+        self.pattern = torch.stack([t.pattern for t in triggers])
+        self.share = share
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def count(self, batch: int) -> int:
+        """How many images of a batch of ``batch`` are stamped."""
+        return round(self.share * batch)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The first :meth:`count` images of ``x``, each stamped with a random class's
+        trigger."""
+        k = self.count(len(x))
+        which = torch.randint(len(self.mask), (k,), generator=self.generator)
+        mask = self.mask[which].to(x.device, x.dtype)
+        return (1 - mask) * x[:k] + mask * self.pattern[which].to(x.device, x.dtype)
+
+
 class Distiller:
     """The distillation term on the batch the student has just seen: a forward hook keeps the
-    student's outputs, so the training loop's own forward pass is the one used."""
+    student's outputs, so the training loop's own forward pass is the one used. With
+    ``stamps``, part of the batch is also stamped with reversed triggers and the student's
+    outputs on them are distilled towards the teacher's on the unstamped images."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, weight: float,
-                 temperature: float) -> None:
+                 temperature: float, stamps: Stamps | None = None) -> None:
+        self.student, self.stamps = student, stamps
         self.teacher = copy.deepcopy(teacher).eval()  # the caller's model keeps its mode
         self.weight, self.temperature = weight, temperature
         self.outputs: torch.Tensor | None = None
@@ -169,13 +210,20 @@ class Distiller:
     def _keep(self, _module: nn.Module, _inputs: object, outputs: torch.Tensor) -> None:
         self.outputs = outputs
 
+    def _divergence(self, outputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        student = torch.log_softmax(outputs.float() / self.temperature, 1)
+        return F.kl_div(student, target, reduction="batchmean")
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         assert self.outputs is not None, "the student has not run on this batch"
         t = self.temperature
         with torch.no_grad():
             target = torch.softmax(self.teacher(x).float() / t, 1)
-        student = torch.log_softmax(self.outputs.float() / t, 1)
-        return self.weight * t * t * F.kl_div(student, target, reduction="batchmean")
+        loss = self._divergence(self.outputs, target)
+        if self.stamps is not None and self.stamps.count(len(x)) > 0:
+            stamped = self.stamps(x)
+            loss = loss + self._divergence(self.student(stamped), target[:len(stamped)])
+        return self.weight * t * t * loss
 
     def close(self) -> None:
         self.handle.remove()
@@ -202,8 +250,9 @@ class FST(Defense[FSTConfig]):
         norm = original.norm()
         reinitialise(head, torch.Generator().manual_seed(cfg.seed))
         points: list[Point] = [steps.measure(model, clean, 0, None)]
-
-        distiller = Distiller(work, model, cfg.distill, cfg.temperature) if cfg.distill else None
+        scan, stamps = _reversed(model, clean, cfg, progress)
+        distiller = (Distiller(work, model, cfg.distill, cfg.temperature, stamps)
+                     if cfg.distill else None)
 
         def penalty(x: torch.Tensor) -> torch.Tensor:
             turn = cfg.head_penalty * (head.weight * original).sum()
@@ -238,8 +287,21 @@ class FST(Defense[FSTConfig]):
         work.eval()
         chosen = "recovered" if cfg.recover_epochs else "tuned"
         curve = Curve("epoch", tuple(points), tuple(marks))
-        return Repaired(model=work, curve=curve, variants=variants, chosen=chosen,
-                        notes={"head": name, "head_norm": float(norm), "loss": losses})
+        notes: dict[str, Any] = {"head": name, "head_norm": float(norm), "loss": losses}
+        if scan is not None:
+            notes["flagged"] = list(scan.targets)
+        return Repaired(model=work, curve=curve, variants=variants, chosen=chosen, scan=scan,
+                        notes=notes)
+
+
+def _reversed(model: nn.Module, clean: ImageData, cfg: FSTConfig, progress: bool
+              ) -> tuple[ScanVerdict | None, Stamps | None]:
+    """With ``trigger_share``: Neural Cleanse's scan of (a copy of) the original model, and its
+    triggers, one per class, to stamp on each batch."""
+    if not cfg.trigger_share:
+        return None, None
+    scan = frozen_detect(copy.deepcopy(model).eval(), clean, cfg.scan, progress)
+    return scan, Stamps(list(scan.triggers), cfg.trigger_share, cfg.seed)
 
 
 def _tuning(cfg: FSTConfig, epochs: int, lr: float) -> TrainConfig:
