@@ -285,13 +285,10 @@ class FST(Defense[FSTConfig]):
             if distiller:
                 distiller.close()
         work.eval()
-        chosen = "recovered" if cfg.recover_epochs else "tuned"
-        curve = Curve("epoch", tuple(points), tuple(marks))
         notes: dict[str, Any] = {"head": name, "head_norm": float(norm), "loss": losses}
-        if scan is not None:
-            notes["flagged"] = list(scan.targets)
-        return Repaired(model=work, curve=curve, variants=variants, chosen=chosen, scan=scan,
-                        notes=notes)
+        notes.update({"flagged": list(scan.targets)} if scan is not None else {})
+        return Repaired(model=work, curve=Curve("epoch", tuple(points), tuple(marks)),
+                        variants=variants, chosen=marks[-1][0], scan=scan, notes=notes)
 
 
 def _reversed(model: nn.Module, clean: ImageData, cfg: FSTConfig, progress: bool
