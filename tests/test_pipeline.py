@@ -4,15 +4,19 @@ so the same repair gives the same fields with the same values in both (the wall 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from goodnet.bench import Report, parse_grid, read_records, run_grid
 from goodnet.cli import main
-from goodnet.pipeline import RepairRecord
+from goodnet.errors import GoodnetError
+from goodnet.metrics import evaluate
+from goodnet.pipeline import RepairRecord, regrow
 
 # The times differ between two runs of the same repair; every other field must agree.
 TIMES = {"repair_seconds", "evaluation_seconds", "measure_seconds", "seconds"}
@@ -26,7 +30,7 @@ def bench_record(data_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "name": "one-repair", "zoo": str(out / "zoo"), "data": str(data_folder),
         "archs": "small_cnn", "attacks": ["badnets"], "defenses": ["prune"], "seeds": [0],
         "clean": 40, "hold_out": 40, "train": {"epochs": 2, "batch_size": 32, "lr": 0.05},
-        "curve_limit": 40, "threads": 1, "verdict": "auto"})
+        "curve_limit": 40, "threads": 1, "verdict": "auto", "regrowth": 2})
     summary = run_grid(grid, out, progress=False)
     assert summary.failed == 0
     (record,) = read_records(out / "results.jsonl")
@@ -41,7 +45,8 @@ def test_repair_json_and_the_bench_record_share_the_record_fields(bench_record, 
     out = tmp_path / "repair"
     assert main(["--no-progress", "repair", bench_record["model_path"], "--defense", "prune",
                  "--clean", str(data_folder), "--clean-amount", "40", "--clean-seed", "0",
-                 "--test", str(data_folder), "--curve-limit", "40", "--out", str(out)]) == 0
+                 "--test", str(data_folder), "--curve-limit", "40", "--regrowth", "2",
+                 "--out", str(out)]) == 0
     summary = json.loads((out / "repair.json").read_text())
     fields = {f.name for f in dataclasses.fields(RepairRecord)}
     assert set(summary) == fields
@@ -53,6 +58,7 @@ def test_repair_json_and_the_bench_record_share_the_record_fields(bench_record, 
     verdicts = [{k: v for k, v in r["verdict"].items() if k != "seconds"}
                 for r in (summary, bench_record)]
     assert verdicts[0] == verdicts[1] and verdicts[0]["scanner"] == "nc"
+    assert summary["regrowth"]["epochs"] == 2 and "attack_success_rate" in summary["regrowth"]
     for name in sorted(fields - TIMES - {"verdict"}):
         assert summary[name] == bench_record[name], name
     for name in TIMES:
@@ -68,3 +74,31 @@ def test_the_report_counts_the_pruned_channels_of_new_and_old_records(bench_reco
     for record in (bench_record, old):
         (row,) = Report([record]).cell_rows()
         assert row["pruned"] == bench_record["pruned_count"] > 0
+
+
+def test_the_regrowth_check_fine_tunes_a_copy(backdoored):
+    """A model whose head was scrambled regains its accuracy in two epochs of fine-tuning:
+    the check trains (a copy) before it measures."""
+    model, clean, test, attack = backdoored
+    broken = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        broken.get_submodule("fc2").weight.copy_(torch.randn_like(broken.fc2.weight))
+    before = copy.deepcopy(broken.state_dict())
+    scrambled = evaluate(broken, test, attack).clean_accuracy
+    after = regrow(broken, clean, test, attack, 2)
+    assert scrambled < 0.7 and after.clean_accuracy >= 0.9
+    assert all(torch.equal(before[k], v) for k, v in broken.state_dict().items())
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, True, "five"])
+def test_a_bad_regrowth_is_refused(value):
+    with pytest.raises(GoodnetError, match="regrowth must be a whole number"):
+        parse_grid({"name": "g", "data": "mnist", "attacks": ["badnets"], "defenses": ["prune"],
+                    "regrowth": value})
+
+
+def test_a_regrowth_check_changes_the_key_only_when_asked():
+    raw = {"name": "g", "data": "mnist", "attacks": ["badnets"], "defenses": ["prune"]}
+    plain, none, some = (parse_grid({**raw, **extra}).cells()[0]
+                         for extra in ({}, {"regrowth": 0}, {"regrowth": 5}))
+    assert plain.key == none.key != some.key

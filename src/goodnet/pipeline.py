@@ -12,6 +12,7 @@ with the same field names and meanings.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -33,7 +34,8 @@ from goodnet.data.holdout import forget_held_out
 from goodnet.defenses.base import Defense, RepairResult
 from goodnet.detector import GoodNet, Screen, calibrated_screens, calibration_size
 from goodnet.errors import GoodnetError
-from goodnet.metrics import Metrics
+from goodnet.metrics import Metrics, evaluate
+from goodnet.train import finetune_config, train
 from goodnet.triggers import plot_triggers, save_triggers, verdict_summary
 from goodnet.verdict import Verdict, judge
 from goodnet.workflow import RepairReport, curve_csv, plot_curve, repair_and_measure
@@ -80,6 +82,8 @@ class RepairRecord:
         evaluation_seconds: the time the curve's evaluation took during the repair.
         measure_seconds: ``seconds`` less ``repair_seconds``: loading, calibrating, measuring.
         seconds: the wall time of the whole run (the command, or the benchmark cell).
+        regrowth: the regrowth check, where one was asked: the chosen variant's metrics after
+            ``epochs`` of ``goodnet finetune``'s fine-tuning on the clean data.
     """
 
     defense: str
@@ -105,6 +109,7 @@ class RepairRecord:
     evaluation_seconds: float
     measure_seconds: float
     seconds: float
+    regrowth: dict[str, Any] | None = None
 
     def record(self) -> dict[str, Any]:
         """The record as a dict of plain values, for JSON."""
@@ -122,6 +127,8 @@ class RepairRun:
         label: the defense as the caller names it.
         started: when the run began (``time.perf_counter``), for its wall time.
         verdict: the scan of the repaired model, where one was asked.
+        regrowth: the fine-tuning epochs of the regrowth check and the metrics after them,
+            where one was asked.
     """
 
     report: RepairReport
@@ -130,6 +137,7 @@ class RepairRun:
     label: str
     started: float
     verdict: Verdict | None = None
+    regrowth: tuple[int, Metrics] | None = None
 
     @property
     def result(self) -> RepairResult:
@@ -158,7 +166,9 @@ class RepairRun:
             curve_axis=result.curve.axis, curve_marks=dict(result.curve.marks),
             repair_seconds=result.timings.repair,
             evaluation_seconds=result.timings.evaluation,
-            measure_seconds=seconds - result.timings.repair, seconds=seconds)
+            measure_seconds=seconds - result.timings.repair, seconds=seconds,
+            regrowth=None if self.regrowth is None else {
+                "epochs": self.regrowth[0], **(metrics_record(self.regrowth[1]) or {})})
 
 
 def suspected(result: RepairResult) -> dict[str, Any] | None:
@@ -235,7 +245,8 @@ def repair(
     detectors: Sequence[str] = (), disagree: bool = True, false_alarm: float = 0.01,
     confidence: float | None = 0.95, calibration: int | None = None, seed: int = 0,
     clean_caveat: str | None = None, name: str = "the model", label: str | None = None,
-    curve_limit: int = 2000, verdict: str | None = None, progress: bool = False,
+    curve_limit: int = 2000, verdict: str | None = None, regrowth: int = 0,
+    progress: bool = False,
 ) -> RepairRun:
     """Repair ``model`` with ``defense`` on ``clean``; measure it on ``test`` (the card's attack).
 
@@ -255,6 +266,8 @@ def repair(
         label, curve_limit, progress: the defense as the record names it (default: its
             registry name), test images measured per curve step (0: none), progress bars.
         verdict: the scanner that judges the repaired model on ``clean`` (None: no verdict).
+        regrowth: epochs of ``goodnet finetune``'s fine-tuning on ``clean`` after the repair,
+            then measured on ``test`` (0: no regrowth check): does the backdoor come back?
     """
     started = time.perf_counter()
     screens = _screens(model, clean, detectors, false_alarm, confidence, calibration, seed,
@@ -268,7 +281,24 @@ def repair(
         disagree=disagree)
     judged = None if verdict is None else judge(report.result.model, clean, scanner=verdict,
                                                 seed=seed, progress=progress)
-    return RepairRun(report, screens, disagree, label or defense.name, started, judged)
+    regrown = None
+    if regrowth:
+        if clean is None or test is None:
+            raise GoodnetError("the regrowth check needs clean data and test data")
+        regrown = (regrowth, regrow(report.result.model, clean, test, attack, regrowth,
+                                    progress=progress))
+    return RepairRun(report, screens, disagree, label or defense.name, started, judged,
+                     regrown)
+
+
+def regrow(model: nn.Module, clean: ImageData, test: ImageData, attack: Any, epochs: int,
+           *, progress: bool = False) -> Metrics:
+    """A repaired ``model``'s metrics on ``test`` after ``epochs`` of ``goodnet finetune``'s
+    fine-tuning on ``clean`` (a copy is trained; a masked model keeps its masks): a backdoor
+    that fine-tuning brings back was only hidden."""
+    tuned = copy.deepcopy(model)
+    train(tuned, clean, finetune_config(epochs), progress=progress)
+    return evaluate(tuned.eval(), test, attack)
 
 
 def write_repair(out: Path, run: RepairRun, model: nn.Module, card: ModelCard,

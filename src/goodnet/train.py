@@ -150,6 +150,14 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
                            weight_decay=config.weight_decay)
 
 
+def finetune_config(epochs: int = 5, lr: float = 0.01, batch_size: int = 64,
+                    seed: int = 0) -> TrainConfig:
+    """``goodnet finetune``'s training (the report's ``continue_training``): SGD with momentum
+    0.9, weight decay 5e-4 and a cosine schedule; its defaults are the command's."""
+    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, momentum=0.9,
+                       weight_decay=5e-4, schedule="cosine", seed=seed)
+
+
 @dataclass(frozen=True)
 class Hooks:
     """What a defense adds to the training loop (fine-tuning defenses such as FST).

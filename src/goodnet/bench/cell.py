@@ -385,7 +385,7 @@ def run_cell(cell: AnyCell) -> dict[str, Any]:
             verdict = verdict_scanner(cell.verdict, clean, loaded.card.spec.num_classes)
             run = repair(loaded.model, loaded.card, loaded.extras, defense, clean, test=test,
                          label=cell.defense.label, curve_limit=cell.curve_limit,
-                         verdict=verdict)
+                         verdict=verdict, regrowth=cell.regrowth)
         record.update({
             **run.outcome(start).record(),
             "peak_memory_mib": memory.mib,

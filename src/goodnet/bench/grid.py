@@ -18,6 +18,7 @@ A grid file names what to cross and how to measure it::
     curve_limit: 2000             # test images behind each defense's curve (0: none)
     threads: 1                    # PyTorch threads per cell
     verdict: none                 # scan each repaired model: none, auto or a scanner's name
+    regrowth: 0                   # epochs of `goodnet finetune` after each repair, then measured
     quick: false                  # true: every method at its own quick settings (a smoke test)
 
 Every list may be a single value; ``attacks: all`` and ``defenses: all`` take every registered
@@ -95,7 +96,8 @@ MAX_LIST = 1000
 
 _KEYS = {"name", "zoo", "data", "archs", "attacks", "defenses", "scanners", "detectors",
          "false_alarms", "calibration", "seeds", "clean_seeds", "clean", "hold_out", "train",
-         "train_limit", "test_limit", "curve_limit", "threads", "verdict", "quick"}
+         "train_limit", "test_limit", "curve_limit", "threads", "verdict", "quick",
+         "regrowth"}
 
 FALSE_ALARMS = (0.01, 0.05)  # the requested false-alarm rates a detector cell measures at
 CALIBRATION = 300  # clean images that calibrate a detector cell (the rest it fits on)
@@ -267,11 +269,13 @@ class Cell:
     curve_limit: int
     threads: int
     verdict: str = NONE
+    regrowth: int = 0
 
     def configuration(self) -> dict[str, Any]:
-        """What the key hashes (a cell without a verdict hashes as it did before there were
-        verdicts)."""
-        verdict = {} if self.verdict == NONE else {"verdict": self.verdict}
+        """What the key hashes (a cell without a verdict or a regrowth check hashes as it did
+        before there were either)."""
+        verdict: dict[str, Any] = {} if self.verdict == NONE else {"verdict": self.verdict}
+        verdict.update({"regrowth": self.regrowth} if self.regrowth else {})
         return {"schema": SCHEMA, **self.model.configuration(), "seed": self.model.seed,
                 "attack_label": storage_name(self.model.attack.label),
                 "defense": self.defense.name, "defense_label": self.defense.label,
@@ -372,6 +376,7 @@ class Grid:
     curve_limit: int = 2000
     threads: int = 1
     verdict: str = NONE
+    regrowth: int = 0
     source: str = field(default="", compare=False)
 
     def models(self) -> list[ModelJob]:
@@ -389,7 +394,8 @@ class Grid:
         every detector on every backdoored model."""
         backdoored = [m for m in self.models() if m.attack.name != CLEAN]
         cells: list[AnyCell] = [Cell(m, d, self.clean, self.curve_limit, self.threads,
-                                     self.verdict) for m in backdoored for d in self.defenses]
+                                     self.verdict, self.regrowth)
+                                for m in backdoored for d in self.defenses]
         cells += [ScanCell(m, s, self.clean, self.threads)
                   for m in self.models() for s in self.scanners]
         return cells + [DetectCell(m, d, self.clean, self.calibration, self.false_alarms,
@@ -570,7 +576,8 @@ def parse_grid(raw: Any, source: str = "grid", base: Path | None = None) -> Grid
         train=_frozen(train),
         train_limit=_limit(raw.get("train_limit"), "train_limit", source),
         test_limit=_limit(raw.get("test_limit"), "test_limit", source),
-        curve_limit=curve_limit, threads=threads, verdict=_verdict(raw, source), source=source)
+        curve_limit=curve_limit, threads=threads, verdict=_verdict(raw, source),
+        regrowth=_whole(raw, "regrowth", source), source=source)
 
 
 def _flag(raw: dict[str, Any], key: str, source: str) -> bool:
@@ -578,6 +585,14 @@ def _flag(raw: dict[str, Any], key: str, source: str) -> bool:
     value = raw.get(key, False)
     if not isinstance(value, bool):
         raise GoodnetError(f"{source}: {key} must be true or false, got {_short(value)}")
+    return value
+
+
+def _whole(raw: dict[str, Any], key: str, source: str) -> int:
+    """A grid's whole number >= 0 (default 0)."""
+    value = raw.get(key, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise GoodnetError(f"{source}: {key} must be a whole number >= 0, got {_short(value)}")
     return value
 
 

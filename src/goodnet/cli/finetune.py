@@ -22,7 +22,7 @@ from goodnet.data.holdout import forget_held_out
 from goodnet.errors import GoodnetError
 from goodnet.masking import is_mask_tensor
 from goodnet.metrics import evaluate, metrics_table
-from goodnet.train import TrainConfig, train
+from goodnet.train import finetune_config, train
 from goodnet.version import __version__
 
 
@@ -31,8 +31,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     ``continue_training``); a repaired model's masks stay fixed while its weights train."""
     if args.epochs < 1:
         raise GoodnetError(f"--epochs must be at least 1, got {args.epochs}")
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                         momentum=0.9, weight_decay=5e-4, schedule="cosine", seed=args.seed)
+    config = finetune_config(args.epochs, args.lr, args.batch_size, args.seed)
     loaded = open_model(args)
     card = loaded.card
     if card.kind == "goodnet":

@@ -128,7 +128,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
                  false_alarm=args.false_alarm, confidence=args.confidence,
                  calibration=args.calibration, seed=args.clean_seed, clean_caveat=caveat,
                  name=str(args.model), curve_limit=args.curve_limit, verdict=verdict,
-                 progress=args.progress)
+                 regrowth=_regrowth(args, clean, test), progress=args.progress)
     written = write_repair(Path(args.out), run, loaded.model, loaded.card,
                            run.outcome(started))
     _print_run(args, run, defense, clean, test is not None, spec.num_classes)
@@ -146,6 +146,16 @@ def _check_layers(args: argparse.Namespace, model: nn.Module) -> None:
         except AttributeError:
             raise GoodnetError(f"the model has no layer {args.rank_layer!r} to rank on") \
                 from None
+
+
+def _regrowth(args: argparse.Namespace, clean: ImageData | None, test: ImageData | None
+              ) -> int:
+    """``--regrowth``, checked: a whole number, and clean and test data to use it on."""
+    if args.regrowth < 0:
+        raise GoodnetError(f"--regrowth must be 0 or more epochs, got {args.regrowth}")
+    if args.regrowth and (clean is None or test is None):
+        raise GoodnetError("--regrowth needs clean data (--clean) and test data (--test)")
+    return int(args.regrowth)
 
 
 def _print_run(args: argparse.Namespace, run: RepairRun, defense: Defense[Any],
@@ -171,6 +181,10 @@ def _print_run(args: argparse.Namespace, run: RepairRun, defense: Defense[Any],
               f"{MAX_AUTO_CLASSES}); name a scanner with --verdict to scan anyway")
     if measured:
         print(metrics_table(report.rows()))
+    if run.regrowth is not None:
+        epochs, after = run.regrowth
+        print(f"regrowth check: after {epochs} epochs of fine-tuning on the clean data, CA "
+              f"{100 * after.clean_accuracy:.2f} %, ASR {100 * after.attack_success_rate:.2f} %")
 
 
 def add_repair(sub: Commands) -> None:
@@ -228,6 +242,10 @@ def _add_checks(repair: argparse.ArgumentParser) -> None:
                              "calibrate them (default: the fewest the rate and confidence need, "
                              "299 for one detector at 0.01 and 0.95; more give a threshold "
                              "closer to the rate asked)")
+    repair.add_argument("--regrowth", type=int, default=0, metavar="EPOCHS",
+                        help="fine-tune the repaired model EPOCHS epochs on the clean data "
+                             "(as goodnet finetune) and measure it again: does the backdoor "
+                             "come back? (needs test data; default 0: no check)")
     repair.add_argument("--verdict", default=AUTO, metavar="SCANNER",
                         help="scan the repaired model afterwards and say whether a backdoor is "
                              "still suspected: a scanner's name, 'none', or 'auto' (default: "
