@@ -28,6 +28,7 @@ from goodnet.defenses.base import (
     Steps,
     Timings,
 )
+from goodnet.defenses.btidbf import BTIDBF, BTIDBFConfig
 from goodnet.defenses.clp import CLP, CLPConfig
 from goodnet.defenses.fine_pruning import FinePruning, FinePruningConfig
 from goodnet.defenses.fst import FST, FSTConfig
@@ -57,6 +58,7 @@ DEFENSES.update({
     "fst": FST,
     "nc": NeuralCleanse,
     "unlearn": Unlearn,
+    "btidbf": BTIDBF,
     "i-bau": IBAU,
     "sau": SAU,
     "ft-sam": FTSAM,
@@ -82,6 +84,7 @@ def recommended() -> Defense[Any]:
 
 __all__ = [
     "ANP",
+    "BTIDBF",
     "CLP",
     "DEFAULT_DEFENSE",
     "DEFENSES",
@@ -95,6 +98,7 @@ __all__ = [
     "SAU",
     "SEAM",
     "ANPConfig",
+    "BTIDBFConfig",
     "CLPConfig",
     "Curve",
     "Defense",
