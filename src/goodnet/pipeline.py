@@ -266,8 +266,7 @@ def repair(
         label, curve_limit, progress: the defense as the record names it (default: its
             registry name), test images measured per curve step (0: none), progress bars.
         verdict: the scanner that judges the repaired model on ``clean`` (None: no verdict).
-        regrowth: epochs of ``goodnet finetune``'s fine-tuning on ``clean`` after the repair,
-            then measured on ``test`` (0: no regrowth check): does the backdoor come back?
+        regrowth: epochs of the regrowth check (:func:`regrow`; 0: none).
     """
     started = time.perf_counter()
     screens = _screens(model, clean, detectors, false_alarm, confidence, calibration, seed,
@@ -281,21 +280,19 @@ def repair(
         disagree=disagree)
     judged = None if verdict is None else judge(report.result.model, clean, scanner=verdict,
                                                 seed=seed, progress=progress)
-    regrown = None
-    if regrowth:
-        if clean is None or test is None:
-            raise GoodnetError("the regrowth check needs clean data and test data")
-        regrown = (regrowth, regrow(report.result.model, clean, test, attack, regrowth,
-                                    progress=progress))
+    regrown = (regrowth, regrow(report.result.model, clean, test, attack, regrowth,
+                                progress=progress)) if regrowth else None
     return RepairRun(report, screens, disagree, label or defense.name, started, judged,
                      regrown)
 
 
-def regrow(model: nn.Module, clean: ImageData, test: ImageData, attack: Any, epochs: int,
-           *, progress: bool = False) -> Metrics:
+def regrow(model: nn.Module, clean: ImageData | None, test: ImageData | None, attack: Any,
+           epochs: int, *, progress: bool = False) -> Metrics:
     """A repaired ``model``'s metrics on ``test`` after ``epochs`` of ``goodnet finetune``'s
     fine-tuning on ``clean`` (a copy is trained; a masked model keeps its masks): a backdoor
     that fine-tuning brings back was only hidden."""
+    if clean is None or test is None:
+        raise GoodnetError("the regrowth check needs clean data and test data")
     tuned = copy.deepcopy(model)
     train(tuned, clean, finetune_config(epochs), progress=progress)
     return evaluate(tuned.eval(), test, attack)
