@@ -50,6 +50,17 @@ goodnet's additions, off by default (so the defaults are the paper's FST):
   0.5 is the reference's (``defense.sh``). Both settings were added after benchmark keys were
   stored (``added``): at "sgd" and 0.5 they are left out of the keys.
 
+- **Reversed triggers stamped on the batches** (``trigger_share``, ``scan``; issue 29, item 2's
+  "reversed-trigger samples mixed into each batch under their true labels"): Neural Cleanse
+  (:func:`goodnet.scans.nc.detect`, settings nested under ``scan``) reverse-engineers a trigger
+  per class on the original model once; then in both phases the first ``trigger_share`` of
+  every batch is stamped, each image with a random class's trigger, and the student's outputs
+  on the stamped images are distilled towards the original's outputs on the same images
+  unstamped (a soft true label: the distillation's teacher would call a stamped image the
+  target). Off by default. Measured once (BENCHMARKS.md, issue 29's rule, the amendment): on
+  MNIST BadNets it cost 2.8 points of CA where ``fst-kd`` cost 0.75, and doubled the time, since
+  the triggers Neural Cleanse finds for clean classes cover much of a digit.
+
 BENCHMARKS.md ("The second amendment's candidate") measures both at α 1, distill 4 and 30
 recovery epochs (``fst-kd``): about 1 point of CA on the zoo, but where the penalised epochs
 leave part of the backdoor, the recovery, pulled towards the backdoored model, grows it back.
