@@ -49,10 +49,22 @@ def summarise(cells: dict[tuple[str, str], dict[str, Any]]) -> dict[str, Any]:
         if asr <= ASR_BOUND and drop <= ROW_CA_BOUND + 1e-12:
             repaired[data] += 1
     seconds = [r["repair_seconds"] for r in cells.values()]
-    return {"rows": len(cells), "repaired": sum(repaired.values()), "by_data": dict(repaired),
+    # The regrowth check (issue 29): of the rows repaired, those still at ASR <= 2 % after the
+    # fine-tuning epochs the records carry (None where no record has one).
+    fixed = [r for r in cells.values() if _repaired(r)]
+    checked = [r for r in fixed if r.get("regrowth")]
+    held = (sum(r["regrowth"]["attack_success_rate"] <= ASR_BOUND for r in checked), len(checked)
+            ) if checked else None
+    return {"held": held, "rows": len(cells), "repaired": sum(repaired.values()),
+            "by_data": dict(repaired),
             "ca_drop": statistics.fmean(drops), "asr": statistics.fmean(asrs),
             "low_asr": sum(a <= ASR_BOUND for a in asrs),
             "seconds": statistics.median(seconds), "max_seconds": max(seconds)}
+
+
+def _repaired(record: dict[str, Any]) -> bool:
+    drop = record["before"]["clean_accuracy"] - record["after"]["clean_accuracy"]
+    return record["after"]["attack_success_rate"] <= ASR_BOUND and drop <= ROW_CA_BOUND + 1e-12
 
 
 def choose(table: dict[str, dict[str, Any]], full: int, ca_bound: float) -> tuple[str, str]:
@@ -86,6 +98,9 @@ def main() -> None:
         per = " | ".join(str(s["by_data"].get(d, 0)) for d in datas)
         print(f"| {name} | {s['rows']} | {s['repaired']} | {per} | {100 * s['ca_drop']:.2f} | "
               f"{100 * s['asr']:.1f} | {s['seconds']:.1f} |")
+        if s["held"] is not None:
+            print(f"  {name}: {s['held'][0]} of the {s['held'][1]} repaired rows keep ASR <= 2 % "
+                  "after the regrowth check")
     winner, bound = choose(table, full, args.ca_bound / 100)
     print(f"\nrule: {winner} (CA bound used: {bound}; rows in full: {full})")
     complete = {k: v for k, v in table.items() if v["rows"] == full}
