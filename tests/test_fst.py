@@ -119,7 +119,8 @@ def test_the_distillation_term_is_used(backdoored):
 
 @pytest.mark.parametrize("settings", [
     {"head_penalty": -1.0}, {"epochs": 0}, {"lr": 0.0}, {"distill": -1.0}, {"temperature": 0.0},
-    {"recover_epochs": -1}, {"recover_lr": 0.0}, {"distill": float("nan")}])
+    {"recover_epochs": -1}, {"recover_lr": 0.0}, {"distill": float("nan")},
+    {"augment": "rotate"}])
 def test_bad_settings_are_refused(settings):
     with pytest.raises(GoodnetError, match="fst"):
         make_defense("fst", settings)
@@ -184,3 +185,15 @@ def test_trigger_settings_stay_out_of_keys_at_their_defaults():
 def test_bad_trigger_settings_are_refused(settings):
     with pytest.raises(GoodnetError, match="fst: trigger_share"):
         make_defense("fst", settings)
+
+
+def test_augmented_batches_change_the_result_and_stay_out_of_keys(backdoored):
+    """``augment`` reaches the training loop (the same seed, other weights), and its default
+    leaves stored keys as they were."""
+    model, clean, _, _ = backdoored
+    config = FSTConfig(epochs=2, batch_size=32, distill=4.0)
+    plain = FST(config).repair(model, clean)
+    shifted = FST(dataclasses.replace(config, augment="crop")).repair(model, clean)
+    assert not torch.equal(plain.model.get_submodule("fc2").weight,
+                           shifted.model.get_submodule("fc2").weight)
+    assert "augment" not in key_names(FSTConfig, dataclasses.asdict(config))

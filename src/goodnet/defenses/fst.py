@@ -89,7 +89,7 @@ from goodnet.errors import GoodnetError
 from goodnet.masking import classifier_layer, get_linear
 from goodnet.methods import ReversedTrigger, ScanVerdict
 from goodnet.scans.nc import NCScanConfig
-from goodnet.train import Hooks, TrainConfig, train
+from goodnet.train import AUGMENTATIONS, Hooks, TrainConfig, train
 
 RECOVER_OPTIMIZERS = ("sgd", "pam")
 
@@ -124,11 +124,15 @@ class FSTConfig:
             needs ``distill`` > 0; 0: none, no scan).
         scan: the reverse-engineering settings (the ``nc`` scanner's), used when
             ``trigger_share`` > 0.
+        augment: augmentation of the clean batches in both phases (:mod:`goodnet.train`'s:
+            "none", "crop", "crop-flip"); the distillation's teacher sees the same augmented
+            images, so each epoch distils new views (goodnet's addition).
     """
 
     renamed: ClassVar[dict[str, str]] = {"alpha": "head_penalty"}
     added: ClassVar[dict[str, Any]] = {"recover_optimizer": "sgd", "pam_rho": 0.5,
-                                       "trigger_share": 0.0, "scan": NCScanConfig()}
+                                       "trigger_share": 0.0, "scan": NCScanConfig(),
+                                       "augment": "none"}
 
     head_penalty: float = 0.2
     epochs: int = 10
@@ -144,6 +148,7 @@ class FSTConfig:
     pam_rho: float = 0.5
     trigger_share: float = 0.0
     scan: NCScanConfig = NCScanConfig()  # noqa: RUF009 (frozen: one shared instance is safe)
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.head_penalty) or self.head_penalty < 0:
@@ -164,6 +169,8 @@ class FSTConfig:
         if not 0 <= self.trigger_share <= 1 or (self.trigger_share > 0 and not self.distill):
             raise GoodnetError("fst: trigger_share must be in [0, 1], and > 0 only with "
                                "distill > 0 (the stamped images are distilled)")
+        if self.augment not in AUGMENTATIONS:
+            raise GoodnetError(f"fst: augment must be one of {', '.join(AUGMENTATIONS)}")
 
 
 def find_head(model: nn.Module, example: torch.Tensor) -> str:
@@ -316,7 +323,7 @@ def _tuning(cfg: FSTConfig, epochs: int, lr: float) -> TrainConfig:
     """The training settings of either phase, the head's turn or the recovery: SGD with
     momentum 0.9, no weight decay, a cosine schedule."""
     return TrainConfig(epochs=epochs, batch_size=cfg.batch_size, lr=lr, momentum=0.9,
-                       weight_decay=0.0, schedule="cosine", seed=cfg.seed)
+                       weight_decay=0.0, schedule="cosine", seed=cfg.seed, augment=cfg.augment)
 
 
 def _recovery_hooks(cfg: FSTConfig, work: nn.Module, backdoored: nn.Module,
