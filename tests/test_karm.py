@@ -166,6 +166,7 @@ def test_unlearn_unlearns_the_fully_reversed_triggers_and_nc_the_flagged_one(man
     assert len(result.curve.points[-1].extra) == 1  # the watched triggers' success
     nc = NeuralCleanse(NCConfig(**quick, unlearn_epochs=1)).repair(model, clean)
     assert target in nc.notes["flagged"] and nc.scan.fully_reversed == result.scan.fully_reversed
+    assert nc.notes["fully_reversed"] == full
 
 
 def test_at_most_preselect_above_classes_every_class_is_reversed_as_before():

@@ -138,6 +138,8 @@ class NeuralCleanse(Defense[NCConfig]):
         triggers, flagged = list(scan.triggers), scan.targets
         notes = {"norms": [t.norm for t in triggers], "anomaly_index": list(scan.scores),
                  "success": [t.success for t in triggers], "flagged": list(flagged)}
+        if scan.fully_reversed:  # K-Arm's pre-selection: the classes reversed in full
+            notes["fully_reversed"] = list(scan.fully_reversed)
         points: list[Point] = [steps.measure(model, clean, 0, None)]
         if not flagged:
             return Repaired(model=work, curve=Curve("epoch", tuple(points), (("unchanged", 0),)),
