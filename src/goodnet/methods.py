@@ -114,6 +114,10 @@ class ScanVerdict:
             has one.
         triggers: the reverse-engineered trigger of each class, in class order, where the scan
             makes them.
+        fully_reversed: where the scan reverse-engineered only some classes in full (Neural
+            Cleanse with K-Arm's pre-selection), those classes; the others' triggers are
+            barely optimised (their success NaN, not measured) and their scores NaN. Empty:
+            every class's trigger is fully reversed.
     """
 
     backdoored: bool
@@ -122,6 +126,7 @@ class ScanVerdict:
     threshold: float = float("nan")
     scores: tuple[float, ...] = ()
     triggers: tuple[ReversedTrigger, ...] = ()
+    fully_reversed: tuple[int, ...] = ()
 
 
 def clean_or_blank(model: nn.Module, clean: ImageData | None) -> torch.Tensor:

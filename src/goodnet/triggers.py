@@ -30,13 +30,16 @@ def verdict_summary(verdict: ScanVerdict) -> dict[str, Any]:
     def number(value: float) -> float | None:
         return value if math.isfinite(value) else None
 
-    return {
+    summary: dict[str, Any] = {
         "backdoored": verdict.backdoored, "targets": list(verdict.targets),
         "score": number(verdict.score), "threshold": number(verdict.threshold),
         "scores": [number(s) for s in verdict.scores],
-        "triggers": [{"target": t.target, "norm": t.norm, "success": t.success}
+        "triggers": [{"target": t.target, "norm": t.norm, "success": number(t.success)}
                      for t in verdict.triggers],
     }
+    if verdict.fully_reversed:
+        summary["fully_reversed"] = list(verdict.fully_reversed)
+    return summary
 
 
 def save_triggers(path: str | os.PathLike[str], verdict: ScanVerdict) -> Path:
@@ -58,32 +61,38 @@ def load_triggers(path: str | os.PathLike[str]) -> ScanVerdict:
             triggers = tuple(
                 ReversedTrigger(int(t["target"]), handle.get_tensor(f"mask.{t['target']}"),
                                 handle.get_tensor(f"pattern.{t['target']}"),
-                                float(t["norm"]), float(t["success"]))
+                                float(t["norm"]), _number(t["success"]))
                 for t in summary["triggers"])
     except FileNotFoundError:
         raise GoodnetError(f"{path}: no such file") from None
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
         raise GoodnetError(f"{path}: not a goodnet triggers file ({error})") from None
 
-    def number(value: Any) -> float:
-        return float(value) if isinstance(value, int | float) else float("nan")
-
     return ScanVerdict(
         backdoored=bool(summary["backdoored"]),
         targets=tuple(int(t) for t in summary["targets"]),
-        score=number(summary["score"]), threshold=number(summary["threshold"]),
-        scores=tuple(number(s) for s in summary["scores"]), triggers=triggers)
+        score=_number(summary["score"]), threshold=_number(summary["threshold"]),
+        scores=tuple(_number(s) for s in summary["scores"]), triggers=triggers,
+        fully_reversed=tuple(int(k) for k in summary.get("fully_reversed", [])))
+
+
+def _number(value: Any) -> float:
+    """A stored number, None (JSON's NaN) as NaN."""
+    return float(value) if isinstance(value, int | float) else float("nan")
 
 
 def plot_triggers(path: str | os.PathLike[str], verdict: ScanVerdict) -> Path:
     """Each class's trigger (mask × pattern) with its mask norm and anomaly index, flagged
-    classes titled in red, as a PNG."""
+    classes titled in red, as a PNG; where the scan reversed only some classes in full (K-Arm's
+    pre-selection), those classes' alone."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    count = len(verdict.triggers)
+    shown = [t for t in verdict.triggers
+             if not verdict.fully_reversed or t.target in verdict.fully_reversed]
+    count = len(shown)
     if count == 0:
         raise GoodnetError("the scan made no triggers to plot")
     columns = min(count, 10)
@@ -92,7 +101,7 @@ def plot_triggers(path: str | os.PathLike[str], verdict: ScanVerdict) -> Path:
                                 squeeze=False)
     for axes in grid.flat:
         axes.axis("off")
-    for i, trigger in enumerate(verdict.triggers):
+    for i, trigger in enumerate(shown):
         axes = grid.flat[i]
         image = (trigger.mask * trigger.pattern).clamp(0, 1)
         if image.shape[0] == 1:

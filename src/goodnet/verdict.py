@@ -48,6 +48,9 @@ AUTO = "auto"  # the default scanner, on models of at most MAX_AUTO_CLASSES clas
 NONE = "none"
 # Reverse-engineering every class grows with their number (Neural Cleanse: about 3 s a class
 # for the small CNN here): above this, a verdict runs only where the user names a scanner.
+# Above 100 classes Neural Cleanse now pre-selects candidates (K-Arm), so its time is bounded,
+# but on the lab's 1283-class network a verdict would add a second scan of several minutes to
+# the repair (benchmarks/deepid_time.py); the default stays off there, --verdict nc asks.
 MAX_AUTO_CLASSES = 100
 
 

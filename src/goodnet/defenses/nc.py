@@ -8,7 +8,10 @@ bolunwang/backdoor ``visualizer.py`` and ``mad_outlier_detection.py``, and Backd
    :mod:`goodnet.scans.nc` for the method, the defaults' sources and its departures from the
    reference: 6 passes over the clean data instead of up to 1000, all classes optimised
    together, the cost starting at ``init_cost``). A trigger is reverse-engineered per class and
-   a class is flagged when its mask's anomaly index exceeds ``anomaly_threshold`` 2.
+   a class is flagged when its mask's anomaly index exceeds ``anomaly_threshold`` 2. On a
+   model of more than 100 classes only K-Arm's candidates and a random reference sample are
+   reversed in full (:mod:`goodnet.scans.karm`); the flagged classes are among them, and the
+   unlearning's trigger success is watched on the scan's 512 clean images, not all of them.
 3. **Unlearning.** If a class is flagged, a copy of the model is fine-tuned on the clean data in
    which ``unlearn_share`` 20 % of the images (a fixed random subset) carry a flagged class's
    reversed trigger and keep their true label. SGD, ``unlearn_lr`` 0.01, cosine schedule, batch 256,
@@ -45,7 +48,13 @@ from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps
 from goodnet.errors import GoodnetError
 from goodnet.methods import ReversedTrigger, ScanVerdict
-from goodnet.scans.nc import NCScanConfig, check_nc_settings, detect, trigger_success
+from goodnet.scans.nc import (
+    NCScanConfig,
+    check_nc_settings,
+    detect,
+    scan_data,
+    trigger_success,
+)
 from goodnet.train import Hooks, TrainConfig, train
 
 
@@ -69,11 +78,15 @@ class NCConfig:
         unlearn_lr: fine-tuning learning rate (SGD, momentum 0.9, weight decay 5e-4, cosine).
         unlearn_batch_size: fine-tuning batch size.
         seed: fixes the starting masks and patterns, batch orders and the stamped images.
+        candidates, preselect_above, warmup_steps, bandit_steps, bandit_epsilon,
+            reference_classes, preselect_images: K-Arm's pre-selection of candidate classes on a
+            model of many classes (the scanner's; see :mod:`goodnet.scans.karm`).
     """
 
-    # The detection settings are the scanner's, with its defaults and old names (one place for
-    # them).
+    # The detection settings are the scanner's, with its defaults, old names and added
+    # settings (one place for them).
     renamed: ClassVar[dict[str, str]] = dict(NCScanConfig.renamed)
+    added: ClassVar[dict[str, Any]] = dict(NCScanConfig.added)
 
     epochs: int = NCScanConfig.epochs
     batch_size: int = NCScanConfig.batch_size
@@ -89,6 +102,13 @@ class NCConfig:
     unlearn_lr: float = 0.01
     unlearn_batch_size: int = 256
     seed: int = NCScanConfig.seed
+    candidates: int = NCScanConfig.candidates
+    preselect_above: int = NCScanConfig.preselect_above
+    warmup_steps: int = NCScanConfig.warmup_steps
+    bandit_steps: int = NCScanConfig.bandit_steps
+    bandit_epsilon: float = NCScanConfig.bandit_epsilon
+    reference_classes: int = NCScanConfig.reference_classes
+    preselect_images: int = NCScanConfig.preselect_images
 
     def __post_init__(self) -> None:
         check_nc_settings(self, counts=(self.unlearn_epochs, self.unlearn_batch_size),
@@ -118,6 +138,8 @@ class NeuralCleanse(Defense[NCConfig]):
         triggers, flagged = list(scan.triggers), scan.targets
         notes = {"norms": [t.norm for t in triggers], "anomaly_index": list(scan.scores),
                  "success": [t.success for t in triggers], "flagged": list(flagged)}
+        if scan.fully_reversed:  # K-Arm's pre-selection: the classes reversed in full
+            notes["fully_reversed"] = list(scan.fully_reversed)
         points: list[Point] = [steps.measure(model, clean, 0, None)]
         if not flagged:
             return Repaired(model=work, curve=Curve("epoch", tuple(points), (("unchanged", 0),)),
@@ -130,7 +152,8 @@ class NeuralCleanse(Defense[NCConfig]):
                                cfg.seed)
         notes["unlearning_images"] = sum(len(g.indices) for g in data.groups)
         return unlearned(work, clean, data, scan, list(flagged), points, steps,
-                         unlearning_config(cfg), notes, progress)
+                         unlearning_config(cfg), notes, progress,
+                         probe=scan_data(clean, cfg.detection()))
 
 
 def unlearning_config(cfg: Any) -> TrainConfig:
@@ -142,16 +165,18 @@ def unlearning_config(cfg: Any) -> TrainConfig:
 
 def unlearned(work: nn.Module, clean: ImageData, data: PoisonedData, scan: ScanVerdict,
               watched: list[int] | None, points: list[Point], steps: Steps,
-              config: TrainConfig, notes: dict[str, Any], progress: bool) -> Repaired:
+              config: TrainConfig, notes: dict[str, Any], progress: bool,
+              probe: ImageData | None = None) -> Repaired:
     """Fine-tune ``work`` (in place) on ``data``, the stamped clean images; after each epoch
     the curve gets a point with the largest success of the ``watched`` classes' reversed
-    triggers (None: every class's). The repair's result: the unlearned model."""
+    triggers (None: every class's), measured on ``probe`` (default: ``clean``; the scan's
+    images where it pre-selected classes). The repair's result: the unlearned model."""
     mask = torch.stack([t.mask for t in scan.triggers])
     pattern = torch.stack([t.pattern for t in scan.triggers])
 
     def measure(epoch: int) -> None:
         work.eval()
-        still = trigger_success(work, clean, mask, pattern, watched)
+        still = trigger_success(work, clean if probe is None else probe, mask, pattern, watched)
         points.append(steps.measure(work, clean, epoch, None,
                                     extra=(("trigger_success", max(still)),)))
 

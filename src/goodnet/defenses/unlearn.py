@@ -24,7 +24,10 @@ per-image patterns, a low-frequency perturbation) is reversed only as the neares
 unlearning that patch need not remove the backdoor; BTI-DBF's generator of trigger-like
 transformations (``btidbf``, :mod:`goodnet.defenses.btidbf`) is the issue's answer to that.
 Its time is Neural Cleanse's, which grows with the number of classes (about 35 s for 10
-classes of the small CNN here).
+classes of the small CNN here). On a model of more than 100 classes the scan pre-selects
+candidate classes (K-Arm, :mod:`goodnet.scans.karm`) and fully reverses only those and a random
+reference sample; this defense then unlearns those classes' triggers alone (the others' are
+warm-up triggers, random half-image masks) and watches their success on the scan's clean images.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from goodnet.data.dataset import ImageData
 from goodnet.defenses.base import Defense, Point, Repaired, Steps
 from goodnet.defenses.nc import frozen_detect, unlearned, unlearning_config, unlearning_data
 from goodnet.errors import GoodnetError
-from goodnet.scans.nc import NCScanConfig
+from goodnet.scans.nc import NCScanConfig, scan_data
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,11 @@ class Unlearn(Defense[UnlearnConfig]):
         notes = {"norms": [t.norm for t in triggers], "anomaly_index": list(scan.scores),
                  "success": [t.success for t in triggers], "flagged": list(scan.targets)}
         flagged = [triggers[k] for k in scan.targets]
+        watched = None
+        if scan.fully_reversed:  # K-Arm's pre-selection: the others' triggers are warm-ups
+            watched = list(scan.fully_reversed)
+            triggers = [triggers[k] for k in watched]
+            notes["fully_reversed"] = watched
         if cfg.flagged_share > 0 and flagged:  # NC's unlearning, and every class besides
             data = unlearning_data(clean, flagged, cfg.flagged_share, cfg.seed,
                                    more=(triggers, cfg.unlearn_share))
@@ -103,6 +111,7 @@ class Unlearn(Defense[UnlearnConfig]):
             data = unlearning_data(clean, triggers, cfg.unlearn_share, cfg.seed)
         notes["unlearning_images"] = sum(len(g.indices) for g in data.groups)
         points: list[Point] = [steps.measure(model, clean, 0, None)]
-        return unlearned(work, clean, data, scan, None, points, steps, unlearning_config(cfg),
-                         notes, progress)
+        return unlearned(work, clean, data, scan, watched, points, steps,
+                         unlearning_config(cfg), notes, progress,
+                         probe=scan_data(clean, cfg.scan))
 

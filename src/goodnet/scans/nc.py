@@ -43,9 +43,13 @@ Departures, documented:
 Cost: ``epochs`` passes over the clean data, each stamping every image with every class's
 trigger (classes × images forward and backward passes per pass), so it grows with the class
 count; it needs clean data (a few hundred images). Prefer it when clean data is at hand and
-the classes are few (up to a few dozen); without data, or with hundreds of classes, prefer the
-data-free ``mm-bd``. Its statistic, ``score``, is the largest anomaly index (higher: more
-suspicious); ``notes`` keep every class's mask norm and trigger success.
+the classes are few (up to a few dozen); without data, prefer the data-free ``mm-bd``. On a
+model of more than ``preselect_above`` 100 classes it first picks ``candidates`` 10 classes
+with K-Arm's arm selection and reverses only those and ``reference_classes`` 10 random others
+in full, on ``preselect_images`` 512 clean images (:mod:`goodnet.scans.karm`, issue 29 item 6:
+the lab's 1283-class face network); at or below 100 classes nothing changes. Its statistic,
+``score``, is the largest anomaly index (higher: more suspicious); ``notes`` keep every class's
+mask norm and trigger success.
 """
 
 from __future__ import annotations
@@ -66,10 +70,10 @@ from goodnet.errors import GoodnetError
 from goodnet.methods import ReversedTrigger, ScanVerdict
 from goodnet.models import model_device
 from goodnet.scans.base import Scanned, Scanner
+from goodnet.scans.karm import select_arms
+from goodnet.scans.stamping import IMAGES_PER_PASS, random_start, squash, stamp
 
-EPSILON = 1e-7  # keeps tanh space away from ±1 (the reference's K.epsilon())
 CONSISTENCY = 1.4826  # MAD of a normal distribution's sample → its standard deviation
-IMAGES_PER_PASS = 128  # stamped images per forward pass (classes are chunked to stay below)
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +95,29 @@ class NCScanConfig:
         early_stop_patience: passes without a 1 % better norm before a class stops.
         anomaly_threshold: anomaly index above which a class is flagged.
         seed: fixes the starting masks and patterns and the batch orders.
+        candidates: on a model of more than ``preselect_above`` classes, how many classes K-Arm's
+            arm selection (:mod:`goodnet.scans.karm`) keeps for the full reverse engineering;
+            0: every class, always (no pre-selection).
+        preselect_above: the pre-selection runs only on models of more classes than this; at or
+            below it every class is reverse-engineered, as before the pre-selection existed.
+        warmup_steps: K-Arm's warm-up: optimiser steps every class's trigger gets before the
+            bandit (one batch each).
+        bandit_steps: the bandit's optimiser steps after the warm-up, one class each (rounded
+            up to whole rounds of ``128 / batch_size`` classes).
+        bandit_epsilon: the bandit's share of steps given to a class drawn at random.
+        reference_classes: classes drawn at random among the others, reverse-engineered in full
+            beside the candidates; their norms alone set the median and MAD of the anomaly
+            index.
+        preselect_images: clean images (drawn with ``seed``) the pre-selected reverse
+            engineering uses, when there are more.
     """
 
     renamed: ClassVar[dict[str, str]] = {"lr": "trigger_lr"}
+    # Added with the pre-selection (issue 29, item 6); at these values a model of at most 100
+    # classes (every stored key's) is scanned bit for bit as before, so keys leave them out.
+    added: ClassVar[dict[str, Any]] = {
+        "candidates": 10, "preselect_above": 100, "warmup_steps": 2, "bandit_steps": 512,
+        "bandit_epsilon": 0.3, "reference_classes": 10, "preselect_images": 512}
 
     epochs: int = 6
     batch_size: int = 32
@@ -105,6 +129,13 @@ class NCScanConfig:
     early_stop_patience: int = 25
     anomaly_threshold: float = 2.0
     seed: int = 0
+    candidates: int = 10
+    preselect_above: int = 100
+    warmup_steps: int = 2
+    bandit_steps: int = 512
+    bandit_epsilon: float = 0.3
+    reference_classes: int = 10
+    preselect_images: int = 512
 
     def __post_init__(self) -> None:
         check_nc_settings(self)
@@ -134,21 +165,17 @@ def check_nc_settings(cfg: Any, counts: Sequence[int] = (), rates: Sequence[floa
         (0 < cfg.success_threshold <= 1, "success_threshold must be in (0, 1]"),
         (math.isfinite(cfg.anomaly_threshold) and cfg.anomaly_threshold >= 0,
          "anomaly_threshold must be a finite number >= 0"),
+        (min(cfg.candidates, cfg.preselect_above, cfg.bandit_steps) >= 0
+         and min(cfg.warmup_steps, cfg.preselect_images) >= 1,
+         "candidates, preselect_above and bandit_steps must be >= 0, warmup_steps and "
+         "preselect_images positive"),
+        (cfg.reference_classes >= 3, "reference_classes must be at least 3 (a median and MAD)"),
+        (0 <= cfg.bandit_epsilon <= 1, "bandit_epsilon must be in [0, 1]"),
         *more,
     ]
     for ok, message in checks:
         if not ok:
             raise GoodnetError(f"nc: {message}")
-
-
-def _squash(w: torch.Tensor) -> torch.Tensor:
-    return torch.tanh(w) / (2 - EPSILON) + 0.5
-
-
-def _stamp(x: torch.Tensor, mask: torch.Tensor, pattern: torch.Tensor) -> torch.Tensor:
-    """``x`` (B, C, H, W) stamped with each of ``k`` triggers: (k·B, C, H, W), class-major."""
-    stamped = (1 - mask).unsqueeze(1) * x.unsqueeze(0) + (mask * pattern).unsqueeze(1)
-    return stamped.flatten(0, 1)
 
 
 @dataclass
@@ -191,26 +218,31 @@ class _Schedule:
 
 
 def reverse_engineer(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
-                     progress: bool = False) -> list[ReversedTrigger]:
-    """Every class's smallest trigger on ``clean`` (``model`` in eval mode, not modified)."""
+                     progress: bool = False, classes: Sequence[int] | None = None
+                     ) -> list[ReversedTrigger]:
+    """Every class's smallest trigger on ``clean`` (``model`` in eval mode, not modified);
+    ``classes``: only these, in that order (each starts where it would among all classes)."""
     device = model_device(model)
-    classes = clean.num_classes
+    chosen = list(range(clean.num_classes)) if classes is None else list(classes)
+    count = len(chosen)
+    labels = torch.tensor(chosen, device=device)
     generator = torch.Generator().manual_seed(cfg.seed)
-    mask_w, pattern_w = _random_start(classes, clean.image_shape, generator, device)
+    mask_w, pattern_w = random_start(clean.num_classes, clean.image_shape, generator, device,
+                                      None if classes is None else chosen)
     optimizer = torch.optim.Adam([mask_w, pattern_w], lr=cfg.trigger_lr, betas=(0.5, 0.9))
-    schedules = [_Schedule(cfg.init_cost) for _ in range(classes)]
-    best_mask, best_pattern = _squash(mask_w).detach(), _squash(pattern_w).detach()
-    reached = [False] * classes
+    schedules = [_Schedule(cfg.init_cost) for _ in range(count)]
+    best_mask, best_pattern = squash(mask_w).detach(), squash(pattern_w).detach()
+    reached = [False] * count
     for _ in tqdm(range(cfg.epochs), disable=not progress, desc="nc: reverse engineering",
                   leave=False):
-        active = [k for k in range(classes) if not schedules[k].done]
+        active = [k for k in range(count) if not schedules[k].done]
         if not active:
             break
         cost = torch.tensor([s.cost for s in schedules], device=device)
         hits, norm_sum, seen, steps = _one_pass(model, clean, cfg, generator, active, cost,
-                                                (mask_w, pattern_w), optimizer)
+                                                (mask_w, pattern_w), optimizer, labels)
         with torch.no_grad():
-            mask_now, pattern_now = _squash(mask_w), _squash(pattern_w)
+            mask_now, pattern_now = squash(mask_w), squash(pattern_w)
         for k in active:
             if schedules[k].update(float(hits[k]) / seen, float(norm_sum[k]) / steps, cfg):
                 best_mask[k], best_pattern[k], reached[k] = mask_now[k], pattern_now[k], True
@@ -218,32 +250,21 @@ def reverse_engineer(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
                 best_mask[k], best_pattern[k] = mask_now[k], pattern_now[k]
         if log.isEnabledFor(logging.DEBUG):
             log.debug("nc pass: success %s, best norms %s",
-                      [round(float(hits[k]) / seen, 3) for k in range(classes)],
-                      [round(float(best_mask[k].sum()), 1) for k in range(classes)])
-    success = trigger_success(model, clean, best_mask, best_pattern)
-    return [ReversedTrigger(k, best_mask[k].cpu(), best_pattern[k].cpu(),
-                            float(best_mask[k].sum()), success[k]) for k in range(classes)]
-
-
-def _random_start(classes: int, shape: tuple[int, int, int], generator: torch.Generator,
-                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The unsquashed weights of a random mask and pattern per class, to optimise."""
-    channels, height, width = shape
-    start_mask = torch.rand(classes, 1, height, width, generator=generator)
-    start_pattern = torch.rand(classes, channels, height, width, generator=generator)
-    # The inverse of _squash, so that the random start is the mask and pattern in [0, 1].
-    mask_w = torch.atanh((start_mask - 0.5) * (2 - EPSILON)).to(device).requires_grad_()
-    pattern_w = torch.atanh((start_pattern - 0.5) * (2 - EPSILON)).to(device).requires_grad_()
-    return mask_w, pattern_w
+                      [round(float(hits[k]) / seen, 3) for k in range(count)],
+                      [round(float(best_mask[k].sum()), 1) for k in range(count)])
+    success = trigger_success(model, clean, best_mask, best_pattern, labels=chosen)
+    return [ReversedTrigger(chosen[k], best_mask[k].cpu(), best_pattern[k].cpu(),
+                            float(best_mask[k].sum()), success[k]) for k in range(count)]
 
 
 def _one_pass(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
               generator: torch.Generator, active: list[int], cost: torch.Tensor,
-              weights: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer
-              ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """One pass over ``clean`` optimising the triggers of the ``active`` classes (a chunk of
-    classes per forward pass); returns per class the triggered images sent to it and the sum
-    of its mask norms, and the images and steps of the pass."""
+              weights: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer,
+              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """One pass over ``clean`` optimising the triggers of the ``active`` rows (a chunk of
+    rows per forward pass; row ``i`` is class ``labels[i]``'s trigger); returns per row the
+    triggered images sent to its class and the sum of its mask norms, and the images and
+    steps of the pass."""
     mask_w, pattern_w = weights
     device = mask_w.device
     classes = len(cost)
@@ -256,9 +277,9 @@ def _one_pass(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
         optimizer.zero_grad(set_to_none=True)
         for first in range(0, len(active), chunk):
             ks = torch.tensor(active[first:first + chunk], device=device)
-            mask, pattern = _squash(mask_w[ks]), _squash(pattern_w[ks])
-            logits = model(_stamp(x, mask, pattern))
-            targets = ks.repeat_interleave(len(x))
+            mask, pattern = squash(mask_w[ks]), squash(pattern_w[ks])
+            logits = model(stamp(x, mask, pattern))
+            targets = labels[ks].repeat_interleave(len(x))
             ce = F.cross_entropy(logits, targets, reduction="none").view(len(ks), -1)
             norms = mask.sum((1, 2, 3))
             (ce.mean(1) + cost[ks] * norms).sum().backward()
@@ -271,31 +292,36 @@ def _one_pass(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
 
 @torch.no_grad()
 def trigger_success(model: nn.Module, clean: ImageData, mask: torch.Tensor,
-                    pattern: torch.Tensor, classes: list[int] | None = None) -> list[float]:
-    """Per class ``k`` (of ``classes``, default all), the share of the clean images of other
-    classes that trigger ``k`` sends to ``k``."""
+                    pattern: torch.Tensor, classes: list[int] | None = None, *,
+                    labels: Sequence[int] | None = None) -> list[float]:
+    """Per row ``k`` of ``mask`` and ``pattern`` (of ``classes``, default all), the share of
+    the clean images of other classes that trigger ``k`` sends to its class: ``labels[k]``
+    (default ``k``)."""
     device = model_device(model)
     classes = list(range(len(mask))) if classes is None else classes
     rows = torch.tensor(classes, device=mask.device)  # the triggers may be on the CPU
     mask, pattern = mask[rows].to(device), pattern[rows].to(device)
-    ks = rows.to(device)
+    ks = rows.to(device) if labels is None else \
+        torch.tensor(labels, device=device)[rows.to(device)]
     hits = torch.zeros(len(ks), device=device)
     others = torch.zeros(len(ks), device=device)
     chunk = max(1, IMAGES_PER_PASS // 32)
     for x, y in batches(clean, 32, device=device):
         for first in range(0, len(ks), chunk):
             part = slice(first, first + chunk)
-            predicted = model(_stamp(x, mask[part], pattern[part])).argmax(1).view(-1, len(x))
+            predicted = model(stamp(x, mask[part], pattern[part])).argmax(1).view(-1, len(x))
             eligible = y.unsqueeze(0) != ks[part].unsqueeze(1)
             hits[part] += ((predicted == ks[part].unsqueeze(1)) & eligible).sum(1).float()
             others[part] += eligible.sum(1).float()
     return [float(h / o) if o > 0 else 0.0 for h, o in zip(hits, others, strict=True)]
 
 
-def anomaly_indices(norms: torch.Tensor) -> torch.Tensor:
-    """``(median - norm) / (1.4826 · MAD)`` per class (numpy's median, as the reference)."""
-    median = torch.quantile(norms, 0.5)
-    mad = CONSISTENCY * torch.quantile((norms - median).abs(), 0.5)
+def anomaly_indices(norms: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+    """``(median - norm) / (1.4826 · MAD)`` per class (numpy's median, as the reference), the
+    median and MAD taken over the ``reference`` norms (default: ``norms``)."""
+    reference = norms if reference is None else reference
+    median = torch.quantile(reference, 0.5)
+    mad = CONSISTENCY * torch.quantile((reference - median).abs(), 0.5)
     if mad > 0:
         return (median - norms) / mad
     return torch.sign(median - norms) * torch.where(norms == median, 0.0, math.inf)
@@ -305,7 +331,10 @@ def detect(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
            progress: bool = False) -> ScanVerdict:
     """Steps 1 and 2, what the scanner and the ``nc`` repair share: every class's reversed
     trigger on ``clean`` and the classes whose anomaly index exceeds ``anomaly_threshold``
-    (``model`` in eval mode, its parameters frozen; not modified)."""
+    (``model`` in eval mode, its parameters frozen; not modified). On a model of more than
+    ``preselect_above`` classes, K-Arm's pre-selection first (:mod:`goodnet.scans.karm`)."""
+    if preselects(cfg, clean.num_classes):
+        return preselected_detect(model, clean, cfg, progress)
     triggers = reverse_engineer(model, clean, cfg, progress)
     norms = torch.tensor([t.norm for t in triggers], dtype=torch.float64)
     index = anomaly_indices(norms)
@@ -313,6 +342,51 @@ def detect(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
     return ScanVerdict(backdoored=bool(flagged), targets=flagged, score=float(index.max()),
                        threshold=cfg.anomaly_threshold, scores=tuple(float(v) for v in index),
                        triggers=tuple(triggers))
+
+
+def preselects(cfg: NCScanConfig, classes: int) -> bool:
+    """Whether a scan of a model of ``classes`` classes pre-selects its candidates."""
+    return classes > cfg.preselect_above and 0 < cfg.candidates < classes
+
+
+def scan_data(clean: ImageData, cfg: NCScanConfig) -> ImageData:
+    """The clean images the reverse engineering uses: all of them, or with the pre-selection
+    at most ``preselect_images`` of them (drawn with ``seed``; the repairs measure the
+    triggers' success on the same)."""
+    if not preselects(cfg, clean.num_classes) or len(clean) <= cfg.preselect_images:
+        return clean
+    order = torch.randperm(len(clean), generator=torch.Generator().manual_seed(cfg.seed))
+    return clean.subset(order[:cfg.preselect_images].sort().values)
+
+
+def preselected_detect(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
+                       progress: bool = False) -> ScanVerdict:
+    """Steps 1 and 2 on the candidates of K-Arm's arm selection and a random reference sample
+    of classes, on :func:`scan_data` (the method, its steps 4 and 5, and why the median and MAD
+    come from the reference classes alone: :mod:`goodnet.scans.karm`)."""
+    data = scan_data(clean, cfg)
+    arms = select_arms(model, data, cfg, progress)
+    candidates = arms.ranked[:cfg.candidates]
+    others = sorted(arms.ranked[cfg.candidates:])
+    draw = torch.randperm(len(others), generator=torch.Generator().manual_seed(cfg.seed))
+    reference = sorted(others[int(i)] for i in draw[:cfg.reference_classes])
+    full = sorted(candidates + reference)
+    reversed_ = {t.target: t for t in reverse_engineer(model, data, cfg, progress, full)}
+    norms = torch.tensor([reversed_[k].norm for k in full], dtype=torch.float64)
+    index = anomaly_indices(norms, torch.tensor([reversed_[k].norm for k in reference],
+                                                dtype=torch.float64))
+    scores = [math.nan] * clean.num_classes
+    for k, value in zip(full, index.tolist(), strict=True):
+        scores[k] = value
+    # The other classes keep their warm-up-and-bandit trigger, its success not measured.
+    triggers = tuple(
+        reversed_[k] if k in reversed_ else
+        ReversedTrigger(k, arms.mask[k], arms.pattern[k], float(arms.mask[k].sum()), math.nan)
+        for k in range(clean.num_classes))
+    flagged = tuple(k for k in full if scores[k] > cfg.anomaly_threshold)
+    return ScanVerdict(backdoored=bool(flagged), targets=flagged, score=float(index.max()),
+                       threshold=cfg.anomaly_threshold, scores=tuple(scores),
+                       triggers=triggers, fully_reversed=tuple(full))
 
 
 class NCScanner(Scanner[NCScanConfig]):
