@@ -17,7 +17,7 @@ from goodnet.methods import ReversedTrigger
 from goodnet.metrics import evaluate
 from goodnet.models import ModelSpec, build_model
 from goodnet.scans.nc import NCScanConfig
-from goodnet.settings import key_names
+from goodnet.settings import key_names, stored
 from tests.conftest import Planted, halves, tiny_keras_graph
 
 FAST = FSTConfig(epochs=20, batch_size=32)
@@ -174,9 +174,9 @@ def test_fst_with_stamped_triggers_scans_once_and_repeats_itself(backdoored):
 
 
 def test_trigger_settings_stay_out_of_keys_at_their_defaults():
-    defaults = dataclasses.asdict(FSTConfig())
+    defaults = stored(FSTConfig())
     assert {"trigger_share", "scan"}.isdisjoint(key_names(FSTConfig, defaults))
-    stamped = key_names(FSTConfig, dataclasses.asdict(STAMPED))
+    stamped = key_names(FSTConfig, stored(STAMPED))
     assert stamped["trigger_share"] == 0.3 and stamped["scan"]["epochs"] == 2
 
 
@@ -196,4 +196,4 @@ def test_augmented_batches_change_the_result_and_stay_out_of_keys(backdoored):
     shifted = FST(dataclasses.replace(config, augment="crop")).repair(model, clean)
     assert not torch.equal(plain.model.get_submodule("fc2").weight,
                            shifted.model.get_submodule("fc2").weight)
-    assert "augment" not in key_names(FSTConfig, dataclasses.asdict(config))
+    assert "augment" not in key_names(FSTConfig, stored(config))

@@ -72,10 +72,24 @@ def key_names(cls: type, settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """A nested settings dataclass as the dict a stored key holds it as."""
+    """A nested settings dataclass as the dict a stored key holds it as, its added settings at
+    their old-behaviour values left out; any other value as it is."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
+        before = added(type(value))
+        return {k: v for k, v in stored(value).items() if not (k in before and v == before[k])}
     return value
+
+
+def stored(config: Any) -> dict[str, Any]:
+    """``config``'s settings as plain values, as a stored key holds them: a nested settings
+    dataclass (``unlearn``'s ``scan``) as a dict without its added settings
+    (:func:`added`) at their old-behaviour values, so a setting added to it keeps old keys."""
+    plain: dict[str, Any] = dataclasses.asdict(config)
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            plain[f.name] = _plain(value)
+    return plain
 
 
 def pairs_to_dict(pairs: Sequence[str], what: str) -> dict[str, str]:

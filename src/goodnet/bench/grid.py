@@ -78,7 +78,7 @@ from goodnet.errors import GoodnetError
 from goodnet.models import MODELS
 from goodnet.paths import require_regular_file
 from goodnet.scans import SCANNERS
-from goodnet.settings import added, build_settings, check_settings, key_names
+from goodnet.settings import build_settings, check_settings, key_names, stored
 from goodnet.train import TrainConfig
 from goodnet.verdict import AUTO, NONE
 from goodnet.zoo import data_folder
@@ -189,24 +189,11 @@ def resolved(config: Any) -> dict[str, Any]:
     (each step's name and resolved settings) under ``parts``. Nested settings (a field
     holding a settings dataclass, ``unlearn``'s ``scan``) keep their names as they always
     did, less a setting added to them at its old-behaviour value."""
-    settings = key_names(type(config), _nested(config))
+    settings = key_names(type(config), _jsonable(stored(config)))
     parts = getattr(config, "parts", None)
     if callable(parts):
         settings["parts"] = [[name, resolved(part)] for name, part in parts()]
     return settings
-
-
-def _nested(config: Any) -> dict[str, Any]:
-    """``config``'s settings as plain values, and a nested settings dataclass's without its
-    added settings (:func:`goodnet.settings.added`) at their old-behaviour values."""
-    plain: dict[str, Any] = _jsonable(dataclasses.asdict(config))
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
-            before = added(type(value))
-            plain[f.name] = {k: v for k, v in _nested(value).items()
-                             if not (k in before and v == before[k])}
-    return plain
 
 
 def _jsonable(value: Any) -> Any:
