@@ -154,7 +154,7 @@ def test_the_stamped_term_pulls_stamped_outputs_to_the_clean_ones(backdoored):
     for with_stamps in (None, stamps):
         distiller = Distiller(student, model, 1.0, 2.0, with_stamps)
         student(x)
-        losses.append(float(distiller(x)))
+        losses.append(distiller(x).item())
         distiller.close()
     assert losses[0] == pytest.approx(0.0, abs=1e-6) and losses[1] > 0.5
 
