@@ -312,11 +312,14 @@ class FST(Defense[FSTConfig]):
 def _reversed(model: nn.Module, clean: ImageData, cfg: FSTConfig, progress: bool
               ) -> tuple[ScanVerdict | None, Stamps | None]:
     """With ``trigger_share``: Neural Cleanse's scan of (a copy of) the original model, and its
-    triggers, one per class, to stamp on each batch."""
+    triggers, one per class (above 100 classes, those of the classes K-Arm's pre-selection
+    reversed in full; the others are warm-ups), to stamp on each batch."""
     if not cfg.trigger_share:
         return None, None
     scan = frozen_detect(copy.deepcopy(model).eval(), clean, cfg.scan, progress)
-    return scan, Stamps(list(scan.triggers), cfg.trigger_share, cfg.seed)
+    full = set(scan.fully_reversed)
+    triggers = [t for t in scan.triggers if not full or t.target in full]
+    return scan, Stamps(triggers, cfg.trigger_share, cfg.seed)
 
 
 def _tuning(cfg: FSTConfig, epochs: int, lr: float) -> TrainConfig:
