@@ -11,9 +11,10 @@ import torch
 
 from goodnet.data.dataset import batches
 from goodnet.defenses import FST, FSTConfig, make_defense
+from goodnet.defenses import fst as fst_module
 from goodnet.defenses.fst import Distiller, Stamps, find_head
 from goodnet.errors import GoodnetError
-from goodnet.methods import ReversedTrigger
+from goodnet.methods import ReversedTrigger, ScanVerdict
 from goodnet.metrics import evaluate
 from goodnet.models import ModelSpec, build_model
 from goodnet.scans.nc import NCScanConfig
@@ -197,3 +198,18 @@ def test_augmented_batches_change_the_result_and_stay_out_of_keys(backdoored):
     assert not torch.equal(plain.model.get_submodule("fc2").weight,
                            shifted.model.get_submodule("fc2").weight)
     assert "augment" not in key_names(FSTConfig, stored(config))
+
+
+def test_only_fully_reversed_triggers_are_stamped_when_the_scan_preselected(backdoored,
+                                                                            monkeypatch):
+    """Above 100 classes the scan reverses some classes in full and leaves the others'
+    warm-up triggers; only the former are stamped."""
+    _, clean, _, _ = backdoored
+    shape = clean.image_shape
+    triggers = tuple(ReversedTrigger(k, torch.full((1, *shape[1:]), 0.1 * (k + 1)),
+                                     torch.ones(shape), 1.0, 1.0) for k in range(3))
+    for full, expected in (((1,), [0.2]), ((), [0.1, 0.2, 0.3])):
+        verdict = ScanVerdict(False, triggers=triggers, fully_reversed=full)
+        monkeypatch.setattr(fst_module, "frozen_detect", lambda *_, v=verdict: v)
+        _, stamps = fst_module._reversed(torch.nn.Identity(), clean, STAMPED, False)
+        assert [round(float(m.max()), 3) for m in stamps.mask] == expected
