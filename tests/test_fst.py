@@ -147,8 +147,10 @@ def test_the_stamped_term_pulls_stamped_outputs_to_the_clean_ones(backdoored):
     trigger. Stamps land on the first share of the batch, reproducibly."""
     model, clean, _, attack = backdoored
     x, _ = next(iter(batches(clean, 32)))
-    stamps = Stamps([_true_trigger(attack, clean.image_shape)], 0.25, seed=0)
-    assert stamps.count(32) == 8 and torch.equal(stamps(x), Stamps(
+    stamps_of = [_true_trigger(attack, clean.image_shape)]
+    stamps = Stamps(stamps_of, 0.25, seed=0)
+    assert stamps.count(32) == 8 and Stamps(stamps_of, 0.01, seed=0).count(32) == 1
+    assert torch.equal(stamps(x), Stamps(
         [_true_trigger(attack, clean.image_shape)], 0.25, seed=0)(x))
     student = copy.deepcopy(model).eval()
     losses = []
@@ -172,6 +174,10 @@ def test_fst_with_stamped_triggers_scans_once_and_repeats_itself(backdoored):
     again = FST(STAMPED).repair(model, clean)
     assert torch.equal(again.model.get_submodule("fc2").weight,
                        result.model.get_submodule("fc2").weight)
+    unstamped = FST(dataclasses.replace(STAMPED, trigger_share=0.0, scan=NCScanConfig())
+                    ).repair(model, clean)  # the same seed and distillation, nothing stamped
+    assert not torch.equal(unstamped.model.get_submodule("fc2").weight,
+                           result.model.get_submodule("fc2").weight)
 
 
 def test_trigger_settings_stay_out_of_keys_at_their_defaults():
@@ -182,9 +188,10 @@ def test_trigger_settings_stay_out_of_keys_at_their_defaults():
 
 
 @pytest.mark.parametrize("settings", [{"trigger_share": 0.2}, {"trigger_share": 1.5,
-                                                                "distill": 1.0}])
+                                                                "distill": 1.0},
+                                      {"scan": {"epochs": 2}}])
 def test_bad_trigger_settings_are_refused(settings):
-    with pytest.raises(GoodnetError, match="fst: trigger_share"):
+    with pytest.raises(GoodnetError, match=r"fst: (trigger_share|scan)"):
         make_defense("fst", settings)
 
 

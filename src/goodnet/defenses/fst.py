@@ -58,8 +58,10 @@ goodnet's additions, off by default (so the defaults are the paper's FST):
   on the stamped images are distilled towards the original's outputs on the same images
   unstamped (a soft true label: the distillation's teacher would call a stamped image the
   target). Off by default. Measured once (BENCHMARKS.md, issue 29's rule, the amendment): on
-  MNIST BadNets it cost 2.8 points of CA where ``fst-kd`` cost 0.75, and doubled the time, since
-  the triggers Neural Cleanse finds for clean classes cover much of a digit.
+  MNIST BadNets it cost 2.8 points of CA where ``fst-kd`` cost 0.75, and doubled the time. Why
+  is not diagnosed: the triggers Neural Cleanse finds for clean classes cover much of a digit,
+  and the stamped images run their own forward pass in training mode, so BatchNorm normalises
+  them by their own statistics and updates its running statistics a second time each step.
 
 BENCHMARKS.md ("The second amendment's candidate") measures both at α 1, distill 4 and 30
 recovery epochs (``fst-kd``): about 1 point of CA on the zoo, but where the penalised epochs
@@ -169,6 +171,8 @@ class FSTConfig:
         if not 0 <= self.trigger_share <= 1 or (self.trigger_share > 0 and not self.distill):
             raise GoodnetError("fst: trigger_share must be in [0, 1], and > 0 only with "
                                "distill > 0 (the stamped images are distilled)")
+        if not self.trigger_share and self.scan != NCScanConfig():
+            raise GoodnetError("fst: scan settings are used only with trigger_share > 0")
         if self.augment not in AUGMENTATIONS:
             raise GoodnetError(f"fst: augment must be one of {', '.join(AUGMENTATIONS)}")
 
@@ -199,8 +203,8 @@ class Stamps:
         self.generator = torch.Generator().manual_seed(seed)
 
     def count(self, batch: int) -> int:
-        """How many images of a batch of ``batch`` are stamped."""
-        return round(self.share * batch)
+        """How many images of a batch of ``batch`` are stamped (at least one)."""
+        return max(1, round(self.share * batch))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The first :meth:`count` images of ``x``, each stamped with a random class's
