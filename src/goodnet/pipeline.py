@@ -80,7 +80,8 @@ class RepairRecord:
         curve_marks: the curve step of each variant.
         repair_seconds: the defense's own time, the curve's evaluation left out.
         evaluation_seconds: the time the curve's evaluation took during the repair.
-        measure_seconds: ``seconds`` less ``repair_seconds``: loading, calibrating, measuring.
+        measure_seconds: ``seconds`` less ``repair_seconds``: loading, calibrating, measuring,
+            and the verdict's scan and the regrowth check where asked.
         seconds: the wall time of the whole run (the command, or the benchmark cell).
         regrowth: the regrowth check, where one was asked: the chosen variant's metrics after
             ``epochs`` of ``goodnet finetune``'s fine-tuning on the clean data.
@@ -289,8 +290,8 @@ def repair(
 def regrow(model: nn.Module, clean: ImageData | None, test: ImageData | None, attack: Any,
            epochs: int, *, progress: bool = False) -> Metrics:
     """A repaired ``model``'s metrics on ``test`` after ``epochs`` of ``goodnet finetune``'s
-    fine-tuning on ``clean`` (a copy is trained; a masked model keeps its masks): a backdoor
-    that fine-tuning brings back was only hidden."""
+    fine-tuning on ``clean`` (its defaults: lr 0.01, batch 64, seed 0; a copy is trained, and a
+    masked model keeps its masks): a backdoor that fine-tuning brings back was only hidden."""
     if clean is None or test is None:
         raise GoodnetError("the regrowth check needs clean data and test data")
     tuned = copy.deepcopy(model)
