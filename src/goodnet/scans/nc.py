@@ -368,6 +368,10 @@ def preselected_detect(model: nn.Module, clean: ImageData, cfg: NCScanConfig,
     arms = select_arms(model, data, cfg, progress)
     candidates = arms.ranked[:cfg.candidates]
     others = sorted(arms.ranked[cfg.candidates:])
+    if len(others) < 3:
+        raise GoodnetError(f"nc: {clean.num_classes} classes leave {len(others)} reference "
+                           f"classes beside {cfg.candidates} candidates; at least 3 are needed "
+                           "(lower candidates)")
     draw = torch.randperm(len(others), generator=torch.Generator().manual_seed(cfg.seed))
     reference = sorted(others[int(i)] for i in draw[:cfg.reference_classes])
     full = sorted(candidates + reference)
