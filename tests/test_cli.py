@@ -674,3 +674,16 @@ def test_bad_detector_options_get_one_line(pruned_repair, trained, tmp_path, cap
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--regrowth", "-1"], "--regrowth must be 0 or more epochs"),
+    (["--regrowth", "2"], "--regrowth needs clean data (--clean) and test data (--test)")])
+def test_a_regrowth_check_without_its_data_is_one_line(trained, npz_pair, tmp_path, capsys,
+                                                        extra, message):
+    out = tmp_path / "nothing"
+    assert main(["repair", str(trained), "--defense", "prune", "--clean", str(npz_pair[0]),
+                 *extra, "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err
+    assert not out.exists()

@@ -114,9 +114,10 @@ def cmd_repair(args: argparse.Namespace) -> int:
     if detectors and clean is not None:  # refused before anything is written
         calibration_count(len(detectors), len(clean), args.false_alarm, args.confidence,
                           args.calibration)
+    test_name = args.test or (args.clean if args.clean in DATASETS else None)
+    regrowth = _regrowth(args, clean is not None, test_name is not None)
     check_writable(Path(args.out) / "repair.json")
     test = None
-    test_name = args.test or (args.clean if args.clean in DATASETS else None)
     if test_name is not None:
         test = data_for(spec, test_name, "test", args.data_root)
     poisoned = poisoned_from_args(args, spec)
@@ -128,7 +129,7 @@ def cmd_repair(args: argparse.Namespace) -> int:
                  false_alarm=args.false_alarm, confidence=args.confidence,
                  calibration=args.calibration, seed=args.clean_seed, clean_caveat=caveat,
                  name=str(args.model), curve_limit=args.curve_limit, verdict=verdict,
-                 regrowth=_regrowth(args, clean, test), progress=args.progress)
+                 regrowth=regrowth, progress=args.progress)
     written = write_repair(Path(args.out), run, loaded.model, loaded.card,
                            run.outcome(started))
     _print_run(args, run, defense, clean, test is not None, spec.num_classes)
@@ -148,12 +149,12 @@ def _check_layers(args: argparse.Namespace, model: nn.Module) -> None:
                 from None
 
 
-def _regrowth(args: argparse.Namespace, clean: ImageData | None, test: ImageData | None
-              ) -> int:
-    """``--regrowth``, checked: a whole number, and clean and test data to use it on."""
+def _regrowth(args: argparse.Namespace, clean: bool, test: bool) -> int:
+    """``--regrowth``, checked before anything is written: a whole number, and clean and test
+    data to use it on."""
     if args.regrowth < 0:
         raise GoodnetError(f"--regrowth must be 0 or more epochs, got {args.regrowth}")
-    if args.regrowth and (clean is None or test is None):
+    if args.regrowth and not (clean and test):
         raise GoodnetError("--regrowth needs clean data (--clean) and test data (--test)")
     return int(args.regrowth)
 
