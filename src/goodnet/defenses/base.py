@@ -11,6 +11,7 @@ nothing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -358,3 +359,13 @@ class Defense(Method[C], ABC):
 
     def settings(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)  # type: ignore[call-overload]
+
+
+def trainable_copy(model: nn.Module, name: str) -> tuple[nn.Module, list[nn.Parameter]]:
+    """A copy of ``model`` in eval mode and its trainable parameters, refused in one line
+    (naming defense ``name``) when it has none."""
+    work = copy.deepcopy(model).eval()
+    params = [p for p in work.parameters() if p.requires_grad]
+    if not params:
+        raise GoodnetError(f"{name}: the model has no trainable parameters")
+    return work, params

@@ -82,7 +82,6 @@ the generator's mean ``MSE(x, G(x))``; the result is the model after the last ro
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -94,7 +93,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from goodnet.data.dataset import ImageData, batches
-from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps
+from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps, trainable_copy
 from goodnet.errors import GoodnetError
 from goodnet.masking import classifier_layer
 from goodnet.models import model_device
@@ -358,10 +357,7 @@ class BTIDBF(Defense[BTIDBFConfig]):
             progress: bool) -> Repaired:
         assert clean is not None
         cfg = self.config
-        work = copy.deepcopy(model).eval()
-        params = [p for p in work.parameters() if p.requires_grad]
-        if not params:
-            raise GoodnetError("btidbf: the model has no trainable parameters")
+        work, params = trainable_copy(model, "btidbf")
         device = model_device(work)
         example = clean.get(torch.arange(1))[0].to(device)
         layer = cfg.layer or classifier_layer(work, example, "btidbf", "-p layer=NAME")

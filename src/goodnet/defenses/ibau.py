@@ -53,7 +53,6 @@ round's δ; the result is the model after the last round.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from goodnet.data.dataset import ImageData, batches
-from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps
+from goodnet.defenses.base import Curve, Defense, Point, Repaired, Steps, trainable_copy
 from goodnet.errors import GoodnetError
 from goodnet.models import model_device
 
@@ -175,10 +174,7 @@ class IBAU(Defense[IBAUConfig]):
             progress: bool) -> Repaired:
         assert clean is not None
         cfg = self.config
-        work = copy.deepcopy(model).eval()
-        params = [p for p in work.parameters() if p.requires_grad]
-        if not params:
-            raise GoodnetError("i-bau: the model has no trainable parameters")
+        work, params = trainable_copy(model, "i-bau")
         device = model_device(work)
         data = list(batches(clean, cfg.batch_size, device=device))
         first_x, first_y = data[0]
