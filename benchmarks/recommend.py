@@ -10,6 +10,10 @@ images), per data set, its mean CA drop and mean ASR over the rows, and its medi
 then the candidate the rule picks, and the two best by rows repaired and mean ASR with the
 CA bound lifted (the sequences' step of the rule). A defense with fewer than all rows is
 listed but not ranked.
+
+``--rule rows`` applies the rule written for issue 29's second choice instead (BENCHMARKS.md,
+"The second rule"): no bound on the mean CA drop; the most rows repaired under the per-row
+bound, then the lower mean CA drop, the lower mean ASR, the lower median repair time.
 """
 
 from __future__ import annotations
@@ -81,11 +85,23 @@ def choose(table: dict[str, dict[str, Any]], full: int, ca_bound: float) -> tupl
     raise SystemExit("no defense has every row")
 
 
+def choose_by_rows(table: dict[str, dict[str, Any]], full: int) -> str:
+    """Issue 29's second rule: the most rows repaired (each row under its own CA bound), then
+    the lower mean CA drop, the lower mean ASR, the lower median time."""
+    complete = {k: v for k, v in table.items() if v["rows"] == full}
+    if not complete:
+        raise SystemExit("no defense has every row")
+    return min(complete, key=lambda k: (-complete[k]["repaired"], complete[k]["ca_drop"],
+                                        complete[k]["asr"], complete[k]["seconds"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", nargs="+", type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ca-bound", type=float, default=1.0, help="points (rule step 1)")
+    parser.add_argument("--rule", choices=("mean-ca", "rows"), default="mean-ca",
+                        help="issue 16's rule (default) or issue 29's second rule")
     args = parser.parse_args()
     cells = rows(args.results, args.seed)
     full = max(len(v) for v in cells.values())
@@ -101,8 +117,12 @@ def main() -> None:
         if s["held"] is not None:
             print(f"  {name}: {s['held'][0]} of the {s['held'][1]} repaired rows keep ASR <= 2 % "
                   "after the regrowth check")
-    winner, bound = choose(table, full, args.ca_bound / 100)
-    print(f"\nrule: {winner} (CA bound used: {bound}; rows in full: {full})")
+    if args.rule == "rows":
+        winner = choose_by_rows(table, full)
+        print(f"\nrule (rows repaired): {winner} (rows in full: {full})")
+    else:
+        winner, bound = choose(table, full, args.ca_bound / 100)
+        print(f"\nrule: {winner} (CA bound used: {bound}; rows in full: {full})")
     complete = {k: v for k, v in table.items() if v["rows"] == full}
     ranked = sorted(complete, key=lambda k: (-complete[k]["repaired"], complete[k]["asr"],
                                              complete[k]["seconds"]))
