@@ -16,6 +16,12 @@ collapses within a few steps (``goodnet repair`` stops with "training diverged")
 the scan found. The learning rate does not change the work done, so the time is the default
 repair's.
 
+``--defenses default`` runs ``goodnet repair`` without ``--defense`` (the recommended repair,
+``goodnet.defenses.DEFAULT_DEFENSE``) and without the ``--param`` settings:
+
+    OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/deepid_time.py --threads 1 \
+        --defenses default
+
 prints one line per run: the defense, the threads, the wall seconds of the whole command
 (import, loading, scan, unlearning, writing), its CPU seconds (user + system: with one thread,
 about the wall time the command would take on an otherwise idle machine; the machine here is
@@ -76,9 +82,11 @@ def main() -> None:
                 out = Path(folder) / f"{defense}-{threads}"
                 command = [sys.executable, "-m", "goodnet", "--no-progress", "repair",
                            str(WEIGHTS), "--arch", "deepid", "--clean", str(clean),
-                           "--defense", defense, "--out", str(out)]
-                for pair in args.param:
-                    command += ["-p", pair]
+                           "--out", str(out)]
+                if defense != "default":  # the recommended repair: no --defense, no -p
+                    command += ["--defense", defense]
+                    for pair in args.param:
+                        command += ["-p", pair]
                 env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                            PYTHONPATH=str(ROOT / "src"))
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
