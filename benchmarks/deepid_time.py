@@ -16,8 +16,9 @@ collapses within a few steps (``goodnet repair`` stops with "training diverged")
 the scan found. The learning rate does not change the work done, so the time is the default
 repair's.
 
-``--defenses default`` runs ``goodnet repair`` without ``--defense`` (the recommended repair,
-``goodnet.defenses.DEFAULT_DEFENSE``) and without the ``--param`` settings:
+``--defenses default`` runs ``goodnet repair`` without ``--defense`` (the recommended repair
+for 1283 classes, ``goodnet.defenses.default_defense(1283)``) and without the ``--param``
+settings; a repair that fails prints its one-line error:
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/deepid_time.py --threads 1 \
         --defenses default
@@ -71,8 +72,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", default="1", help="comma-separated thread counts")
     parser.add_argument("--defenses", default="unlearn,nc")
-    parser.add_argument("--param", action="append", default=["unlearn_lr=0.0001"],
-                        help="a defense setting, as goodnet repair -p (repeatable)")
+    parser.add_argument("--param", action="append", default=[],
+                        help="a defense setting, as goodnet repair -p (repeatable; default "
+                             "for unlearn: unlearn_lr=0.0001)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         clean = Path(folder) / "valid.npz"
@@ -85,14 +87,21 @@ def main() -> None:
                            "--out", str(out)]
                 if defense != "default":  # the recommended repair: no --defense, no -p
                     command += ["--defense", defense]
-                    for pair in args.param:
+                    pairs = args.param or (["unlearn_lr=0.0001"] if defense == "unlearn"
+                                           else [])
+                    for pair in pairs:
                         command += ["-p", pair]
                 env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads,
                            PYTHONPATH=str(ROOT / "src"))
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 start = time.perf_counter()
-                subprocess.run(command, env=env, check=True, stdout=subprocess.DEVNULL)
+                run = subprocess.run(command, env=env, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
                 seconds = time.perf_counter() - start
+                if run.returncode:
+                    print(f"{defense}: failed after {seconds:.0f} s: "
+                          f"{run.stderr.strip().splitlines()[-1]}", flush=True)
+                    continue
                 after = resource.getrusage(resource.RUSAGE_CHILDREN)
                 cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
                 notes = json.loads((out / "repair.json").read_text()).get("notes", {})

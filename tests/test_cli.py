@@ -539,6 +539,39 @@ def test_repair_without_a_defense_runs_the_recommended_one(trained, npz_pair, tm
     assert json.loads((tmp_path / "one" / "repair.json").read_text())["settings"]["epochs"] == 1
 
 
+def test_above_many_classes_the_recommended_repair_is_the_other_default(trained, npz_pair,
+                                                                        tmp_path, capsys,
+                                                                        monkeypatch):
+    """fst-kd's settings fail on the lab's 1283-class network: above ``MANY_CLASSES`` the
+    repair run without --defense is ``DEFAULT_DEFENSE_MANY_CLASSES``, decided by the model's
+    number of classes (patched small here, and to a quick recipe)."""
+    import goodnet.defenses as defenses
+
+    monkeypatch.setattr(defenses, "DEFAULT_DEFENSE_MANY_CLASSES", ("prune", {"max_drop": 0.2}))
+    for many, expected in ((100, "fst"), (2, "prune")):
+        monkeypatch.setattr(defenses, "MANY_CLASSES", many)
+        monkeypatch.setattr(defenses, "DEFAULT_DEFENSE", ("fst", {"epochs": 1}))
+        out = tmp_path / f"many-{many}"
+        assert main(["--no-progress", "repair", str(trained), "--clean", str(npz_pair[0]),
+                     "--verdict", "none", "--out", str(out)]) == 0
+        assert json.loads((out / "repair.json").read_text())["defense"] == expected
+        printed = capsys.readouterr().out
+        assert f"the recommended repair ({expected} -p " in printed
+
+
+def test_a_defense_is_described_with_the_settings_it_changes():
+    from goodnet.cli.options import describe_defense
+    from goodnet.defenses import default_defense, make_defense, recommended
+
+    assert describe_defense(make_defense("fst", {})) == "fst"
+    assert describe_defense(make_defense("fst", {"distill": 4.0, "epochs": 3})) == \
+        "fst -p epochs=3 -p distill=4.0"
+    name, settings = default_defense()
+    assert describe_defense(recommended()).split(" -p ")[1:] == \
+        [f"{k}={v}" for k, v in settings.items() if k not in ("temperature", "recover_lr")]
+    assert default_defense(1283) != default_defense(10)
+
+
 def test_the_recommended_repair_is_a_registered_defense_with_valid_settings():
     from goodnet.defenses import DEFAULT_DEFENSE, DEFENSES, RECOMMENDED, recommended
 

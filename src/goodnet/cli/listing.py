@@ -11,7 +11,7 @@ from typing import Any
 from goodnet.attacks import ATTACKS
 from goodnet.cli.options import Commands, describe_defense
 from goodnet.data import DATASETS
-from goodnet.defenses import DEFENSES, recommended
+from goodnet.defenses import DEFENSES, MANY_CLASSES, recommended
 from goodnet.detectors import DEFAULT_DETECTORS, DETECTORS
 from goodnet.models import MODELS
 from goodnet.scans import SCANNERS
@@ -26,7 +26,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {name:<12} {attack.paper}\n  {'':<12} {defaults(attack.Config)}")
     _list_methods("defenses:", DEFENSES, data_note=False)
     print(f"recommended repair (goodnet repair without --defense): "
-          f"{describe_defense(recommended())}")
+          f"{describe_defense(recommended())}; above {MANY_CLASSES} classes: "
+          f"{describe_defense(recommended(MANY_CLASSES + 1))}")
     _list_methods("scanners (goodnet scan):", SCANNERS)
     _list_methods("input detectors (goodnet repair --detect; also 'disagree', the lab's check):",
                   DETECTORS)

@@ -5,6 +5,7 @@ opening a model file of any format, the data a model takes, the defender's clean
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
@@ -105,9 +106,15 @@ def _amount(text: str) -> float | int:
 
 
 def describe_defense(defense: Defense[Any]) -> str:
-    """A defense as the user would name it: ``fst``, or ``sequence fst, nc``."""
+    """A defense as the user would name it: ``fst``, ``sequence fst, nc``, with the settings
+    that differ from its defaults as ``-p`` pairs (``fst -p distill=4.0``)."""
     steps = getattr(defense.config, "steps", None)
-    return f"{defense.name} {', '.join(steps)}" if steps else defense.name
+    name = f"{defense.name} {', '.join(steps)}" if steps else defense.name
+    changed = [f"-p {f.name}={getattr(defense.config, f.name)}"
+               for f in dataclasses.fields(defense.config)
+               if f.name != "steps" and f.default is not dataclasses.MISSING
+               and getattr(defense.config, f.name) != f.default]
+    return " ".join([name, *changed])
 
 
 def add_data_options(parser: argparse.ArgumentParser, default: str | None) -> None:

@@ -45,10 +45,11 @@ from goodnet.verdict import AUTO, MAX_AUTO_CLASSES, verdict_scanner
 DEFENSE_OPTIONS = ("layer", "rank_layer", "semantics", "max_drop", "max_drops")
 
 
-def defense_from_args(args: argparse.Namespace) -> Defense[Any]:
-    """The defense ``--defense`` names, its settings from ``-p key=value`` and the options of
-    the same names (``--layer``, ``--max-drop``, ...)."""
-    name, base = (args.defense, {}) if args.defense else defenses.DEFAULT_DEFENSE
+def defense_from_args(args: argparse.Namespace, classes: int | None = None) -> Defense[Any]:
+    """The defense ``--defense`` names (none: the recommended repair for a model of
+    ``classes`` classes), its settings from ``-p key=value`` and the options of the same names
+    (``--layer``, ``--max-drop``, ...)."""
+    name, base = (args.defense, {}) if args.defense else defenses.default_defense(classes)
     cls = defense_class(name)
     fields = {f.name for f in dataclasses.fields(cls.Config)}
     settings = {**base, **check_settings(cls.Config, pairs_to_dict(args.param, name), name,
@@ -101,9 +102,12 @@ def detect_from_args(args: argparse.Namespace) -> tuple[list[str], bool]:
 
 def cmd_repair(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    defense = defense_from_args(args)
+    # The recommended repair depends on the model's number of classes, so without --defense the
+    # model is opened first; a named defense's settings are checked before the model is read.
+    loaded = None if args.defense else open_model(args)
+    defense = defense_from_args(args, loaded.card.spec.num_classes if loaded else None)
     detectors, disagree = detect_from_args(args)
-    loaded = open_model(args)
+    loaded = loaded or open_model(args)
     spec = loaded.card.spec
     _check_layers(args, loaded.model)
     if args.clean is None and defense.needs_clean:

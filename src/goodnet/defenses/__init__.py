@@ -80,10 +80,30 @@ DEFAULT_DEFENSE: tuple[str, dict[str, Any]] = (
             "recover_lr": 0.01})
 RECOMMENDED = DEFAULT_DEFENSE  # its name before the registries' defaults were named alike
 
+# Above this many classes the rule's evidence (10-class models) does not reach, and fst-kd's
+# settings fail: on the lab's 1283-class DeepID (logits of several hundred, no BatchNorm) its
+# distillation diverges at its learning rate, and with the gradient held down its head penalty
+# (the raw inner product with the old head) swamps the rest and the network answers at random
+# (BENCHMARKS.md, issue 29's second rule). FST's paper itself uses an α 1000 times smaller for
+# 100 and 200 classes. There the recommended repair stays Neural Cleanse, which pre-selects
+# candidate classes (K-Arm) and runs on that network in about 5.5 minutes of one core.
+MANY_CLASSES = 100
+DEFAULT_DEFENSE_MANY_CLASSES: tuple[str, dict[str, Any]] = ("nc", {})
 
-def recommended() -> Defense[Any]:
-    """The recommended repair (:data:`DEFAULT_DEFENSE`), built."""
-    name, settings = DEFAULT_DEFENSE
+
+def default_defense(classes: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The recommended repair's registry name and settings for a model of ``classes`` classes
+    (None: :data:`DEFAULT_DEFENSE`): :data:`DEFAULT_DEFENSE_MANY_CLASSES` above
+    :data:`MANY_CLASSES`."""
+    if classes is not None and classes > MANY_CLASSES:
+        return DEFAULT_DEFENSE_MANY_CLASSES
+    return DEFAULT_DEFENSE
+
+
+def recommended(classes: int | None = None) -> Defense[Any]:
+    """The recommended repair for a model of ``classes`` classes (:func:`default_defense`),
+    built."""
+    name, settings = default_defense(classes)
     return make_defense(name, settings)
 
 
@@ -92,10 +112,12 @@ __all__ = [
     "BTIDBF",
     "CLP",
     "DEFAULT_DEFENSE",
+    "DEFAULT_DEFENSE_MANY_CLASSES",
     "DEFENSES",
     "FST",
     "FTSAM",
     "IBAU",
+    "MANY_CLASSES",
     "MMBM",
     "NAD",
     "RECOMMENDED",
@@ -134,6 +156,7 @@ __all__ = [
     "Timings",
     "Unlearn",
     "UnlearnConfig",
+    "default_defense",
     "defense_class",
     "make_defense",
     "recommended",
