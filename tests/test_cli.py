@@ -566,7 +566,7 @@ def test_a_defense_is_described_with_the_settings_it_changes():
     assert describe_defense(make_defense("fst", {})) == "fst"
     assert describe_defense(make_defense("fst", {"distill": 4.0, "epochs": 3})) == \
         "fst -p epochs=3 -p distill=4.0"
-    name, settings = default_defense()
+    _, settings = default_defense()
     assert describe_defense(recommended()).split(" -p ")[1:] == \
         [f"{k}={v}" for k, v in settings.items() if k not in ("temperature", "recover_lr")]
     assert default_defense(1283) != default_defense(10)
