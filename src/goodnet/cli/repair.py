@@ -199,7 +199,8 @@ def add_repair(sub: Commands) -> None:
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     repair.add_argument("model", type=Path)
     repair.add_argument("--defense", help="the defense (listed below); without it, the "
-                        "recommended repair (BENCHMARKS.md, 'The recommended repair')")
+                        "recommended repair (goodnet list names it; BENCHMARKS.md, 'The "
+                        "second rule for the recommended repair')")
     add_clean_options(repair, f"; not needed by the data-free {data_free(DEFENSES)}")
     repair.add_argument("--test", default=None,
                         help="test data for the figures (default: the test split of --clean)")
