@@ -84,9 +84,10 @@ RECOMMENDED = DEFAULT_DEFENSE  # its name before the registries' defaults were n
 # settings fail: on the lab's 1283-class DeepID (logits of several hundred, no BatchNorm) its
 # distillation diverges at its learning rate, and with the gradient held down its head penalty
 # (the raw inner product with the old head) swamps the rest and the network answers at random
-# (BENCHMARKS.md, issue 29's second rule). FST's paper itself uses an α 1000 times smaller for
-# 100 and 200 classes. There the recommended repair stays Neural Cleanse, which pre-selects
-# candidate classes (K-Arm) and runs on that network in about 5.5 minutes of one core.
+# (BENCHMARKS.md, "`fst-kd` on the lab's 1283-class DeepID"). FST's paper uses an α 1000
+# times smaller for 100 and 200 classes. There the recommended repair stays Neural Cleanse,
+# which pre-selects candidate classes (K-Arm) and runs on that network in about 5.5 minutes
+# of one core.
 MANY_CLASSES = 100
 DEFAULT_DEFENSE_MANY_CLASSES: tuple[str, dict[str, Any]] = ("nc", {})
 
